@@ -1,0 +1,67 @@
+"""Student side of the view renderer: an FFCV decoder that replays stored view parameters.
+
+FFCV hands decoders the beton row ids of each batch (`batch_indices`), which are the global sample
+indices. The parameters of the current epoch's views live in a float32 (N, 5) table owned by the
+decoder; compiled code reaches it by address, because numba freezes global and closure arrays at
+compile time. Refilling the table in place (set_views) between epochs therefore needs no recompilation.
+Fill it before `iter(loader)`: FFCV's epoch thread starts decoding as soon as the iterator exists.
+"""
+
+import numba
+import numpy as np
+from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
+from ffcv.pipeline.compiler import Compiler
+from ffcv.utils import cast_int_to_byte_ptr
+
+from kdcache.augment.params import NUM_PARAMS
+from kdcache.augment.render import decode_into, render_into
+
+
+class ReplayViewDecoder(ResizedCropRGBImageDecoder):
+    """Decode + crop + resize + flip of view (i, params[i]) for every sample id i of the batch."""
+
+    def __init__(self, num_samples: int, output_size: int):
+        super().__init__((output_size, output_size))
+        self.table = np.full((num_samples, NUM_PARAMS), np.nan, np.float32)
+
+    def set_views(self, params: np.ndarray) -> None:
+        """Copy one epoch's (N, 5) view parameters into the table (in place: the address is compiled in)."""
+        params = np.asarray(params, dtype=np.float32)
+        if params.shape != self.table.shape:
+            raise ValueError(f"view table needs shape {self.table.shape}, got {params.shape}")
+        if not np.isfinite(params).all():
+            raise ValueError("view parameters contain NaN or inf")
+        self.table[...] = params
+
+    @property
+    def get_crop_generator(self):  # abstract in the parent; the crop comes from the table instead
+        return None
+
+    def generate_code(self):
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        address = self.table.ctypes.data
+        rows = self.table.shape[0]
+        nbytes = self.table.nbytes
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            table = numba.carray(cast_int_to_byte_ptr(address), (nbytes,)).view(np.float32).reshape((rows, NUM_PARAMS))
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height = np.uint32(field["height"])
+                width = np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    temp = temp_storage[dst_ix]
+                    decode_into(image_data, height, width, temp)
+                    image = temp.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    image = image_data.reshape(height, width, 3)
+                render_into(image, table[source_ix], destination[dst_ix])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode

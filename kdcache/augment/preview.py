@@ -1,0 +1,72 @@
+"""`kdcache preview`: a picture of teacher-side and FFCV-side renders of the same views, side by side."""
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from kdcache.augment.params import view_params
+from kdcache.augment.recipe import ViewRecipe
+from kdcache.augment.render import decode_jpeg, render_views
+from kdcache.data.dataset import PreparedSplit
+
+
+def teacher_side_views(split: PreparedSplit, indices: Sequence[int], params_by_seed: dict, size: int) -> dict:
+    """{(i, s): view} rendered from the shard bytes, as dump-teacher renders them."""
+    reader = split.jpeg_reader()
+    out = {}
+    for i in indices:
+        image = decode_jpeg(reader[i], *split.sizes[i], what=f"{split.name} sample {i}")
+        for s, params in params_by_seed.items():
+            out[(i, s)] = render_views(image, params[i], size)[0]
+    return out
+
+
+def ffcv_side_views(split: PreparedSplit, indices: Sequence[int], params_by_seed: dict, size: int) -> dict:
+    """{(i, s): view} replayed by the student's FFCV loader, one pass per seed."""
+    from kdcache.student.loader import ReplayLoader
+    loader = ReplayLoader(split.beton_path, split.num_samples, size, batch_size=len(indices),
+                          order="sequential", indices=indices, drop_last=False)
+    out = {}
+    for s, params in params_by_seed.items():
+        loader.set_views(params)
+        for images, _, idx in loader:
+            for image, i in zip(images.permute(0, 2, 3, 1).numpy(), idx.tolist()):
+                out[(i, s)] = image.copy()
+    return out
+
+
+def preview(split: PreparedSplit, recipe: ViewRecipe, global_seed: int, samples: int, seeds: int, out: Path) -> dict:
+    n = split.num_samples
+    indices = sorted(set(np.linspace(0, n - 1, min(samples, n)).round().astype(int).tolist()))
+    everyone = np.arange(n)
+    params_by_seed = {s: view_params(recipe, global_seed, s, everyone, split.sizes[:, 0], split.sizes[:, 1])
+                      for s in range(seeds)}
+    teacher = teacher_side_views(split, indices, params_by_seed, recipe.size)
+    student = ffcv_side_views(split, indices, params_by_seed, recipe.size)
+    identical = sum(np.array_equal(teacher[k], student[k]) for k in teacher)
+
+    zoom = max(1, 96 // recipe.size)
+    cell = recipe.size * zoom
+    pad, header = 4, 28
+    pair_w = 2 * cell + pad
+    width = seeds * (pair_w + 3 * pad) + pad
+    height = header + len(indices) * (cell + pad) + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for s in range(seeds):
+        x0 = pad + s * (pair_w + 3 * pad)
+        draw.text((x0, 2), f"seed {s}", fill=(0, 0, 0))
+        draw.text((x0, 14), "teacher | ffcv", fill=(90, 90, 90))
+        for row, i in enumerate(indices):
+            y0 = header + row * (cell + pad)
+            for col, view in enumerate((teacher[(i, s)], student[(i, s)])):
+                tile = Image.fromarray(view).resize((cell, cell), Image.NEAREST)
+                canvas.paste(tile, (x0 + col * (cell + pad), y0))
+            if not np.array_equal(teacher[(i, s)], student[(i, s)]):
+                draw.rectangle([x0 - 2, y0 - 2, x0 + pair_w + 1, y0 + cell + 1], outline=(255, 0, 0), width=2)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return {"out": str(out), "views": len(teacher), "identical": int(identical), "indices": indices}

@@ -1,0 +1,1 @@
+"""train-student: replay loaders, losses, training loop, evaluation, checkpoints."""
