@@ -14,7 +14,7 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.utils import cast_int_to_byte_ptr
 
 from kdcache.augment.params import NUM_PARAMS
-from kdcache.augment.render import decode_into, render_into
+from kdcache.augment.render import make_renderer
 
 
 class ReplayViewDecoder(ResizedCropRGBImageDecoder):
@@ -44,6 +44,8 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
         address = self.table.ctypes.data
         rows = self.table.shape[0]
         nbytes = self.table.nbytes
+        renderer = make_renderer()  # this pipeline's own compiled copies (see kdcache.augment.render)
+        decode_into, render_into = renderer.decode_into, renderer.render_into
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage

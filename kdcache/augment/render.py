@@ -1,24 +1,26 @@
 """The one view renderer: decode the canonical JPEG, crop by the view's parameters, resize, flip.
 
-Both stages call these compiled functions: the teacher side directly (render_views), the student side
-from inside kdcache's FFCV decoder (render_into). Decode is FFCV's libffcv imdecode (turbojpeg with
-TJFLAG_FASTDCT, so not PIL's pixels) and resize is FFCV's resize_crop (cv::resize INTER_AREA), so the
-student's replayed view of (i, s) is the image the teacher scored, bit for bit.
+Both stages run this code: the teacher side directly (decode_jpeg, render_views), the student side
+inside kdcache's FFCV decoder. Decode is FFCV's libffcv imdecode (turbojpeg with TJFLAG_FASTDCT, so
+not PIL's pixels) and resize is FFCV's resize_crop (cv::resize INTER_AREA), so the student's replayed
+view of (i, s) is the image the teacher scored, bit for bit (tests/test_views.py checks it).
+
+Every FFCV pipeline gets its own compiled copies (make_renderer), as FFCV's own decoders do: with
+numba 0.68, a dispatcher that a second FFCV pipeline compiles against again raises KeyError from its
+overload table inside the loader thread, and the Loader then hangs (reproduced with two loaders in
+one process). Same source, same flags (fastmath off): the same machine code in both stages.
 """
+
+from typing import NamedTuple
 
 import numba
 import numpy as np
 from ffcv.libffcv import imdecode, resize_crop
 
-_imdecode = numba.njit(imdecode)
-_resize_crop = numba.njit(resize_crop)
 
-
-@numba.njit(fastmath=False, cache=True)
 def crop_box(height, width, params):
     """Integer (top, left, h, w) of the crop in an image of height x width; params are fractions.
-
-    Rounding, not fastmath: both stages must get the same integers from the same float32 row."""
+    Rounded in float64 without fastmath: both stages must get the same integers from the same row."""
     h = int(np.floor(np.float64(params[2]) * height + 0.5))
     w = int(np.floor(np.float64(params[3]) * width + 0.5))
     h = min(max(h, 1), height)
@@ -30,7 +32,6 @@ def crop_box(height, width, params):
     return top, left, h, w
 
 
-@numba.njit(cache=True)
 def flip_horizontal(image):
     width = image.shape[1]
     for r in range(image.shape[0]):
@@ -41,38 +42,59 @@ def flip_horizontal(image):
                 image[r, width - 1 - c, ch] = tmp
 
 
-@numba.njit
-def render_into(image, params, out):
-    """Render view `params` of the decoded HxWx3 `image` into `out` (SxSx3 uint8)."""
-    top, left, h, w = crop_box(image.shape[0], image.shape[1], params)
-    _resize_crop(image, top, top + h, left, left + w, out)
-    if params[4] > 0.5:
-        flip_horizontal(out)
+class Renderer(NamedTuple):
+    decode_into: object   # (jpeg u8[:], height, width, out u8[h, w, 3]) -> turbojpeg status (0 = ok)
+    render_into: object   # (image u8[h, w, 3], params f32[5], out u8[S, S, 3]) -> None
+    render_many: object   # (image, params f32[V, 5], out u8[V, S, S, 3]) -> None
 
 
-@numba.njit
-def decode_into(jpeg, height, width, out):
-    """Decode canonical JPEG bytes into out (height x width x 3); returns turbojpeg's status (0 = ok)."""
-    return _imdecode(jpeg, out, height, width, height, width, 0, 0, 1, 1, False, False)
+def make_renderer() -> Renderer:
+    imdecode_c = numba.njit(imdecode)
+    resize_crop_c = numba.njit(resize_crop)
+    crop_box_c = numba.njit(fastmath=False)(crop_box)
+    flip_c = numba.njit(flip_horizontal)
+
+    @numba.njit
+    def decode_into(jpeg, height, width, out):
+        return imdecode_c(jpeg, out, height, width, height, width, 0, 0, 1, 1, False, False)
+
+    @numba.njit
+    def render_into(image, params, out):
+        top, left, h, w = crop_box_c(image.shape[0], image.shape[1], params)
+        resize_crop_c(image, top, top + h, left, left + w, out)
+        if params[4] > 0.5:
+            flip_c(out)
+
+    @numba.njit
+    def render_many(image, params, out):
+        for v in range(params.shape[0]):
+            render_into(image, params[v], out[v])
+
+    return Renderer(decode_into, render_into, render_many)
+
+
+_teacher_side = None
+
+
+def _renderer() -> Renderer:
+    global _teacher_side
+    if _teacher_side is None:
+        _teacher_side = make_renderer()
+    return _teacher_side
 
 
 def decode_jpeg(jpeg: bytes, height: int, width: int, what: str = "image") -> np.ndarray:
+    """Canonical JPEG bytes -> HxWx3 uint8, with FFCV's decoder."""
     out = np.empty((height, width, 3), np.uint8)
-    status = decode_into(np.frombuffer(jpeg, np.uint8), height, width, out)
+    status = _renderer().decode_into(np.frombuffer(jpeg, np.uint8), np.uint32(height), np.uint32(width), out)
     if status != 0:
         raise ValueError(f"{what}: JPEG decode failed (turbojpeg status {status})")
     return out
-
-
-@numba.njit
-def _render_many(image, params, out):
-    for v in range(params.shape[0]):
-        render_into(image, params[v], out[v])
 
 
 def render_views(image: np.ndarray, params: np.ndarray, size: int) -> np.ndarray:
     """All views (rows of params) of one decoded image: (V, size, size, 3) uint8."""
     params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1, 5)
     out = np.empty((len(params), size, size, 3), np.uint8)
-    _render_many(np.ascontiguousarray(image), params, out)
+    _renderer().render_many(np.ascontiguousarray(image), params, out)
     return out

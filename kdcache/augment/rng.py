@@ -23,21 +23,20 @@ STREAM_FLIP = 64
 
 def splitmix64(x) -> np.ndarray:
     """The splitmix64 finaliser of x + golden gamma, elementwise on uint64."""
-    z = np.asarray(x, dtype=np.uint64) + _GAMMA
-    z = (z ^ (z >> np.uint64(30))) * _MUL1
-    z = (z ^ (z >> np.uint64(27))) * _MUL2
-    return z ^ (z >> np.uint64(31))
+    with np.errstate(over="ignore"):
+        z = np.asarray(x, dtype=np.uint64) + _GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _MUL1
+        z = (z ^ (z >> np.uint64(27))) * _MUL2
+        return z ^ (z >> np.uint64(31))
 
 
 def view_keys(global_seed: int, aug_seed: int, indices) -> np.ndarray:
     """One 64-bit key per view (i, s): a hash chain over (global seed, s, i)."""
-    with np.errstate(over="ignore"):
-        base = splitmix64(splitmix64(np.uint64(global_seed)) ^ np.uint64(aug_seed))
-        return splitmix64(base ^ np.asarray(indices, dtype=np.uint64))
+    base = splitmix64(splitmix64(np.uint64(global_seed)) ^ np.uint64(aug_seed))
+    return splitmix64(base ^ np.asarray(indices, dtype=np.uint64))
 
 
 def uniform(keys: np.ndarray, stream: int) -> np.ndarray:
     """Uniform float64 in [0, 1) for each key on one stream; 53 random bits each."""
-    with np.errstate(over="ignore"):
-        bits = splitmix64(keys ^ splitmix64(np.uint64(stream)))
+    bits = splitmix64(keys ^ splitmix64(np.uint64(stream)))
     return (bits >> np.uint64(11)).astype(np.float64) * _TO_UNIT

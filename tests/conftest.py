@@ -1,0 +1,81 @@
+"""Shared fixtures: small datasets made here, and the real Fashion-MNIST files from Debian."""
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kdcache.data import sources
+from kdcache.data.prepare import prepare
+
+FASHION_MNIST = Path(sources.FASHION_MNIST_DIR)
+
+
+def _require_fashion_mnist():
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail("Debian's dataset-fashion-mnist is not installed (tools/setup.sh installs it)")
+
+
+@pytest.fixture(scope="session")
+def fmnist_small(tmp_path_factory):
+    """The first 400 train and 400 val samples of the real Fashion-MNIST, prepared in 3 shards per split."""
+    _require_fashion_mnist()
+    out = tmp_path_factory.mktemp("fmnist") / "fm"
+    return prepare(sources.fashion_mnist(limit=400), out, shard_size=150, workers=2)
+
+
+def random_photo(rng, height, width, mode="RGB") -> Image.Image:
+    """A smooth random image (JPEG-friendly, with structure so crops differ)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    channels = []
+    for _ in range(3):
+        fy, fx, phase = rng.uniform(0.01, 0.1, 2).tolist() + [rng.uniform(0, 6.3)]
+        channels.append(127 + 120 * np.sin(fy * yy + fx * xx + phase))
+    arr = np.stack(channels, -1).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(arr).convert(mode)
+
+
+def image_bytes(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_imagefolder(root: Path, classes=("cat", "dog", "fox"), per_class=6, seed=0) -> Path:
+    """ROOT/train/<cls>/*.{jpg,png} and ROOT/val/<cls>/* with varied sizes and modes (some above 500 px)."""
+    rng = np.random.default_rng(seed)
+    sizes = [(37, 53), (120, 80), (64, 64), (701, 333), (90, 610), (31, 29)]
+    modes = ["RGB", "L", "RGBA", "P", "RGB", "CMYK"]
+    for split, n in (("train", per_class), ("val", 2)):
+        for c, cls in enumerate(classes):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for j in range(n):
+                h, w = sizes[(j + c) % len(sizes)]
+                mode = modes[(j + 2 * c) % len(modes)]
+                img = random_photo(rng, h, w, mode)
+                fmt = "PNG" if mode in ("RGBA", "P") else "JPEG"
+                ext = ".png" if fmt == "PNG" else ".JPEG"
+                (d / f"{split}_{cls}_{j:03d}{ext}").write_bytes(image_bytes(img, fmt))
+    return root
+
+
+@pytest.fixture(scope="session")
+def folder_ds(tmp_path_factory):
+    """A prepared ImageFolder dataset with varied image sizes (decode and downscale paths)."""
+    root = make_imagefolder(tmp_path_factory.mktemp("folder") / "src")
+    out = root.parent / "ds"
+    return prepare(sources.imagefolder(str(root), view_size=48), out, shard_size=7, workers=2)
+
+
+def run_cli(*args, check=True):
+    import subprocess
+    import sys
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-m", "kdcache", *map(str, args)], capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kdcache {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc

@@ -1,0 +1,192 @@
+"""`kdcache prepare`: canonical order, same bytes in shards and beton, fingerprints, bad input, atomicity."""
+
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+from ffcv.reader import Reader
+from PIL import Image
+
+from conftest import image_bytes, make_imagefolder, random_photo, run_cli
+from kdcache.data import sources
+from kdcache.data.dataset import PreparedDataset
+from kdcache.data.idx import read_idx
+from kdcache.data.prepare import prepare
+from kdcache.errors import KdcacheError
+
+
+def beton_rows(path):
+    """(jpeg bytes, label, index, (h, w)) per row, read with FFCV's own Reader."""
+    r = Reader(str(path))
+    img, label, index = (r.metadata[f"f{j}"] for j in range(3))
+    sizes = dict(zip(r.alloc_table["ptr"].tolist(), r.alloc_table["size"].tolist()))
+    raw = np.fromfile(path, dtype=np.uint8)
+    rows = []
+    for j in range(r.num_samples):
+        ptr = int(img["data_ptr"][j])
+        rows.append((raw[ptr:ptr + sizes[ptr]].tobytes(), int(label[j]), int(index[j]),
+                     (int(img["height"][j]), int(img["width"][j])), int(img["mode"][j])))
+    return rows
+
+
+def shard_rows(split):
+    rows = []
+    for path in split.shard_paths:
+        for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+            rows.append((sample["__key__"], sample["jpg"], int(sample["cls"])))
+    return rows
+
+
+def test_fashion_mnist_small_is_canonical(fmnist_small):
+    ds = fmnist_small
+    assert ds.num_classes == 10 and ds.view_size == 32
+    labels = read_idx(sources.FASHION_MNIST_DIR + "/train-labels-idx1-ubyte.gz")[:400]
+    train = ds.split("train")
+    assert train.num_samples == 400 and len(train.shard_paths) == 3
+    assert train.info["shard_counts"] == [150, 150, 100]
+    assert np.array_equal(train.labels, labels)
+    shards = shard_rows(train)
+    beton = beton_rows(train.beton_path)
+    assert [k for k, _, _ in shards] == train.keys == [f"train_{j:06d}" for j in range(400)]
+    for i, ((key, jpeg, cls), (bjpeg, blabel, bindex, size, mode)) in enumerate(zip(shards, beton)):
+        assert jpeg == bjpeg, f"sample {i}: beton bytes differ from shard bytes"
+        assert jpeg == train.jpeg_reader()[i]
+        assert cls == blabel == labels[i] and bindex == i and size == (28, 28) and mode == 0
+    # the canonical image is the original pixels, replicated to RGB, up to JPEG loss
+    first = np.asarray(Image.open(__import__("io").BytesIO(shards[0][1])))
+    original = read_idx(sources.FASHION_MNIST_DIR + "/train-images-idx3-ubyte.gz")[0]
+    assert first.shape == (28, 28, 3) and np.abs(first[..., 0].astype(int) - original).mean() < 6
+
+
+def test_prepare_is_deterministic_and_idempotent(tmp_path, fmnist_small):
+    again = prepare(sources.fashion_mnist(limit=400), tmp_path / "again", shard_size=150, workers=1)
+    assert again.fingerprint == fmnist_small.fingerprint
+    assert [p.read_bytes() for p in again.split("val").shard_paths] == \
+           [p.read_bytes() for p in fmnist_small.split("val").shard_paths]
+    mtime = (tmp_path / "again" / "manifest.json").stat().st_mtime_ns
+    same = prepare(sources.fashion_mnist(limit=400), tmp_path / "again", shard_size=150, workers=1)
+    assert (tmp_path / "again" / "manifest.json").stat().st_mtime_ns == mtime and same.fingerprint == again.fingerprint
+    with pytest.raises(KdcacheError, match="--overwrite"):
+        prepare(sources.fashion_mnist(limit=300), tmp_path / "again", shard_size=150, workers=1)
+    other = prepare(sources.fashion_mnist(limit=300), tmp_path / "again", shard_size=150, workers=1, overwrite=True)
+    assert other.split("train").num_samples == 300 and other.fingerprint != again.fingerprint
+    assert not list(tmp_path.glob(".again.*"))
+
+
+def test_info_json_via_cli(fmnist_small):
+    out = json.loads(run_cli("info", fmnist_small.root, "--json").stdout)
+    assert out["kind"] == "dataset" and out["num_classes"] == 10
+    assert out["fingerprint"] == fmnist_small.fingerprint
+    assert out["splits"]["train"]["num_samples"] == 400 and out["splits"]["val"]["num_samples"] == 400
+    text = run_cli("info", fmnist_small.root).stdout
+    assert "400 samples" in text and fmnist_small.fingerprint in text
+
+
+def test_full_fashion_mnist_real_files(tmp_path):
+    """The whole real dataset: 60000 train / 10000 val, 10 classes (what the README's demo prepares)."""
+    run_cli("prepare", "fashion-mnist", "--out", tmp_path / "fm")
+    out = json.loads(run_cli("info", tmp_path / "fm", "--json").stdout)
+    assert out["num_classes"] == 10
+    assert out["splits"]["train"]["num_samples"] == 60000 and out["splits"]["val"]["num_samples"] == 10000
+    ds = PreparedDataset.open(tmp_path / "fm")
+    assert np.bincount(ds.split("train").labels).tolist() == [6000] * 10
+    assert np.bincount(ds.split("val").labels).tolist() == [1000] * 10
+
+
+def test_imagefolder_sizes_modes_and_order(folder_ds):
+    ds = folder_ds
+    assert ds.num_classes == 3 and ds.manifest["class_names"] == ["cat", "dog", "fox"] and ds.view_size == 48
+    train = ds.split("train")
+    assert train.num_samples == 18 and train.info["shard_counts"] == [7, 7, 4]
+    # canonical order: classes sorted, files sorted; labels follow the class folders
+    assert train.keys[:2] == ["train_cat_000", "train_cat_001"] and train.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert train.sizes.max() == 500  # 701x333 and 90x610 were resized to a longest side of 500
+    assert (701, 333) not in map(tuple, train.sizes.tolist()) and (500, 238) in map(tuple, train.sizes.tolist())
+    for (key, jpeg, cls), (bjpeg, blabel, bindex, size, _), i in zip(shard_rows(train), beton_rows(train.beton_path), range(99)):
+        assert jpeg == bjpeg and cls == blabel and bindex == i
+        assert Image.open(__import__("io").BytesIO(jpeg)).size == (size[1], size[0]) == tuple(train.sizes[i][::-1])
+
+
+def test_timm_info_file_lists_the_shards(folder_ds):
+    info = json.loads((folder_ds.root / "_info.json").read_text())
+    train = info["splits"]["train"]
+    assert train["num_samples"] == 18 and train["shard_lengths"] == [7, 7, 4]
+    assert all((folder_ds.root / f).is_file() for f in train["filenames"])
+
+
+def _expect_error(make_source, out, match, **kw):
+    with pytest.raises(KdcacheError, match=match):
+        prepare(make_source(), out, workers=2, **kw)
+    assert not out.exists(), "a failed prepare must not leave a dataset directory behind"
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_bad_images_are_named_or_skipped(tmp_path):
+    root = make_imagefolder(tmp_path / "src")
+    bad = root / "train" / "dog" / "broken.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    _expect_error(lambda: sources.imagefolder(str(root)), tmp_path / "ds", r"broken\.JPEG: sample 'broken'")
+    ds = prepare(sources.imagefolder(str(root)), tmp_path / "ds", workers=2, skip_bad=True)
+    skipped = ds.split("train").info["skipped"]
+    assert [s["key"] for s in skipped] == ["broken"] and "cannot read image" in skipped[0]["reason"]
+    assert ds.split("train").num_samples == 18 and "broken" not in ds.split("train").keys
+    assert run_cli("info", tmp_path / "ds").stdout.count("1 skipped") == 1
+
+
+def test_duplicate_keys_and_foreign_val_classes(tmp_path):
+    root = make_imagefolder(tmp_path / "src")
+    shutil.copy(root / "train" / "cat" / "train_cat_000.JPEG", root / "train" / "dog" / "train_cat_000.JPEG")
+    _expect_error(lambda: sources.imagefolder(str(root)), tmp_path / "ds", r"'train_cat_000': duplicate key")
+    (root / "train" / "dog" / "train_cat_000.JPEG").unlink()
+    (root / "val" / "wolf").mkdir()
+    _expect_error(lambda: sources.imagefolder(str(root)), tmp_path / "ds", r"wolf: class folder not present")
+
+
+def test_empty_source_is_an_error(tmp_path):
+    (tmp_path / "src" / "train" / "cat").mkdir(parents=True)
+    _expect_error(lambda: sources.imagefolder(str(tmp_path / "src")), tmp_path / "ds", "no usable samples")
+    with pytest.raises(KdcacheError, match="not a directory"):
+        sources.imagefolder(str(tmp_path / "nothing"))
+
+
+def _write_shard(path, samples):
+    with wds.TarWriter(str(path)) as w:
+        for s in samples:
+            w.write(s)
+
+
+def test_wds_source_sorted_shards_labels_and_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    jpg = lambda h, w: image_bytes(random_photo(rng, h, w), "JPEG")
+    src = tmp_path / "in"
+    src.mkdir()
+    _write_shard(src / "imagenet1k-train-0001.tar", [{"__key__": f"b{j}", "jpg": jpg(40, 60), "cls": 1} for j in range(3)])
+    _write_shard(src / "imagenet1k-train-0000.tar", [{"__key__": f"a{j}", "jpg": jpg(50, 30), "cls": j} for j in range(4)])
+    _write_shard(src / "imagenet1k-validation-0000.tar", [{"__key__": "v0", "jpg": jpg(20, 20), "cls": 2}])
+    pattern = str(src / "imagenet1k-train-{0000..0001}.tar")
+    ds = prepare(sources.wds(pattern, val_pattern=str(src / "imagenet1k-validation-*.tar")), tmp_path / "ds", workers=2)
+    train = ds.split("train")
+    assert train.keys == ["a0", "a1", "a2", "a3", "b0", "b1", "b2"]  # shards sorted by name, then tar order
+    assert train.labels.tolist() == [0, 1, 2, 3, 1, 1, 1] and ds.num_classes == 4
+    assert ds.split("val").num_samples == 1
+    # the glob form finds the same shards
+    same = sources.wds(str(src / "imagenet1k-train-*.tar"))
+    assert same.description["train"] == ds.manifest["source"]["train"]
+    # label out of range for the declared class count
+    _expect_error(lambda: sources.wds(pattern, num_classes=3), tmp_path / "bad", r"imagenet1k-train-0000\.tar:a3: sample 'a3': label 3 out of range")
+    # a sample without a label
+    _write_shard(src / "imagenet1k-train-0002.tar", [{"__key__": "c0", "jpg": jpg(10, 10)}])
+    _expect_error(lambda: sources.wds(str(src / "imagenet1k-train-*.tar")), tmp_path / "bad", r"sample 'c0': no valid 'cls' label")
+    # a missing shard of a brace pattern
+    with pytest.raises(KdcacheError, match="imagenet1k-train-0006.tar: shard not found"):
+        sources.wds(str(src / "imagenet1k-train-{0006..0007}.tar"))
+
+
+def test_cli_error_is_clear_and_exit_code_two(tmp_path):
+    proc = run_cli("prepare", "imagefolder", tmp_path / "missing", "--out", tmp_path / "ds", check=False)
+    assert proc.returncode == 2 and "missing/train: not a directory" in proc.stderr
+    proc = run_cli("info", tmp_path, check=False)
+    assert proc.returncode == 2 and "neither a prepared dataset" in proc.stderr
