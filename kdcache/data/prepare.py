@@ -1,0 +1,188 @@
+"""`kdcache prepare`: canonical shards + beton + manifest, written to a temporary directory and renamed
+into place when complete, so a half-written directory is never taken for a dataset."""
+
+import datetime
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from kdcache import __version__
+from kdcache.data.beton import write_beton
+from kdcache.data.canonical import CanonicalSettings, canonicalize
+from kdcache.data.dataset import DATASET_FORMAT_VERSION, MANIFEST, PreparedDataset
+from kdcache.data.shards import JpegReader, ShardSink, jpeg_locations
+from kdcache.data.sources import RawSample, Source
+from kdcache.errors import KdcacheError
+
+
+def _canonicalize_sample(job):
+    """Pool worker: (raw sample, settings) -> (key, label, origin, CanonicalImage or None, error or None)."""
+    raw, settings = job
+    if raw.error:
+        return raw.key, raw.label, raw.origin, None, raw.error
+    try:
+        payload = raw.payload.read_bytes() if isinstance(raw.payload, Path) else raw.payload
+        return raw.key, raw.label, raw.origin, canonicalize(payload, settings), None
+    except Exception as exc:  # corrupt, truncated or unreadable image: reported with its file and key
+        return raw.key, raw.label, raw.origin, None, f"cannot read image: {type(exc).__name__}: {exc}"
+
+
+def _canonicalized(samples, settings: CanonicalSettings, pool):
+    jobs = ((raw, settings) for raw in samples)
+    if pool is None:
+        return map(_canonicalize_sample, jobs)
+    return pool.imap(_canonicalize_sample, jobs, chunksize=64)
+
+
+def split_fingerprint(info: dict, num_classes: int, canonical: dict) -> str:
+    blob = json.dumps({"num_samples": info["num_samples"], "shard_counts": info["shard_counts"],
+                       "num_classes": num_classes, "keys_labels_sha256": info["keys_labels_sha256"],
+                       "content_sha256": info["content_sha256"], "canonical": canonical}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def dataset_fingerprint(split_fingerprints: dict) -> str:
+    return hashlib.sha256(json.dumps(split_fingerprints, sort_keys=True).encode()).hexdigest()
+
+
+def _write_split(split: str, samples, out: Path, settings: CanonicalSettings, num_classes: Optional[int],
+                 shard_size: int, skip_bad: bool, pool, workers: int) -> dict:
+    split_dir = out / split
+    split_dir.mkdir(parents=True)
+    sink = ShardSink(split_dir, split, shard_size)
+    keys: List[str] = []
+    first_origin = {}
+    labels, sizes, skipped = [], [], []
+    kl_hash, content_hash = hashlib.sha256(), hashlib.sha256()
+    bar = tqdm(desc=f"prepare {split}", unit="img", file=sys.stderr, mininterval=1.0, disable=None)
+    for key, label, origin, image, error in _canonicalized(samples, settings, pool):
+        if error is None and key in first_origin:
+            error = f"duplicate key (first seen at {first_origin[key]})"
+        if error is None and (label < 0 or (num_classes is not None and label >= num_classes)):
+            error = f"label {label} out of range [0, {num_classes if num_classes is not None else 'inf'})"
+        if error is not None:
+            if not skip_bad:
+                raise KdcacheError(f"{origin}: sample {key!r}: {error} (pass --skip-bad to skip and record it)")
+            skipped.append({"key": key, "origin": origin, "reason": error})
+            continue
+        first_origin[key] = origin
+        sink.add(key, label, image)
+        keys.append(key)
+        labels.append(label)
+        sizes.append((image.height, image.width))
+        kl_hash.update(f"{key}\t{label}\n".encode())
+        content_hash.update(len(image.jpeg).to_bytes(8, "little"))
+        content_hash.update(image.jpeg)
+        bar.update()
+    bar.close()
+    names, counts = sink.close()
+    if not keys:
+        raise KdcacheError(f"split {split!r}: the source has no usable samples"
+                           + (f" ({len(skipped)} skipped)" if skipped else ""))
+    labels = np.asarray(labels, np.int64)
+    sizes = np.asarray(sizes, np.int32).reshape(-1, 2)
+    locations = jpeg_locations(split_dir, names, keys)
+    np.save(split_dir / "labels.npy", labels)
+    np.save(split_dir / "sizes.npy", sizes)
+    np.save(split_dir / "jpeg_locations.npy", locations)
+    (split_dir / "keys.txt").write_text("".join(k + "\n" for k in keys))
+    beton = split_dir / f"{split}.beton"
+    write_beton(beton, JpegReader(split_dir, names, locations), labels, sizes, workers)
+    return {"num_samples": len(keys), "shards": names, "shard_counts": counts,
+            "beton": f"{split}/{beton.name}", "keys_labels_sha256": kl_hash.hexdigest(),
+            "content_sha256": content_hash.hexdigest(), "max_label": int(labels.max()), "skipped": skipped}
+
+
+def _same_input(manifest: dict, source: Source, settings: CanonicalSettings, shard_size: int) -> bool:
+    return (manifest.get("format_version") == DATASET_FORMAT_VERSION
+            and manifest.get("source") == source.description
+            and manifest.get("canonical") == settings.to_dict()
+            and manifest.get("shard_size") == shard_size)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare(source: Source, out, settings: Optional[CanonicalSettings] = None, shard_size: int = 10000,
+            workers: Optional[int] = None, skip_bad: bool = False, overwrite: bool = False,
+            view_size: Optional[int] = None) -> PreparedDataset:
+    """Write the canonical dataset of `source` to `out`. An existing dataset of the same input and
+    settings is left as it is (returned); another one is replaced only with overwrite=True."""
+    out = Path(out)
+    settings = settings or CanonicalSettings(max_side=source.max_side)
+    workers = workers or len(os.sched_getaffinity(0))
+    if shard_size < 1:
+        raise KdcacheError(f"--shard-size must be positive, got {shard_size}")
+    if (out / MANIFEST).is_file():
+        existing = PreparedDataset.open(out)
+        if _same_input(existing.manifest, source, settings, shard_size) and not overwrite:
+            print(f"{out}: already prepared from the same source and settings; nothing to do", file=sys.stderr)
+            return existing
+        if not overwrite:
+            raise KdcacheError(f"{out}: holds a dataset prepared from another source or settings; "
+                               "pass --overwrite to replace it")
+    elif out.exists() and any(out.iterdir()):
+        raise KdcacheError(f"{out}: exists and is not a prepared dataset; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    canonical = settings.to_dict()
+    num_classes = source.num_classes
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        splits = {}
+        for split, make_iter in source.splits.items():
+            splits[split] = _write_split(split, make_iter(), tmp, settings, num_classes, shard_size,
+                                         skip_bad, pool, workers)
+            if num_classes is None:  # shards without a class count: train's labels define it
+                num_classes = splits[split]["max_label"] + 1
+        for info in splits.values():
+            info["fingerprint"] = split_fingerprint(info, num_classes, canonical)
+        manifest = {
+            "kind": "dataset",
+            "format_version": DATASET_FORMAT_VERSION,
+            "kdcache_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": source.description,
+            "num_classes": num_classes,
+            "class_names": source.class_names,
+            "view_size": int(view_size or source.view_size),
+            "canonical": canonical,
+            "shard_size": shard_size,
+            "fingerprint": dataset_fingerprint({s: i["fingerprint"] for s, i in splits.items()}),
+            "splits": splits,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        timm_info = {"name": out.name, "splits": {s: {"name": s, "num_samples": i["num_samples"],
+                                                      "filenames": [f"{s}/{n}" for n in i["shards"]],
+                                                      "shard_lengths": i["shard_counts"]}
+                                                  for s, i in splits.items()}}
+        (tmp / "_info.json").write_text(json.dumps(timm_info, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+    return PreparedDataset.open(out)
