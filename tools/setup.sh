@@ -26,9 +26,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # pip's noise filtered: this disk's index warnings, and the expected "ffcv requires opencv-python" (see below)
 pip() {
-  "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 \
-    | grep -v -e "is ignored: it is neither" -e "ffcv 1.0.2 requires opencv-python" -e "dependency resolver does not currently" || true
-  return "${PIPESTATUS[0]}"
+  local out rc=0
+  out=$("$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1) || rc=$?
+  printf '%s\n' "$out" | grep -v -e "is ignored: it is neither" -e "ffcv 1.0.2 requires opencv-python" \
+    -e "dependency resolver does not currently" -e '^$' >&2 || true
+  return $rc
 }
 
 if ! "$VENV/bin/python" -c "import torch, torchvision, sys; sys.exit(not (torch.__version__.startswith('2.14.1') and torchvision.__version__.startswith('0.29.1')))" 2>/dev/null; then
