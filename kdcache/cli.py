@@ -73,14 +73,124 @@ def _cmd_preview(args) -> int:
     return 0 if result["identical"] == result["views"] else 1
 
 
+def parse_seeds(text: str):
+    """'A:B' -> [A, B) ; 'A' -> [A]."""
+    try:
+        if ":" in text:
+            a, b = (int(x) for x in text.split(":"))
+            return list(range(a, b))
+        return [int(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds expects A:B or A, got {text!r}") from None
+
+
+def _add_teacher_args(p) -> None:
+    g = p.add_argument_group("teacher")
+    g.add_argument("--teacher", default=None, help="timm model name")
+    g.add_argument("--teacher-module", default=None,
+                   help="'package.module:factory' for a model timm does not have, called as factory(num_classes=C)")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--teacher-checkpoint", default=None, help="local weights: .safetensors or torch checkpoint")
+    src.add_argument("--random-teacher", action="store_true", help="random weights from the global seed (tests, smoke runs)")
+    g.add_argument("--mean", type=float, nargs=3, default=None, help="input mean (default: the model's pretrained_cfg)")
+    g.add_argument("--std", type=float, nargs=3, default=None, help="input std (default: the model's pretrained_cfg)")
+
+
+def _teacher_spec(args):
+    from kdcache.models import ModelSpec
+    return ModelSpec(name=args.teacher, checkpoint=args.teacher_checkpoint, module=args.teacher_module,
+                     random_init=args.random_teacher, seed=args.seed, mean=args.mean, std=args.std)
+
+
+def _add_dump(sub) -> None:
+    from kdcache.augment.recipe import add_recipe_args
+    p = sub.add_parser("dump-teacher", help="run the teacher once over views (i, s) and store top-k in a Zarr cache")
+    p.add_argument("--data", required=True, type=Path, help="prepared dataset (its train split is dumped)")
+    p.add_argument("--out", required=True, type=Path, help="cache directory (created, or extended/resumed)")
+    p.add_argument("--seeds", required=True, type=parse_seeds, help="augmentation seeds A:B (B excluded)")
+    p.add_argument("--topk", type=int, default=10, help="teacher outputs kept per view (default 10)")
+    _add_teacher_args(p)
+    p.add_argument("--seed", type=int, default=0, help="global seed: view parameters and random teacher init")
+    p.add_argument("--batch-size", type=int, default=256, help="views per teacher forward")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (under torchrun: the local GPU)")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast (auto: bf16 on CUDA, off on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
+    p.add_argument("--workers", type=int, default=None, help="render threads (default: usable cores)")
+    p.add_argument("--values-dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--unit-size", type=int, default=8192, help="samples per work unit = Zarr shard (default 8192)")
+    p.add_argument("--claim-ttl", type=float, default=3600.0, help="seconds after which another host's unit claim is stale")
+    p.add_argument("--no-progress", action="store_true")
+    add_recipe_args(p)
+
+
+def _cmd_dump(args) -> int:
+    from kdcache.augment.recipe import recipe_from_args
+    from kdcache.data.dataset import PreparedDataset
+    from kdcache.teacher.dump import DumpConfig, dump_teacher
+    ds = PreparedDataset.open(args.data)
+    cfg = DumpConfig(data=args.data, out=args.out, seeds=args.seeds, topk=args.topk, teacher=_teacher_spec(args),
+                     recipe=recipe_from_args(args, ds.view_size), global_seed=args.seed, batch_size=args.batch_size,
+                     device=args.device, amp=args.amp, compile=args.compile, workers=args.workers,
+                     values_dtype=args.values_dtype, unit_size=args.unit_size, claim_ttl=args.claim_ttl,
+                     progress=not args.no_progress)
+    s = dump_teacher(cfg)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        missing = sorted(set(args.seeds) - set(s["seeds_complete"]))
+        rate = f", {s['img_per_s']:.0f} img/s, {s['views_per_s']:.0f} views/s" if s["img_per_s"] else ""
+        print(f"dump-teacher: {s['views_written']} views written in {s['seconds']:.1f} s{rate}; "
+              f"seeds complete {_ranges(s['seeds_complete'])}"
+              + (f"; seeds not complete {_ranges(missing)} (units held by another writer?)" if missing else "")
+              + f"; {s['bytes_on_disk'] / 2**20:.1f} MiB on disk -> {s['cache']}")
+        return 0 if not missing else 1
+    return 0
+
+
+def _ranges(seeds) -> str:
+    seeds = sorted(seeds)
+    if not seeds:
+        return "none"
+    out, start, prev = [], seeds[0], seeds[0]
+    for s in seeds[1:] + [None]:
+        if s is not None and s == prev + 1:
+            prev = s
+            continue
+        out.append(f"{start}" if start == prev else f"{start}:{prev + 1}")
+        if s is not None:
+            start = prev = s
+    return ",".join(out)
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check a cache: completeness, fill values, ranges; --replay re-runs the teacher")
+    p.add_argument("cache", type=Path)
+    p.add_argument("--replay", type=int, default=0, metavar="N", help="re-render N random views and re-run the teacher")
+    p.add_argument("--teacher-checkpoint", default=None, help="weights to replay with (default: the recorded checkpoint)")
+    p.add_argument("--data", type=Path, default=None, help="prepared dataset (default: the recorded path)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="which views are drawn for --replay")
+    p.add_argument("--min-agreement", type=float, default=0.99, help="replay passes at this top-1 agreement (default 0.99)")
+    p.add_argument("--max-kl", type=float, default=1e-3, help="replay passes at this mean KL (default 1e-3)")
+    p.add_argument("--json", action="store_true")
+
+
+def _cmd_verify(args) -> int:
+    from kdcache.teacher.verify import verify, render_report
+    report = verify(args.cache, replay=args.replay, checkpoint=args.teacher_checkpoint, data=args.data,
+                    device=args.device, seed=args.seed, min_agreement=args.min_agreement, max_kl=args.max_kl)
+    print(json.dumps(report, indent=1) if args.json else render_report(report))
+    return 0 if report["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kdcache.augment.recipe import add_recipe_args
     parser = argparse.ArgumentParser(prog="kdcache", description="kdcache: the teacher once over augmented views; students replay them with cached soft labels.")
     parser.add_argument("--version", action="version", version=f"kdcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
-    p = sub.add_parser("info", help="describe a prepared dataset (or a cache)")
-    p.add_argument("path", help="dataset directory")
+    _add_dump(sub)
+    _add_verify(sub)
+    p = sub.add_parser("info", help="describe a prepared dataset or a teacher cache")
+    p.add_argument("path", type=Path, help="dataset or cache directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("preview", help="teacher-side and FFCV-side views of the same (i, s), side by side")
     p.add_argument("data", type=Path, help="prepared dataset directory")
@@ -93,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview}
+COMMANDS = {"prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview, "dump-teacher": _cmd_dump,
+            "verify": _cmd_verify}
 
 
 def main(argv=None) -> None:

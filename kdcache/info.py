@@ -9,6 +9,9 @@ from kdcache.errors import KdcacheError
 def describe(path: Path) -> dict:
     if (path / MANIFEST).is_file():
         return PreparedDataset.open(path).summary()
+    if (path / "zarr.json").is_file():
+        from kdcache.cache.schema import TeacherCache
+        return TeacherCache.open(path).summary()
     raise KdcacheError(f"{path}: neither a prepared dataset nor a kdcache cache")
 
 
@@ -29,5 +32,24 @@ def render_text(info: dict) -> str:
         for name, s in info["splits"].items():
             lines.append(f"  {name:<6} {s['num_samples']:>9} samples in {s['num_shards']} shards"
                          + (f", {s['skipped']} skipped" if s["skipped"] else ""))
+        return "\n".join(lines)
+    if info["kind"] == "cache":
+        t = info["teacher"]
+        lines = [f"cache     {info['path']}",
+                 f"teacher   {t['name']}  sha256 {t['sha256'][:16]}" + ("  (random init)" if t.get("random_init") else
+                                                                       f"  from {t.get('checkpoint')}"),
+                 f"dataset   fingerprint {info['dataset_fingerprint'][:16]}, {info['num_samples']} samples, "
+                 f"{info['num_classes']} classes",
+                 f"views     top-{info['topk']} ({info['values_dtype']} logits, {info['indices_dtype']} indices) "
+                 f"+ log-sum-exp + params; recipe size {info['recipe']['size']}, scale {info['recipe']['scale']}, "
+                 f"ratio {[round(r, 4) for r in info['recipe']['ratio']]}, hflip {info['recipe']['hflip']}; "
+                 f"global seed {info['global_seed']}",
+                 f"seeds     complete {info['seeds_complete']}"
+                 + (f"; in progress (blocks done of {info['num_blocks_per_seed']}): {info['seeds_in_progress']}"
+                    if info["seeds_in_progress"] else ""),
+                 f"size      {info['bytes_on_disk'] / 2**20:.1f} MiB on disk"
+                 + (f", {info['bytes_per_view']:.1f} bytes/view (raw {info['raw_bytes_per_view']})" if info["bytes_per_view"] else "")]
+        for s, summ in sorted(info["seed_summary"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"  seed {s:>4}: teacher top-1 on its own views {100 * summ['teacher_top1']:.2f} %")
         return "\n".join(lines)
     raise KdcacheError(f"unknown kind {info['kind']!r}")

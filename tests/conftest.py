@@ -71,10 +71,34 @@ def folder_ds(tmp_path_factory):
     return prepare(sources.imagefolder(str(root), view_size=48), out, shard_size=7, workers=2)
 
 
-def run_cli(*args, check=True):
+class CliResult:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def kdcache(*args, check=True) -> CliResult:
+    """Run the kdcache command in this process (no interpreter start-up, imports and JIT shared)."""
+    import contextlib
+    import io
+    from kdcache.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    result = CliResult(code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"kdcache {' '.join(map(str, args))} failed ({code}):\n{result.stderr}")
+    return result
+
+
+def run_cli(*args, check=True, env=None):
+    """Run the kdcache command in a fresh interpreter (exit codes, environment, the real entry point)."""
     import subprocess
     import sys
-    env = dict(os.environ)
+    env = env or dict(os.environ)
     proc = subprocess.run([sys.executable, "-m", "kdcache", *map(str, args)], capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"kdcache {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")

@@ -27,6 +27,7 @@ def main():
     p.add_argument("--per-class", type=int, default=200)
     p.add_argument("--val-per-class", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="image size factor (1.0: about 375x500)")
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
     for split, n in (("train", args.per_class), ("val", args.val_per_class)):
@@ -34,7 +35,7 @@ def main():
             d = args.out / split / f"n{c:08d}"
             d.mkdir(parents=True, exist_ok=True)
             for j in range(n):
-                h, w = (int(rng.integers(300, 420)), int(rng.integers(400, 560)))
+                h, w = (int(rng.integers(300, 420) * args.scale), int(rng.integers(400, 560) * args.scale))
                 if rng.random() < 0.3:
                     h, w = w, h
                 photo(rng, h, w).save(d / f"n{c:08d}_{j}.JPEG", quality=90)

@@ -46,6 +46,7 @@ class Renderer(NamedTuple):
     decode_into: object   # (jpeg u8[:], height, width, out u8[h, w, 3]) -> turbojpeg status (0 = ok)
     render_into: object   # (image u8[h, w, 3], params f32[5], out u8[S, S, 3]) -> None
     render_many: object   # (image, params f32[V, 5], out u8[V, S, S, 3]) -> None
+    render_samples: object  # parallel over samples: decode each once, render all its views (teacher side)
 
 
 def make_renderer() -> Renderer:
@@ -70,7 +71,17 @@ def make_renderer() -> Renderer:
         for v in range(params.shape[0]):
             render_into(image, params[v], out[v])
 
-    return Renderer(decode_into, render_into, render_many)
+    @numba.njit(parallel=True)
+    def render_samples(data, offsets, lengths, heights, widths, params, temp, out, status):
+        """data: concatenated JPEGs; params (n, V, 5); temp (n, >= max h*w*3); out (n, V, S, S, 3)."""
+        for j in numba.prange(offsets.shape[0]):
+            h, w = heights[j], widths[j]
+            image = temp[j, :h * w * 3].reshape((h, w, 3))
+            status[j] = decode_into(data[offsets[j]:offsets[j] + lengths[j]], np.uint32(h), np.uint32(w), image)
+            for v in range(params.shape[1]):
+                render_into(image, params[j, v], out[j, v])
+
+    return Renderer(decode_into, render_into, render_many, render_samples)
 
 
 _teacher_side = None
@@ -89,6 +100,25 @@ def decode_jpeg(jpeg: bytes, height: int, width: int, what: str = "image") -> np
     status = _renderer().decode_into(np.frombuffer(jpeg, np.uint8), np.uint32(height), np.uint32(width), out)
     if status != 0:
         raise ValueError(f"{what}: JPEG decode failed (turbojpeg status {status})")
+    return out
+
+
+def render_samples(jpegs, heights, widths, params: np.ndarray, size: int, what: str = "sample") -> np.ndarray:
+    """Views of several samples, decoding each once: params (n, V, 5) -> (n, V, size, size, 3) uint8.
+    Parallel over samples (numba threads); the pixels equal render_views on each decoded image."""
+    n = len(jpegs)
+    lengths = np.array([len(b) for b in jpegs], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    data = np.frombuffer(b"".join(jpegs), np.uint8)
+    heights = np.asarray(heights, np.int64)
+    widths = np.asarray(widths, np.int64)
+    temp = np.empty((n, int((heights * widths).max(initial=1)) * 3), np.uint8)
+    params = np.ascontiguousarray(params, dtype=np.float32)
+    out = np.empty((n, params.shape[1], size, size, 3), np.uint8)
+    status = np.zeros(n, np.int64)
+    _renderer().render_samples(data, offsets, lengths, heights, widths, params, temp, out, status)
+    if status.any():
+        raise ValueError(f"{what} {int(np.flatnonzero(status)[0])} of this batch: JPEG decode failed")
     return out
 
 

@@ -1,0 +1,243 @@
+"""Cache schema: identity (what a cache was made from), layout, create-or-open with compatibility checks.
+
+One Zarr v3 group. Per augmentation seed s, a group seeds/<s:06d> of four arrays over the N samples:
+
+    values   (N, K)  float16 (or float32)  top-k teacher logits, descending     fill NaN
+    indices  (N, K)  int16 (int32 if C > 32767)  their class indices        fill -1
+    lse      (N,)    float32  log-sum-exp of the full logit vector            fill NaN
+    params   (N, 5)  float32  view parameters [top, left, height, width, flip]  fill NaN
+
+Inner chunks of `chunk_rows` samples, shards of `unit_size` samples: a work unit (seed, block) is
+exactly one shard of each of the four arrays, written whole, once, by one writer. Arrays are created
+at full shape by the coordinator before any unit is written; only the coordinator writes metadata.
+"""
+
+import datetime
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+from zarr.storage import LocalStore
+
+from kdcache import __version__
+from kdcache.cache.ledger import Ledger
+from kdcache.errors import KdcacheError
+
+FORMAT = "kdcache-teacher-cache"
+FORMAT_VERSION = 1
+ARRAYS = ("values", "indices", "lse", "params")
+TAIL_RULE = "uniform-logit-tail-v1"
+
+
+@dataclass
+class CacheSpec:
+    """The identity of a cache: every run writing into it must match all of this."""
+
+    teacher: dict          # kdcache.models.build_model info: name, sha256, num_classes, mean, std, ...
+    dataset: dict          # fingerprint, split, split_fingerprint, num_samples, num_classes, view_size
+    recipe: dict           # ViewRecipe.to_dict()
+    global_seed: int
+    topk: int
+    values_dtype: str = "float16"
+    unit_size: int = 8192
+    chunk_rows: int = 1024
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.dataset["num_samples"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.dataset["num_classes"])
+
+    @property
+    def indices_dtype(self) -> str:
+        return "int16" if self.num_classes <= 32767 else "int32"
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.num_samples / self.unit_size)
+
+    def validate(self) -> None:
+        if not 1 <= self.topk <= self.num_classes:
+            raise KdcacheError(f"--topk {self.topk} must be between 1 and the class count {self.num_classes}")
+        if self.values_dtype not in ("float16", "float32"):
+            raise KdcacheError(f"--values-dtype must be float16 or float32, got {self.values_dtype!r}")
+        if self.unit_size < 1 or self.chunk_rows < 1 or self.unit_size % self.chunk_rows:
+            raise KdcacheError(f"--unit-size {self.unit_size} must be a positive multiple of the chunk rows {self.chunk_rows}")
+        if self.teacher["num_classes"] != self.num_classes:
+            raise KdcacheError(f"teacher has {self.teacher['num_classes']} classes, the dataset {self.num_classes}")
+
+    def identity(self) -> Dict[str, object]:
+        """Flattened fields that must be equal for two runs to share a cache (error messages name them)."""
+        return {"teacher.name": self.teacher["name"], "teacher.sha256": self.teacher["sha256"],
+                "teacher.mean": self.teacher["mean"], "teacher.std": self.teacher["std"],
+                "dataset.split_fingerprint": self.dataset["split_fingerprint"],
+                "dataset.num_samples": self.dataset["num_samples"], "dataset.num_classes": self.dataset["num_classes"],
+                "recipe": self.recipe, "global_seed": self.global_seed, "topk": self.topk,
+                "values_dtype": self.values_dtype, "unit_size": self.unit_size, "chunk_rows": self.chunk_rows}
+
+    def block_bounds(self, block: int):
+        a = block * self.unit_size
+        return a, min(a + self.unit_size, self.num_samples)
+
+
+def _codecs(dtype: str):
+    # measured on top-k logits (shared/notes/zarr_wds.md): byte shuffle suits floats, bitshuffle suits small ints
+    shuffle = "bitshuffle" if dtype.startswith("int") else "shuffle"
+    return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
+
+
+def _array_layout(spec: CacheSpec) -> Dict[str, dict]:
+    n, k, rows, unit = spec.num_samples, spec.topk, spec.chunk_rows, spec.unit_size
+    return {
+        "values": dict(shape=(n, k), dtype=spec.values_dtype, chunks=(rows, k), shards=(unit, k), fill_value=np.nan),
+        "indices": dict(shape=(n, k), dtype=spec.indices_dtype, chunks=(rows, k), shards=(unit, k), fill_value=-1),
+        "lse": dict(shape=(n,), dtype="float32", chunks=(rows,), shards=(unit,), fill_value=np.nan),
+        "params": dict(shape=(n, 5), dtype="float32", chunks=(rows, 5), shards=(unit, 5), fill_value=np.nan),
+    }
+
+
+def seed_group_name(seed: int) -> str:
+    return f"seeds/{seed:06d}"
+
+
+class TeacherCache:
+    def __init__(self, path: Path, group: zarr.Group, read_only: bool):
+        self.path = Path(path)
+        self.group = group
+        self.read_only = read_only
+        attrs = dict(group.attrs)
+        self.attrs = attrs
+        self.spec = CacheSpec(**attrs["spec"])
+        self.ledger = Ledger(self.path)
+
+    # ---- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path, mode: str = "r") -> "TeacherCache":
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise KdcacheError(f"{path}: not a kdcache cache (no zarr.json)")
+        group = zarr.open_group(LocalStore(path, read_only=(mode == "r")), mode="r" if mode == "r" else "r+")
+        if group.attrs.get("format") != FORMAT:
+            raise KdcacheError(f"{path}: zarr group is not a {FORMAT} (format={group.attrs.get('format')!r})")
+        if group.attrs.get("format_version") != FORMAT_VERSION:
+            raise KdcacheError(f"{path}: cache format version {group.attrs.get('format_version')} is not {FORMAT_VERSION}")
+        return cls(path, group, read_only=(mode == "r"))
+
+    @classmethod
+    def create_or_open(cls, path, spec: CacheSpec, seeds: List[int]) -> "TeacherCache":
+        """Coordinator only. Create the cache (or check that the existing one has the same identity)
+        and allocate the arrays of `seeds` at full shape. Safe to repeat after a crash at any point."""
+        spec.validate()
+        path = Path(path)
+        if path.exists() and not (path / "zarr.json").is_file() and any(path.iterdir()):
+            raise KdcacheError(f"{path}: exists and is not a kdcache cache")
+        group = zarr.open_group(LocalStore(path), mode="a")
+        if group.attrs.get("format") == FORMAT:
+            if group.attrs.get("format_version") != FORMAT_VERSION:
+                raise KdcacheError(f"{path}: cache format version {group.attrs.get('format_version')} is not {FORMAT_VERSION}")
+            check_compatible(path, CacheSpec(**group.attrs["spec"]), spec)
+        else:  # new cache (or one whose creation never got this far): the identity is written first
+            group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "spec": asdict(spec),
+                                "tail_rule": TAIL_RULE, "kdcache_version": __version__,
+                                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                                "seeds": [], "seeds_complete": [], "seed_summary": {}})
+        layout = _array_layout(spec)
+        for s in seeds:
+            sg = group.require_group(seed_group_name(s))
+            for name, kw in layout.items():
+                if name in sg.array_keys():
+                    arr = sg[name]
+                    if arr.shape != kw["shape"] or str(arr.dtype) != kw["dtype"]:
+                        raise KdcacheError(f"{path}/{seed_group_name(s)}/{name}: shape {arr.shape} {arr.dtype} "
+                                           f"differs from the expected {kw['shape']} {kw['dtype']}")
+                else:
+                    sg.create_array(name, compressors=_codecs(kw["dtype"]), dimension_names=None, **kw)
+        known = sorted(set(group.attrs.get("seeds", [])) | set(seeds))
+        if known != list(group.attrs.get("seeds", [])):
+            group.attrs["seeds"] = known
+        return cls(path, group, read_only=False)
+
+    # ---- contents ------------------------------------------------------------------------------
+    @property
+    def seeds(self) -> List[int]:
+        return list(self.group.attrs.get("seeds", []))
+
+    def arrays(self, seed: int) -> Dict[str, zarr.Array]:
+        name = seed_group_name(seed)
+        try:
+            sg = self.group[name]
+        except KeyError:
+            raise KdcacheError(f"{self.path}: seed {seed} is not in this cache (seeds {self.seeds})") from None
+        return {a: sg[a] for a in ARRAYS}
+
+    def missing_blocks(self, seed: int) -> List[int]:
+        done = self.ledger.done_blocks(seed)
+        return [b for b in range(self.spec.num_blocks) if b not in done]
+
+    def complete_seeds(self) -> List[int]:
+        return [s for s in self.seeds if not self.missing_blocks(s)]
+
+    def seed_summary(self, seed: int) -> Optional[dict]:
+        markers = self.ledger.markers(seed)
+        if len(markers) < self.spec.num_blocks:
+            return None
+        views = sum(m["views"] for m in markers.values())
+        return {"views": views, "teacher_top1": sum(m["correct"] for m in markers.values()) / max(views, 1)}
+
+    def refresh_summary(self) -> None:
+        """Coordinator only: record complete seeds and their summaries in the group attributes."""
+        complete = self.complete_seeds()
+        summary = {str(s): self.seed_summary(s) for s in complete}
+        self.group.attrs.update({"seeds_complete": complete, "seed_summary": summary})
+        self.attrs = dict(self.group.attrs)
+
+    def bytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in (self.path / "seeds").rglob("*") if p.is_file()) \
+            if (self.path / "seeds").is_dir() else 0
+
+    def raw_bytes_per_view(self) -> int:
+        s = self.spec
+        return s.topk * (np.dtype(s.values_dtype).itemsize + np.dtype(s.indices_dtype).itemsize) + 4 + 5 * 4
+
+    def summary(self) -> dict:
+        complete = self.complete_seeds()
+        views = len(complete) * self.spec.num_samples
+        on_disk = self.bytes_on_disk()
+        return {
+            "kind": "cache", "path": str(self.path), "format_version": FORMAT_VERSION,
+            "num_samples": self.spec.num_samples, "num_classes": self.spec.num_classes, "topk": self.spec.topk,
+            "seeds": self.seeds, "seeds_complete": complete,
+            "seeds_in_progress": {str(s): self.spec.num_blocks - len(self.missing_blocks(s))
+                                  for s in self.seeds if s not in complete},
+            "num_blocks_per_seed": self.spec.num_blocks,
+            "teacher": {k: self.spec.teacher.get(k) for k in ("name", "sha256", "num_classes", "checkpoint", "random_init")},
+            "dataset_fingerprint": self.spec.dataset["fingerprint"],
+            "split_fingerprint": self.spec.dataset["split_fingerprint"],
+            "recipe": self.spec.recipe, "global_seed": self.spec.global_seed,
+            "values_dtype": self.spec.values_dtype, "indices_dtype": self.spec.indices_dtype,
+            "unit_size": self.spec.unit_size,
+            "bytes_on_disk": on_disk,
+            "bytes_per_view": (on_disk / views) if views else None,
+            "raw_bytes_per_view": self.raw_bytes_per_view(),
+            "seed_summary": {str(s): self.seed_summary(s) for s in complete},
+            "kdcache_version": self.attrs.get("kdcache_version"), "created": self.attrs.get("created"),
+        }
+
+
+def check_compatible(path: Path, existing: CacheSpec, wanted: CacheSpec) -> None:
+    old, new = existing.identity(), wanted.identity()
+    for key in old:
+        if old[key] != new[key]:
+            raise KdcacheError(f"{path}: cache was made with {key}={_short(old[key])}, this run has "
+                               f"{key}={_short(new[key])}; write to another --out")
+
+
+def _short(v) -> str:
+    s = str(v)
+    return s if len(s) < 120 else s[:117] + "..."

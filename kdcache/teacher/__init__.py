@@ -1,0 +1,1 @@
+"""dump-teacher: the teacher once over every view, into a shared Zarr cache."""

@@ -1,0 +1,300 @@
+"""dump-teacher: cache contents, verify, resume after kill -9, torchrun, extension, compatibility."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import kdcache, run_cli
+from kdcache.augment import ViewRecipe, view_params
+from kdcache.augment.render import decode_jpeg, render_views
+from kdcache.cache.schema import TeacherCache
+from kdcache.cache.slabs import read_slab
+from kdcache.data import sources
+from kdcache.data.prepare import prepare
+from kdcache.models import ModelSpec, Normalize, build_model, weights_sha256
+
+ARRAYS = ("values", "indices", "lse", "params")
+DUMP = ["--teacher", "resnet10t", "--random-teacher", "--topk", 5, "--unit-size", 256, "--no-progress"]
+
+
+def dump_args(data, out, seeds, *extra):
+    return ["dump-teacher", "--data", str(data), "--out", str(out), "--seeds", seeds, *map(str, DUMP), *map(str, extra)]
+
+
+def dump_cmd(data, out, seeds, *extra):
+    return [sys.executable, "-m", "kdcache", *dump_args(data, out, seeds, *extra)]
+
+
+def read_all(path):
+    root = zarr.open_group(str(path), mode="r")
+    return {(s, a): root[f"seeds/{s:06d}/{a}"][...] for s in root.attrs["seeds"] for a in ARRAYS}
+
+
+@pytest.fixture(scope="session")
+def fm2000(tmp_path_factory):
+    return prepare(sources.fashion_mnist(limit=2000), tmp_path_factory.mktemp("fm2000") / "ds", workers=2)
+
+
+@pytest.fixture(scope="session")
+def clean_cache(fm2000, tmp_path_factory):
+    """Fashion-MNIST --limit 2000, random-weight resnet10t, seeds 0:6, k = 5, one process, no interruption."""
+    out = tmp_path_factory.mktemp("cache") / "clean"
+    proc = subprocess.run(dump_cmd(fm2000.root, out, "0:6"), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "12000 views written" in proc.stdout and "seeds complete 0:6" in proc.stdout
+    return out
+
+
+def test_info_json_describes_the_cache(clean_cache, fm2000):
+    info = json.loads(kdcache("info", clean_cache, "--json").stdout)
+    assert info["kind"] == "cache" and info["num_samples"] == 2000 and info["num_classes"] == 10 and info["topk"] == 5
+    assert info["seeds_complete"] == [0, 1, 2, 3, 4, 5]
+    model, tinfo = build_model(ModelSpec(name="resnet10t", random_init=True, seed=0), 10)
+    assert info["teacher"]["name"] == "resnet10t" and info["teacher"]["sha256"] == tinfo["sha256"]
+    assert info["dataset_fingerprint"] == fm2000.fingerprint
+    assert 0 < info["bytes_per_view"] < info["raw_bytes_per_view"] == 5 * (2 + 2) + 4 + 20
+    # teacher top-1 per seed: the summary equals the labels against the stored top-1 classes
+    labels = fm2000.split("train").labels
+    cache = TeacherCache.open(clean_cache)
+    for s in range(6):
+        top1 = read_slab(cache, s).indices[:, 0]
+        assert info["seed_summary"][str(s)]["teacher_top1"] == pytest.approx((top1 == labels).mean())
+    assert "seeds     complete [0, 1, 2, 3, 4, 5]" in kdcache("info", clean_cache).stdout
+
+
+def test_verify_replay_matches_the_teacher(clean_cache):
+    report = json.loads(kdcache("verify", clean_cache, "--replay", 64, "--json").stdout)
+    assert report["complete"] and report["ok"] and not report["problems"]
+    assert report["replay"]["views"] == 64
+    assert report["replay"]["top1_agreement"] >= 0.999
+    assert report["replay"]["mean_kl"] <= 1e-4
+    assert report["replay"]["max_abs_logit_error"] < 0.05   # float16 storage of logits
+
+
+def test_cache_rows_are_the_teacher_on_the_teacher_side_views(clean_cache, fm2000):
+    """Independent of verify: rebuild a few views from scratch and compare with the stored rows."""
+    cache = TeacherCache.open(clean_cache)
+    split = fm2000.split("train")
+    model, info = build_model(ModelSpec(name="resnet10t", random_init=True, seed=0), 10)
+    norm = Normalize(info["mean"], info["std"])
+    recipe = ViewRecipe(size=32)
+    idx = np.array([0, 1, 255, 256, 1999])
+    for s in (0, 5):
+        slab = read_slab(cache, s)
+        params = view_params(recipe, 0, s, idx, split.sizes[idx, 0], split.sizes[idx, 1])
+        assert np.array_equal(slab.params[idx], params)
+        views = np.stack([render_views(decode_jpeg(split.jpeg_reader()[i], 28, 28), params[j], 32)[0] for j, i in enumerate(idx)])
+        with torch.inference_mode():
+            logits = model(norm(torch.from_numpy(views).permute(0, 3, 1, 2))).float()
+        top = logits.topk(5, 1)
+        assert np.array_equal(slab.indices[idx], top.indices.numpy())
+        np.testing.assert_allclose(slab.values[idx].astype(np.float32), top.values.numpy(), atol=2e-2, rtol=2e-3)
+        np.testing.assert_allclose(slab.lse[idx], torch.logsumexp(logits, 1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _markers(out):
+    d = Path(out) / "units"
+    return len(list(d.glob("*/*.json"))) if d.is_dir() else 0
+
+
+def _run_and_kill(cmd, out, when):
+    """Start a dump and SIGKILL it when `when(out)` holds; returns the marker count at the kill."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if when(out):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return _markers(out)
+        time.sleep(0.01)
+    raise AssertionError("dump finished before it could be killed" if proc.returncode is not None else "dump hung")
+
+
+def test_kill9_then_rerun_equals_a_clean_run(clean_cache, fm2000, tmp_path):
+    out = tmp_path / "killed"
+    cmd = dump_cmd(fm2000.root, out, "0:6")
+    total = 6 * 8
+    at_create = _run_and_kill(cmd, out, lambda o: (o / "zarr.json").exists())
+    after_3 = _run_and_kill(cmd, out, lambda o: _markers(o) >= 3)
+    after_half = _run_and_kill(cmd, out, lambda o: _markers(o) >= total // 2)
+    assert at_create < 3 <= after_3 < total // 2 <= after_half < total, (at_create, after_3, after_half)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert _markers(out) == total
+    clean, resumed = read_all(clean_cache), read_all(out)
+    assert clean.keys() == resumed.keys()
+    for key in clean:
+        assert np.array_equal(clean[key], resumed[key], equal_nan=True), f"{key} differs after kill -9 + resume"
+    assert json.loads(kdcache("verify", out, "--json").stdout)["ok"]
+
+
+def test_two_torchrun_processes_give_the_same_cache(clean_cache, fm2000, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29611", "-m", "kdcache",
+           *dump_cmd(fm2000.root, out, "0:6")[3:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = {json.loads(p.read_text())["rank"] for p in (out / "logs").glob("*.json")}
+    assert ranks == {0, 1}
+    units = [json.loads(p.read_text())["rank"] for p in (out / "units").glob("*/*.json")]
+    assert sorted(set(units)) == [0, 1]
+    clean, ddp = read_all(clean_cache), read_all(out)
+    for (s, a), ref in clean.items():
+        got = ddp[(s, a)]
+        if a == "indices":  # identical except exact ties, which may break either way
+            diff = np.flatnonzero((got != ref).any(1))
+            vals = clean[(s, "values")].astype(np.float32)
+            for r in diff:
+                assert np.unique(vals[r]).size < vals[r].size, f"seed {s} sample {r}: indices differ without a tie"
+        else:
+            np.testing.assert_allclose(got.astype(np.float64), ref.astype(np.float64), rtol=1e-3, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def small_cache(fmnist_small, tmp_path_factory):
+    """Seeds 0:2 of the 400-sample Fashion-MNIST, dumped once; tests that change it work on a copy."""
+    out = tmp_path_factory.mktemp("small") / "cache"
+    kdcache(*dump_args(fmnist_small.root, out, "0:2"))
+    return out
+
+
+@pytest.fixture
+def small_copy(small_cache, tmp_path):
+    out = tmp_path / "cache"
+    shutil.copytree(small_cache, out)
+    return out
+
+
+def test_extending_seeds_leaves_old_seeds_untouched(fmnist_small, small_copy):
+    out = small_copy
+    old_files = {p: p.read_bytes() for p in (out / "seeds").rglob("*") if p.is_file()}
+    reader = TeacherCache.open(out)               # a reader opened before the extension
+    before = read_slab(reader, 1)
+    proc = kdcache(*dump_args(fmnist_small.root, out, "2:4"))
+    assert "seeds complete 0:4" in proc.stdout and "800 views written" in proc.stdout
+    assert all(p.read_bytes() == b for p, b in old_files.items()), "extending the cache rewrote old seeds"
+    after = read_slab(reader, 1)
+    assert all(np.array_equal(x, y, equal_nan=True) for x, y in zip(before[1:], after[1:]))
+    assert TeacherCache.open(out).complete_seeds() == [0, 1, 2, 3]
+    again = kdcache(*dump_args(fmnist_small.root, out, "0:4"))
+    assert "0 views written" in again.stdout and all(p.read_bytes() == b for p, b in old_files.items())
+
+
+@pytest.mark.parametrize("change,field", [
+    (["--topk", "3"], "topk"),
+    (["--seed", "1"], "teacher.sha256"),           # the random teacher's init follows the global seed
+    (["--scale", "0.5", "1"], "recipe"),
+    (["--values-dtype", "float32"], "values_dtype"),
+])
+def test_incompatible_runs_are_refused_by_name(fmnist_small, small_copy, change, field):
+    out = small_copy
+    before = read_all(out)
+    proc = kdcache(*dump_args(fmnist_small.root, out, "2:3"), *change, check=False)
+    assert proc.returncode == 2 and f"cache was made with {field}=" in proc.stderr, proc.stderr
+    after = read_all(out)
+    assert after.keys() == before.keys() and TeacherCache.open(out).seeds == [0, 1]
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+
+
+def test_other_dataset_is_refused(small_copy, tmp_path):
+    other = prepare(sources.fashion_mnist(limit=300), tmp_path / "other", workers=1)
+    proc = kdcache(*dump_args(other.root, small_copy, "0:1"), check=False)
+    assert proc.returncode == 2 and "dataset.split_fingerprint" in proc.stderr
+
+
+PLAIN_READER = r'''
+import json, pathlib, sys, numpy as np, zarr
+path, s, i = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+root = zarr.open_group(path, mode="r")
+spec = root.attrs["spec"]
+N, C, k = spec["dataset"]["num_samples"], spec["dataset"]["num_classes"], spec["topk"]
+assert len(list(pathlib.Path(path, "units", f"{s:06d}").glob("*.json"))) == -(-N // spec["unit_size"])
+g = root[f"seeds/{s:06d}"]
+values, indices, lse, params = g["values"][:], g["indices"][:], g["lse"][:], g["params"][:]
+p = np.exp(values[i].astype(np.float64) - lse[i])
+z = np.full(C, lse[i] + np.log(max(1 - p.sum(), 1e-12) / (C - k)) if k < C else 0.0)
+z[indices[i]] = values[i]
+q = np.exp(z - z.max()); q /= q.sum()
+print(json.dumps({"probs": q.tolist(), "params": params[i].tolist()}))
+'''
+
+
+def test_plain_zarr_reader_rebuilds_the_teacher_distribution(fmnist_small, tmp_path):
+    """docs/cache-format.md is enough: zarr + numpy only (no kdcache import) recover softmax(teacher)."""
+    out = tmp_path / "exact"
+    kdcache(*dump_args(fmnist_small.root, out, "1:2", "--values-dtype", "float32", "--topk", "10"))
+    script = tmp_path / "reader.py"
+    script.write_text(PLAIN_READER)
+    got = json.loads(subprocess.run([sys.executable, str(script), str(out), "1", "17"], capture_output=True,
+                                    text=True, check=True, cwd=tmp_path).stdout)
+    split = fmnist_small.split("train")
+    params = view_params(ViewRecipe(size=32), 0, 1, np.array([17]), split.sizes[[17], 0], split.sizes[[17], 1])
+    assert np.array_equal(np.float32(got["params"]), params[0])
+    model, info = build_model(ModelSpec(name="resnet10t", random_init=True, seed=0), 10)
+    view = render_views(decode_jpeg(split.jpeg_reader()[17], 28, 28), params, 32)
+    with torch.inference_mode():
+        probs = torch.softmax(model(Normalize(info["mean"], info["std"])(torch.from_numpy(view).permute(0, 3, 1, 2))), 1)[0]
+    np.testing.assert_allclose(got["probs"], probs.numpy(), atol=1e-5)
+
+
+def test_teacher_from_checkpoint_files_and_factories(fmnist_small, tmp_path):
+    import safetensors.torch
+    model, info = build_model(ModelSpec(name="resnet10t", random_init=True, seed=7), 10)
+    sd = model.state_dict()
+    safetensors.torch.save_file(sd, str(tmp_path / "t.safetensors"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "t.pth")
+    for ckpt in ("t.safetensors", "t.pth"):
+        out = tmp_path / f"c-{ckpt}"
+        kdcache("dump-teacher", "--data", fmnist_small.root, "--out", out, "--seeds", "0:1", "--topk", 3,
+                "--teacher", "resnet10t", "--teacher-checkpoint", tmp_path / ckpt, "--no-progress")
+        assert TeacherCache.open(out).spec.teacher["sha256"] == weights_sha256(model) == info["sha256"]
+    # the same random teacher twice has the same weights hash; another seed another one
+    again = build_model(ModelSpec(name="resnet10t", random_init=True, seed=7), 10)[1]["sha256"]
+    other = build_model(ModelSpec(name="resnet10t", random_init=True, seed=8), 10)[1]["sha256"]
+    assert again == info["sha256"] != other
+    # a model timm does not have, from a factory
+    out = tmp_path / "factory"
+    sys_path = os.environ.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "kdcache", "dump-teacher", "--data", str(fmnist_small.root), "--out", str(out),
+                           "--seeds", "0:1", "--topk", "2", "--teacher-module", "tiny_models:tiny_cnn", "--random-teacher",
+                           "--no-progress"], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=f"{Path(__file__).parent}:{sys_path}"))
+    assert proc.returncode == 0, proc.stderr
+    teacher = TeacherCache.open(out).spec.teacher
+    assert teacher["name"] == "tiny_models:tiny_cnn" and teacher["random_init"]
+    assert json.loads(run_cli("verify", out, "--replay", 8, "--json",
+                              env=dict(os.environ, PYTHONPATH=f"{Path(__file__).parent}:{sys_path}")).stdout)["ok"]
+    # no weight source at all: refused, nothing written
+    proc = kdcache("dump-teacher", "--data", fmnist_small.root, "--out", tmp_path / "none", "--seeds", "0:1",
+                   "--teacher", "resnet10t", check=False)
+    assert proc.returncode == 2 and "--random-teacher" in proc.stderr and not (tmp_path / "none").exists()
+    proc = run_cli("dump-teacher", "--data", fmnist_small.root, "--out", tmp_path / "none", "--seeds", "0:1",
+                   "--teacher", "resnet10t", "--teacher-checkpoint", tmp_path / "t.pth", "--random-teacher", check=False)
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr
+    proc = kdcache("dump-teacher", "--data", fmnist_small.root, "--out", tmp_path / "none", "--seeds", "0:1",
+                   "--teacher", "resnet10t", "--teacher-checkpoint", tmp_path / "missing.pth", check=False)
+    assert proc.returncode == 2 and "missing.pth: teacher checkpoint not found" in proc.stderr
+
+
+def test_verify_finds_missing_units_and_bad_rows(small_copy):
+    out = small_copy
+    assert json.loads(kdcache("verify", out, "--json").stdout)["ok"]
+    (out / "units" / "000001" / "000001.json").unlink()
+    report = json.loads(kdcache("verify", out, "--json", check=False).stdout)
+    assert not report["ok"] and report["missing_units"] == {"1": [1]}
+    values = zarr.open_group(str(out), mode="r+")["seeds/000000/values"]
+    rows = values[0:256]
+    rows[17, 0] = np.nan
+    values[0:256] = rows
+    report = json.loads(kdcache("verify", out, "--json", check=False).stdout)
+    assert any("seed 0: 1 rows of values hold NaN/inf (first sample 17)" in p for p in report["problems"])

@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Benchmark of dump-teacher, in one run on one device:
+  1. dump throughput (views/s, img/s) vs the bare teacher forward on already-rendered views
+     (same teacher, batch size, device, AMP): the goal is dump >= 0.9 x bare forward;
+  2. decode + render time per view with S = 1, 4, 16 views rendered from each decoded image;
+  3. bytes per view on disk for k = 5, 10, 20.
+
+The whole train split of --data is dumped (prepare one with --limit for a quick run).
+
+    kdcache prepare fashion-mnist --limit 4096 --out data/fm4096
+    python tools/bench_dump.py --data data/fm4096 --teacher resnet10t                   # CPU, 32 px
+    python tools/bench_dump.py --data data/synthetic-imagenet --teacher resnet50 --device cuda --batch-size 256
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="prepared dataset")
+    p.add_argument("--teacher", default="resnet10t")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="auto")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seeds", type=int, default=4, help="views per image in the throughput run")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    from kdcache.augment import ViewRecipe, view_params
+    from kdcache.augment.render import render_samples
+    from kdcache.cache.schema import TeacherCache
+    from kdcache.data.dataset import PreparedDataset
+    from kdcache.models import ModelSpec, build_model
+    from kdcache.teacher.dump import DumpConfig, TeacherRunner, dump_teacher
+
+    ds = PreparedDataset.open(args.data)
+    split = ds.split("train")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    recipe = ViewRecipe(size=ds.view_size)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_dump_"))
+    sub = ds
+    n = split.num_samples
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cpus",
+               "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+               "teacher": args.teacher, "size": recipe.size, "batch_size": args.batch_size, "samples": n,
+               "seeds": args.seeds}
+
+    spec = ModelSpec(name=args.teacher, random_init=True)
+    model, info = build_model(spec, sub.num_classes, what="teacher")
+    runner = TeacherRunner(model, info, device, args.amp, args.compile, topk=10)
+    results["amp"] = runner.amp
+
+    # 1a. bare forward on pre-rendered views (the same views the dump renders)
+    idx = np.arange(min(n, max(64, 4 * args.batch_size // args.seeds)))
+    params = np.stack([view_params(recipe, 0, s, idx, split.sizes[idx, 0], split.sizes[idx, 1]) for s in range(args.seeds)], 1)
+    reader = split.jpeg_reader()
+    views = render_samples([reader[i] for i in idx], split.sizes[idx, 0], split.sizes[idx, 1], params, recipe.size)
+    views = views.reshape(-1, recipe.size, recipe.size, 3)
+    batches = [views[j:j + args.batch_size] for j in range(0, len(views) - args.batch_size + 1, args.batch_size)]
+    for b in batches[:2]:
+        runner.topk_outputs(b)
+    rates = []
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for b in batches:
+            runner.topk_outputs(b)  # includes the device -> host copy of top-k, as the dump does
+        rates.append(len(batches) * args.batch_size / (time.perf_counter() - t))
+    bare = statistics.median(rates)
+
+    # 1b. the dump itself (a warm-up dump first: JIT of the renderer, cudnn autotune)
+    def run_dump(out, seeds, topk=10):
+        cfg = DumpConfig(data=sub.root, out=out, seeds=seeds, topk=topk, teacher=spec, recipe=recipe,
+                         batch_size=args.batch_size, device=str(device), amp=args.amp, compile=args.compile,
+                         workers=args.workers, unit_size=8192, progress=False)
+        return dump_teacher(cfg)
+    run_dump(tmp / "warm", [1000])
+    dumped = run_dump(tmp / "timed", list(range(args.seeds)))
+    results["bare_forward_views_per_s"] = bare
+    results["dump_views_per_s"] = dumped["views_per_s"]
+    results["dump_img_per_s"] = dumped["img_per_s"]
+    results["dump_over_bare"] = dumped["views_per_s"] / bare
+
+    # 2. decode + render time per view, S views from each decoded image
+    per_view = {}
+    m = min(n, 512)
+    jpegs = [reader[i] for i in range(m)]
+    for S in (1, 4, 16):
+        prm = np.stack([view_params(recipe, 0, s, np.arange(m), split.sizes[:m, 0], split.sizes[:m, 1]) for s in range(S)], 1)
+        render_samples(jpegs[:8], split.sizes[:8, 0], split.sizes[:8, 1], prm[:8], recipe.size)
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            render_samples(jpegs, split.sizes[:m, 0], split.sizes[:m, 1], prm, recipe.size)
+            best = min(best, time.perf_counter() - t)
+        per_view[S] = best / (m * S) * 1e6
+    results["decode_render_us_per_view"] = per_view
+
+    # 3. bytes per view on disk (two seeds each)
+    bpv = {}
+    for k in (5, 10, 20):
+        if k > sub.num_classes:
+            continue
+        run_dump(tmp / f"k{k}", [0, 1], topk=k)
+        c = TeacherCache.open(tmp / f"k{k}")
+        bpv[k] = {"on_disk": c.summary()["bytes_per_view"], "raw": c.raw_bytes_per_view()}
+    results["bytes_per_view"] = bpv
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\ndump-teacher benchmark: {args.teacher} at {recipe.size}px, batch {args.batch_size}, "
+          f"{results['device']}, amp {results['amp']}, {n} samples x {args.seeds} seeds")
+    print(f"| | views/s |\n|---|---|\n| bare teacher forward (pre-rendered) | {bare:,.0f} |\n"
+          f"| dump-teacher (read, decode, render, forward, write) | {dumped['views_per_s']:,.0f} |")
+    print(f"dump / bare forward = {results['dump_over_bare']:.2f} (goal >= 0.9); dump img/s = {dumped['img_per_s']:,.0f}")
+    print("decode + render per view: " + ", ".join(f"S={S}: {us:.1f} us" for S, us in per_view.items()))
+    print("bytes per view: " + ", ".join(f"k={k}: {v['on_disk']:.1f} on disk ({v['raw']} raw)" for k, v in bpv.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
