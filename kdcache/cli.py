@@ -1,6 +1,7 @@
 """The `kdcache` command: parse arguments, call library functions, print. Nothing else lives here."""
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -181,6 +182,148 @@ def _cmd_verify(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def _add_train(sub) -> None:
+    from kdcache.augment.recipe import add_recipe_args
+    p = sub.add_parser("train-student", help="train a student: cached KD (--cache), online KD, or no KD")
+    p.add_argument("--config", type=Path, default=None,
+                   help="TOML recipe: keys are these options' long names (dashes or underscores); flags override it")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUNDIR", help="continue an interrupted run")
+    p.add_argument("--data", type=Path, help="prepared dataset")
+    p.add_argument("--model", help="timm model name of the student")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--out", type=Path, help="run directory")
+    p.add_argument("--cache", type=Path, default=None, help="teacher cache (cached KD)")
+    p.add_argument("--kd", choices=["online", "none"], default=None,
+                   help="online: the teacher runs in the loop on the same views; none: plain supervised training")
+    _add_teacher_args(p)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--opt", default="sgd", help="timm optimizer name: sgd, adamw, lamb, ...")
+    p.add_argument("--lr", type=float, default=None, help="default: 0.1 (sgd), 1e-3 (adamw), 5e-3 (lamb) x batch/256")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-5)
+    p.add_argument("--sched", default="cosine", help="timm scheduler name")
+    p.add_argument("--warmup-epochs", type=int, default=0)
+    p.add_argument("--warmup-lr", type=float, default=1e-5)
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm")
+    p.add_argument("--model-ema-decay", type=float, default=0.0, help="EMA of the weights (timm ModelEmaV3); 0 = off")
+    p.add_argument("--drop-path", type=float, default=None)
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student")
+    p.add_argument("--workers", type=int, default=None, help="loader threads (default: usable cores)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="global seed: initialisation, sample order, views")
+    p.add_argument("--view-seeds", type=parse_seeds, default=None,
+                   help="A:B: augmentation seeds cycled over epochs (cache: a subset of its seeds; "
+                        "none/online: default one new seed per epoch)")
+    p.add_argument("--seed-choice", default="cycle", choices=["cycle", "per-sample"],
+                   help="cache: epoch e uses seed e mod S (cycle), or each sample draws a stored seed (per-sample)")
+    g = p.add_argument_group("loss")
+    g.add_argument("--kd-loss", default="kd", choices=["kd", "dkd"], help="vanilla KD (KL) or DKD")
+    g.add_argument("--kd-weight", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--hard-loss", default=None, choices=["none", "ce", "bce"],
+                   help="hard-label term (default: none with KD, ce without)")
+    g.add_argument("--hard-weight", type=float, default=1.0)
+    g.add_argument("--smoothing", type=float, default=0.0, help="label smoothing of the hard-label term")
+    g.add_argument("--dkd-alpha", type=float, default=1.0)
+    g.add_argument("--dkd-beta", type=float, default=8.0)
+    p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--crop-pct", type=float, default=0.875, help="eval: centre crop of this fraction of the short side")
+    p.add_argument("--log-interval", type=int, default=50)
+    p.add_argument("--no-progress", action="store_true")
+    add_recipe_args(p)
+
+
+def _train_config(args):
+    from kdcache.student.train import TrainConfig
+    missing = [n for n in ("data", "model", "epochs", "out") if getattr(args, n) is None]
+    if missing:
+        raise KdcacheError("train-student needs " + ", ".join("--" + m for m in missing))
+    if args.cache and args.kd:
+        raise KdcacheError("--cache and --kd are exclusive (cached KD uses the cache's teacher)")
+    mode = "cache" if args.cache else args.kd
+    if mode is None:
+        raise KdcacheError("choose a mode: --cache CACHE, --kd online (with --teacher), or --kd none")
+    teacher = None
+    if mode == "online":
+        if not (args.teacher_checkpoint or args.teacher_module or args.random_teacher):
+            raise KdcacheError("--kd online needs the teacher's weights: --teacher NAME --teacher-checkpoint FILE")
+        teacher = dataclasses.asdict(_teacher_spec(args))
+    recipe = None
+    recipe_flags = (args.size is not None or tuple(args.scale) != (0.08, 1.0) or args.hflip != 0.5
+                    or tuple(args.ratio) != (3 / 4, 4 / 3))
+    if recipe_flags:
+        if mode == "cache":
+            raise KdcacheError("view recipe flags (--size, --scale, --ratio, --hflip) come from the cache in cached KD")
+        from kdcache.data.dataset import PreparedDataset
+        from kdcache.augment.recipe import recipe_from_args
+        recipe = recipe_from_args(args, PreparedDataset.open(args.data).view_size).to_dict()
+    loss = {"kd_loss": args.kd_loss if mode != "none" else "none", "kd_weight": args.kd_weight,
+            "temperature": args.temperature, "hard_loss": args.hard_loss or ("ce" if mode == "none" else "none"),
+            "hard_weight": args.hard_weight, "smoothing": args.smoothing, "dkd_alpha": args.dkd_alpha,
+            "dkd_beta": args.dkd_beta}
+    return TrainConfig(data=str(args.data), out=str(args.out), model=args.model, epochs=args.epochs, mode=mode,
+                       cache=str(args.cache) if args.cache else None, teacher=teacher, batch_size=args.batch_size,
+                       opt=args.opt, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                       sched=args.sched, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, min_lr=args.min_lr,
+                       clip_grad=args.clip_grad, ema_decay=args.model_ema_decay, drop_path=args.drop_path,
+                       amp=args.amp, channels_last=not args.no_channels_last, compile=args.compile,
+                       workers=args.workers, device=args.device, seed=args.seed, view_seeds=args.view_seeds,
+                       seed_choice=args.seed_choice, recipe=recipe, loss=loss, eval_every=args.eval_every,
+                       crop_pct=args.crop_pct, log_interval=args.log_interval, progress=not args.no_progress)
+
+
+def _cmd_train(args) -> int:
+    from kdcache.student.train import TrainConfig, train_student
+    if args.resume:
+        path = args.resume / "config.json"
+        if not path.is_file():
+            raise KdcacheError(f"{args.resume}: not a train-student run directory (no config.json)")
+        cfg = TrainConfig(**json.loads(path.read_text()))
+        s = train_student(cfg, resume=True)
+    else:
+        s = train_student(_train_config(args))
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"train-student ({s['mode']}): {s['model']} {s['epochs']} epochs, val top-1 {s['final_top1']:.2f} % "
+              f"(best {s['best_top1']:.2f} %), {s['epoch_time_s']:.1f} s/epoch, {s['img_per_s']:.0f} img/s -> "
+              f"{cfg_out(args)}")
+    return 0
+
+
+def cfg_out(args) -> Path:
+    return args.resume or args.out
+
+
+def _load_toml_defaults(parser: argparse.ArgumentParser, argv) -> None:
+    """--config FILE: the TOML's keys become defaults of the matching options; flags still win."""
+    import tomllib
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return
+    try:
+        table = tomllib.loads(known.config.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise KdcacheError(f"{known.config}: cannot read recipe: {exc}") from exc
+    sub = parser._subparsers._group_actions[0].choices["train-student"]
+    dests = {a.dest: a for a in sub._actions}
+    defaults = {}
+    for key, value in table.items():
+        dest = key.replace("-", "_")
+        if dest not in dests or dest in ("config", "help"):
+            raise KdcacheError(f"{known.config}: unknown setting {key!r}")
+        action = dests[dest]
+        if dest in ("view_seeds",) and isinstance(value, str):
+            value = parse_seeds(value)
+        elif action.type is Path and value is not None:
+            value = Path(value)
+        defaults[dest] = value
+    sub.set_defaults(**defaults)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kdcache.augment.recipe import add_recipe_args
     parser = argparse.ArgumentParser(prog="kdcache", description="kdcache: the teacher once over augmented views; students replay them with cached soft labels.")
@@ -189,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_dump(sub)
     _add_verify(sub)
+    _add_train(sub)
     p = sub.add_parser("info", help="describe a prepared dataset or a teacher cache")
     p.add_argument("path", type=Path, help="dataset or cache directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -204,12 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview, "dump-teacher": _cmd_dump,
-            "verify": _cmd_verify}
+            "verify": _cmd_verify, "train-student": _cmd_train}
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
     try:
+        if argv is None:
+            argv = sys.argv[1:]
+        if argv and argv[0] == "train-student":
+            _load_toml_defaults(parser, argv[1:])
+        args = parser.parse_args(argv)
         code = COMMANDS[args.command](args)
     except KdcacheError as exc:
         print(f"kdcache: error: {exc}", file=sys.stderr)

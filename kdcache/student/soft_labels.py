@@ -1,0 +1,133 @@
+"""Where each epoch's views and teacher logits come from, for the three training modes.
+
+    CachedTeacher   views and soft labels read from a dump-teacher cache: one slab per seed, read whole,
+                    the next epoch's slab prefetched in the background; per batch only an index gather
+    OnlineTeacher   the teacher runs in the loop on the very views the student sees (the baseline)
+    NoTeacher       plain supervised training on the same views
+
+Which stored seed an epoch uses (cache mode, "cycle"): s = seeds[e mod S] with the cache's complete
+seeds in ascending order; with "per-sample", every sample draws one of the S seeds at random each epoch
+(as apple/ml-dr draws among its stored augmentations), from a generator seeded by (global seed, epoch).
+"""
+
+import time
+import warnings
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from kdcache.augment.params import view_params
+from kdcache.augment.recipe import ViewRecipe
+from kdcache.cache.schema import TeacherCache
+from kdcache.cache.slabs import SlabPrefetcher, read_slab
+from kdcache.cache.targets import dense_logits
+from kdcache.errors import KdcacheError
+from kdcache.models import Normalize
+
+
+class EpochViews:
+    """The epoch's view parameters (N, 5) and the seed each sample's view came from."""
+
+    def __init__(self, params: np.ndarray, seeds):
+        self.params, self.seeds = params, seeds
+
+
+class NoTeacher:
+    uses_teacher = False
+
+    def __init__(self, recipe: ViewRecipe, global_seed: int, view_seeds: List[int], sizes: np.ndarray):
+        self.recipe, self.global_seed, self.view_seeds, self.sizes = recipe, global_seed, view_seeds, sizes
+        self.teacher_seconds = 0.0
+
+    def seed_for_epoch(self, epoch: int) -> int:
+        return self.view_seeds[epoch % len(self.view_seeds)]
+
+    def begin_epoch(self, epoch: int) -> EpochViews:
+        s = self.seed_for_epoch(epoch)
+        n = len(self.sizes)
+        return EpochViews(view_params(self.recipe, self.global_seed, s, np.arange(n), self.sizes[:, 0], self.sizes[:, 1]), s)
+
+    def logits(self, images: torch.Tensor, indices: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
+
+
+class OnlineTeacher(NoTeacher):
+    uses_teacher = True
+
+    def __init__(self, model: torch.nn.Module, info: dict, device: torch.device, amp_dtype, **kw):
+        super().__init__(**kw)
+        self.device, self.amp_dtype = device, amp_dtype
+        self.normalize = Normalize(info["mean"], info["std"]).to(device)
+        self.model = model.to(device, memory_format=torch.channels_last).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        t = time.perf_counter()
+        x = self.normalize(images).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            out = self.model(x).float()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so that the teacher's share of the step is measured
+        self.teacher_seconds += time.perf_counter() - t
+        return out
+
+
+class CachedTeacher:
+    uses_teacher = True
+
+    def __init__(self, cache: TeacherCache, device: torch.device, global_seed: int, seed_choice: str = "cycle",
+                 seeds: Optional[List[int]] = None, epochs: Optional[int] = None):
+        self.cache, self.device, self.global_seed = cache, device, global_seed
+        complete = cache.complete_seeds()
+        if seeds is not None:
+            missing = sorted(set(seeds) - set(complete))
+            if missing:
+                raise KdcacheError(f"{cache.path}: seeds {missing} are not complete in this cache (complete: {complete})")
+            complete = sorted(seeds)
+        if not complete:
+            raise KdcacheError(f"{cache.path}: no complete seed; run dump-teacher first")
+        if seed_choice not in ("cycle", "per-sample"):
+            raise KdcacheError(f"--seed-choice must be cycle or per-sample, got {seed_choice!r}")
+        self.seeds, self.seed_choice = complete, seed_choice
+        self.num_classes = cache.spec.num_classes
+        if epochs and seed_choice == "cycle" and epochs > len(complete):
+            warnings.warn(f"{epochs} epochs over {len(complete)} cached seeds: each view is replayed "
+                          f"{epochs / len(complete):.1f} times on average (dump more seeds to see new views)")
+        self.prefetcher = SlabPrefetcher(cache)
+        self.teacher_seconds = 0.0
+        self._labels = None
+        self._all = None
+
+    def seed_for_epoch(self, epoch: int) -> int:
+        return self.seeds[epoch % len(self.seeds)]
+
+    def _to_device(self, values, indices, lse):
+        dev = self.device
+        return (torch.from_numpy(np.ascontiguousarray(values)).to(dev),
+                torch.from_numpy(np.ascontiguousarray(indices).astype(np.int64)).to(dev),
+                torch.from_numpy(np.ascontiguousarray(lse)).to(dev))
+
+    def begin_epoch(self, epoch: int) -> EpochViews:
+        if self.seed_choice == "cycle":
+            s = self.seed_for_epoch(epoch)
+            slab = self.prefetcher.get(s, next_seed=self.seed_for_epoch(epoch + 1))
+            self._labels = self._to_device(slab.values, slab.indices, slab.lse)
+            return EpochViews(slab.params, s)
+        if self._all is None:  # every seed's slab in memory: S x N rows
+            self._all = [read_slab(self.cache, s) for s in self.seeds]
+        n = self.cache.spec.num_samples
+        rng = np.random.default_rng([self.global_seed, epoch, 0x5EED])
+        pick = rng.integers(0, len(self.seeds), n)
+        rows = np.arange(n)
+        stack = lambda name: np.stack([getattr(sl, name) for sl in self._all])[pick, rows]
+        self._labels = self._to_device(stack("values"), stack("indices"), stack("lse"))
+        return EpochViews(stack("params"), np.asarray(self.seeds)[pick])
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        values, idx, lse = self._labels
+        rows = indices.to(self.device, non_blocking=True)
+        return dense_logits(values[rows], idx[rows], lse[rows], self.num_classes)

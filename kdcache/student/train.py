@@ -1,0 +1,298 @@
+"""`kdcache train-student`: one training loop for the three modes (cache, online, none).
+
+The loop is ffcv-imagenet's shape with timm's parts: FFCV replay loader -> normalise on the device ->
+student forward (autocast) -> loss (kdcache.student.losses) -> backward, clip, step -> timm scheduler
+per update -> EMA; evaluation on the val beton; checkpoints and logs in the run directory.
+"""
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kdcache.augment.recipe import ViewRecipe
+from kdcache.cache.schema import TeacherCache
+from kdcache.data.dataset import PreparedDataset
+from kdcache.dist import init_from_env, resolve_device
+from kdcache.errors import KdcacheError
+from kdcache.models import ModelSpec, Normalize, build_model
+from kdcache.student import checkpoint as ckpt
+from kdcache.student.evaluate import evaluate
+from kdcache.student.loader import ReplayLoader, eval_loader
+from kdcache.student.losses import LossConfig, StudentLoss
+from kdcache.student.report import MetricsLog, plot_curves
+from kdcache.student.soft_labels import CachedTeacher, NoTeacher, OnlineTeacher
+
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "adamw": 1e-3, "lamb": 5e-3}  # at batch size 256
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    model: str
+    epochs: int
+    mode: str                                  # cache | online | none
+    cache: Optional[str] = None
+    teacher: Optional[dict] = None             # ModelSpec fields, for --kd online
+    batch_size: int = 256
+    opt: str = "sgd"
+    lr: Optional[float] = None                 # default: DEFAULT_LR[opt] * batch_size / 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    sched: str = "cosine"
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    clip_grad: Optional[float] = None
+    ema_decay: float = 0.0                     # 0: no EMA
+    drop_path: Optional[float] = None
+    amp: str = "auto"                          # bf16 | fp16 | off | auto (bf16 on CUDA, off on CPU)
+    channels_last: bool = True
+    compile: bool = False
+    workers: Optional[int] = None
+    device: str = "auto"
+    seed: int = 0                              # init, sample order, views (global seed)
+    view_seeds: Optional[List[int]] = None     # none/online: seeds cycled over epochs (default: one per epoch)
+    seed_choice: str = "cycle"                 # cache: cycle | per-sample
+    recipe: Optional[dict] = None              # none/online: ViewRecipe fields (default: dataset view size)
+    loss: dict = field(default_factory=dict)   # LossConfig fields
+    eval_every: int = 1
+    crop_pct: float = 0.875
+    log_interval: int = 50
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.mode not in ("cache", "online", "none"):
+            raise KdcacheError(f"mode must be cache, online or none, got {self.mode!r}")
+        if self.mode == "cache" and not self.cache:
+            raise KdcacheError("--cache CACHE is required for cached KD")
+        if self.mode == "online" and not (self.teacher and (self.teacher.get("checkpoint") or self.teacher.get("module")
+                                                            or self.teacher.get("random_init"))):
+            raise KdcacheError("--kd online needs --teacher NAME and --teacher-checkpoint FILE")
+        if self.epochs < 1:
+            raise KdcacheError(f"--epochs must be positive, got {self.epochs}")
+
+
+def _amp(amp: str, device: torch.device):
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "fp16" and device.type != "cuda":
+        raise KdcacheError("--amp fp16 needs CUDA (use bf16 or off on CPU)")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp], amp
+
+
+def _loss_config(cfg: TrainConfig) -> LossConfig:
+    lc = LossConfig(**cfg.loss)
+    if cfg.mode == "none":
+        lc = dataclasses.replace(lc, kd_loss="none", hard_loss=lc.hard_loss if lc.hard_loss != "none" else "ce")
+    elif lc.kd_loss == "none":
+        raise KdcacheError(f"--kd-loss none contradicts mode {cfg.mode}")
+    return lc
+
+
+def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
+    import timm
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    cfg.validate()
+    out = Path(cfg.out)
+    device_name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = init_from_env(device_name)
+    device = resolve_device(device_name, ctx)
+    amp_dtype, amp_name = _amp(cfg.amp, device)
+    ds = PreparedDataset.open(cfg.data)
+    train_split, val_split = ds.split("train"), ds.split("val")
+    loss_cfg = _loss_config(cfg)
+
+    # --- the source of views and soft labels ---------------------------------------------------
+    view_seeds = cfg.view_seeds or list(range(cfg.epochs))
+    if cfg.mode == "cache":
+        cache = TeacherCache.open(cfg.cache)
+        if cache.spec.dataset["split_fingerprint"] != train_split.fingerprint:
+            raise KdcacheError(f"{cfg.cache}: made for dataset split {cache.spec.dataset['split_fingerprint'][:16]}, "
+                               f"but {cfg.data} train is {train_split.fingerprint[:16]} (another dataset or another prepare)")
+        if cache.spec.num_classes != ds.num_classes:
+            raise KdcacheError(f"{cfg.cache}: {cache.spec.num_classes} teacher classes, the dataset has {ds.num_classes}")
+        recipe = ViewRecipe.from_dict(cache.spec.recipe)
+        source = CachedTeacher(cache, device, cfg.seed, cfg.seed_choice, seeds=cfg.view_seeds, epochs=cfg.epochs)
+        teacher_info = cache.spec.teacher
+    else:
+        recipe = ViewRecipe.from_dict(cfg.recipe) if cfg.recipe else ViewRecipe(size=ds.view_size)
+        common = dict(recipe=recipe, global_seed=cfg.seed, view_seeds=view_seeds, sizes=train_split.sizes)
+        teacher_info = None
+        if cfg.mode == "online":
+            tmodel, teacher_info = build_model(ModelSpec(**cfg.teacher), ds.num_classes, what="teacher")
+            source = OnlineTeacher(tmodel, teacher_info, device, amp_dtype, **common)
+        else:
+            source = NoTeacher(**common)
+
+    # --- the student ----------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    kwargs = {"drop_path_rate": cfg.drop_path} if cfg.drop_path else {}
+    try:
+        model = timm.create_model(cfg.model, pretrained=False, num_classes=ds.num_classes, **kwargs)
+    except RuntimeError as exc:
+        raise KdcacheError(f"--model {cfg.model!r}: {exc}") from exc
+    mean, std = model.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)), model.pretrained_cfg.get("std", (0.229, 0.224, 0.225))
+    normalize = Normalize(mean, std).to(device)
+    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.opt, 0.1) * cfg.batch_size * ctx.world_size / 256
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    loader = ReplayLoader(train_split.beton_path, train_split.num_samples, recipe.size, cfg.batch_size, cfg.workers,
+                          order="random", seed=cfg.seed, drop_last=True, distributed=ctx.enabled)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise KdcacheError(f"--batch-size {cfg.batch_size} exceeds the {train_split.num_samples} training samples")
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                                       warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if amp_name == "fp16" else None
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    criterion = StudentLoss(loss_cfg)
+    train_model = torch.compile(model) if cfg.compile else model
+    if ctx.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    val = eval_loader(val_split.beton_path, recipe.size, cfg.batch_size, cfg.workers, crop_ratio=cfg.crop_pct)
+
+    # --- run directory and resume ---------------------------------------------------------------
+    start_epoch, step, best_top1, history = 0, 0, None, []
+    if ctx.is_coordinator:
+        out.mkdir(parents=True, exist_ok=True)
+    if resume and not (out / "last.pt").is_file():
+        print(f"{out}: no checkpoint yet (interrupted in the first epoch); starting from the beginning", file=sys.stderr)
+        resume = False
+    if resume:
+        state = ckpt.load_last(out / "last.pt")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        start_epoch, step, best_top1, history = state["epoch"], state["step"], state["best_top1"], state["history"]
+        ckpt.set_rng_state(state["rng"])
+    log = MetricsLog(out / "metrics.jsonl", truncate_after_epoch=start_epoch if resume else 0) if ctx.is_coordinator else None
+    if ctx.is_coordinator:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    # --- the loop --------------------------------------------------------------------------------
+    t_run = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        views = source.begin_epoch(epoch)
+        loader.set_views(views.params)
+        loader.loader.next_epoch = epoch       # FFCV's RANDOM order is a function of (seed, epoch): resumable
+        train_model.train()
+        source.teacher_seconds = 0.0
+        t0 = time.time()
+        seen, loss_acc, loss_n = 0, 0.0, 0
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, leave=False,
+                   disable=not (cfg.progress and ctx.is_coordinator) or None, mininterval=1.0)
+        for images, labels, indices in loader:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            teacher_logits = source.logits(images, indices) if source.uses_teacher else None
+            x = normalize(images)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = train_model(x)
+            parts = criterion(logits.float(), labels, teacher_logits)
+            loss = parts["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                if cfg.clip_grad:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                optimizer.step()
+            step += 1
+            scheduler.step_update(num_updates=step)
+            if ema is not None:
+                ema.update(model, step=step)
+            seen += images.shape[0]
+            if step % cfg.log_interval == 0 or step % steps_per_epoch == 0:
+                value = loss.item()
+                loss_acc += value
+                loss_n += 1
+                if log is not None:
+                    rec = {"kind": "train", "epoch": epoch, "step": step,
+                           "epoch_float": epoch + (step - epoch * steps_per_epoch) / steps_per_epoch,
+                           "lr": optimizer.param_groups[0]["lr"], **{k: float(v.detach()) for k, v in parts.items()},
+                           "img_per_s": seen * ctx.world_size / (time.time() - t0)}
+                    log.write(rec)
+                bar.set_postfix_str(f"loss {value:.3f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                                    f"{seen * ctx.world_size / (time.time() - t0):.0f} img/s", refresh=False)
+            bar.update()
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_time = time.time() - t0
+        record = {"kind": "epoch", "epoch": epoch, "seconds": epoch_time, "seed": int(views.seeds) if np.isscalar(views.seeds) else "per-sample",
+                  "teacher_seconds": source.teacher_seconds, "img_per_s": seen * ctx.world_size / epoch_time}
+        if ctx.is_coordinator and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            ev = evaluate(model, val, normalize, device, amp_dtype)
+            record.update({"top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["loss"]})
+            if ema is not None:
+                ev_ema = evaluate(ema.module, val, normalize, device, amp_dtype)
+                record.update({"ema_top1": ev_ema["top1"], "ema_top5": ev_ema["top5"]})
+            log.write(dict(record, kind="eval"))
+            if best_top1 is None or ev["top1"] > best_top1:
+                best_top1 = ev["top1"]
+                ckpt.save_best(out / "best.pt", model.state_dict(), ema.state_dict() if ema else None, epoch, best_top1)
+        history.append(record)
+        if ctx.is_coordinator:  # checkpoint first: an "epoch" line in metrics.jsonl means last.pt has that epoch
+            ckpt.save_last(out / "last.pt", model=model.state_dict(), optimizer=optimizer.state_dict(),
+                           scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                           ema=ema.state_dict() if ema else None, epoch=epoch + 1, step=step, best_top1=best_top1,
+                           history=history, config=asdict(cfg))
+            log.write(record)
+            done = f"epoch {epoch + 1}/{cfg.epochs}: {epoch_time:.1f} s, {record['img_per_s']:.0f} img/s"
+            if "top1" in record:
+                done += f", val top-1 {record['top1']:.2f} %" + (f" (EMA {record['ema_top1']:.2f} %)" if "ema_top1" in record else "")
+            remaining = (cfg.epochs - epoch - 1) * statistics.median([h["seconds"] for h in history])
+            print(done + (f", ETA {remaining / 60:.1f} min" if remaining else ""), file=sys.stderr)
+        ctx.barrier()
+
+    # --- outputs ---------------------------------------------------------------------------------
+    evals = [h for h in history if "top1" in h]
+    summary = {
+        "mode": cfg.mode, "model": cfg.model, "epochs": cfg.epochs, "device": str(device), "amp": amp_name,
+        "final_top1": evals[-1]["top1"] if evals else None, "final_top5": evals[-1]["top5"] if evals else None,
+        "best_top1": best_top1, "final_ema_top1": evals[-1].get("ema_top1") if evals else None,
+        "epoch_time_s": statistics.median(h["seconds"] for h in history),
+        "teacher_forward_s_per_epoch": statistics.median(h["teacher_seconds"] for h in history) if cfg.mode == "online" else 0.0,
+        "img_per_s": statistics.median(h["img_per_s"] for h in history),
+        "steps": step, "world_size": ctx.world_size, "seconds": time.time() - t_run,
+        "teacher": {k: teacher_info.get(k) for k in ("name", "sha256")} if teacher_info else None,
+        "cache": str(Path(cfg.cache).resolve()) if cfg.cache else None,
+        "recipe": recipe.to_dict(), "dataset_fingerprint": ds.fingerprint,
+    }
+    if ctx.is_coordinator:
+        ckpt.export_safetensors(out / "model.safetensors", model.state_dict(), cfg.model, ds.num_classes, mean, std)
+        if ema is not None:
+            ckpt.export_safetensors(out / "model_ema.safetensors", ema.module.state_dict(), cfg.model, ds.num_classes, mean, std)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        plot_curves(log.records(), out / "curves.png", title=f"{cfg.model} ({cfg.mode})")
+    ctx.close()
+    return summary

@@ -1,0 +1,168 @@
+"""train-student: the three modes, run directory, cache checks, exact resume, torchrun, TOML recipes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from conftest import kdcache
+from kdcache.cache.schema import TeacherCache
+from kdcache.cache.slabs import read_slab
+from kdcache.data import sources
+from kdcache.data.prepare import prepare
+from kdcache.models import ModelSpec, build_model
+from kdcache.student.soft_labels import CachedTeacher
+
+COMMON = ["--model", "resnet10t", "--batch-size", 64, "--lr", 0.05, "--no-progress", "--workers", 2]
+
+
+@pytest.fixture(scope="module")
+def teacher_setup(fmnist_small, tmp_path_factory):
+    """A random resnet10t teacher saved to a file, and its float32, k = C cache over seeds 0:3."""
+    root = tmp_path_factory.mktemp("train")
+    model, _ = build_model(ModelSpec(name="resnet10t", random_init=True, seed=3), 10)
+    weights = root / "teacher.safetensors"
+    safetensors.torch.save_file(model.state_dict(), str(weights))
+    kdcache("dump-teacher", "--data", fmnist_small.root, "--out", root / "cache", "--seeds", "0:3", "--teacher", "resnet10t",
+            "--teacher-checkpoint", weights, "--values-dtype", "float32", "--topk", 10, "--unit-size", 128, "--no-progress")
+    return weights, root / "cache"
+
+
+def _weights(run):
+    return safetensors.torch.load_file(str(run / "model.safetensors"))
+
+
+def test_three_modes_and_run_directory(fmnist_small, teacher_setup, tmp_path):
+    weights, cache = teacher_setup
+    data = fmnist_small.root
+    runs = {"cache": tmp_path / "cache", "online": tmp_path / "online", "none": tmp_path / "none"}
+    kdcache("train-student", "--data", data, "--epochs", 2, "--out", runs["cache"], "--cache", cache, *COMMON)
+    kdcache("train-student", "--data", data, "--epochs", 2, "--out", runs["online"], "--kd", "online", "--teacher", "resnet10t",
+            "--teacher-checkpoint", weights, "--view-seeds", "0:3", *COMMON)
+    kdcache("train-student", "--data", data, "--epochs", 2, "--out", runs["none"], "--kd", "none", "--view-seeds", "0:3",
+            "--model-ema-decay", 0.9, *COMMON)
+    for mode, run in runs.items():
+        for name in ("last.pt", "best.pt", "model.safetensors", "metrics.jsonl", "summary.json", "curves.png", "config.json"):
+            assert (run / name).is_file(), f"{mode}: {name} missing"
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["mode"] == mode and summary["epochs"] == 2 and summary["epoch_time_s"] > 0
+        assert 0 <= summary["final_top1"] <= 100 and summary["best_top1"] >= summary["final_top1"] - 1e-9
+        records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in records if r["kind"] == "eval"] == [0, 1]
+        assert [r["seed"] for r in records if r["kind"] == "epoch"] == [0, 1]  # epoch e uses seed e mod S
+        assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+        # timm loads the final weights; so does dump-teacher (the model name comes with the file)
+        model = timm.create_model("resnet10t", num_classes=10, checkpoint_path=str(run / "model.safetensors"))
+        assert sum(p.numel() for p in model.parameters()) > 0
+    assert json.loads((runs["online"] / "summary.json").read_text())["teacher_forward_s_per_epoch"] > 0
+    assert (runs["none"] / "model_ema.safetensors").is_file()
+    assert "ema_top1" in [json.loads(l) for l in (runs["none"] / "metrics.jsonl").read_text().splitlines()][-2]
+    # cached KD with a float32, k = C cache is online KD: the same views, the same teacher logits
+    cached, online = _weights(runs["cache"]), _weights(runs["online"])
+    for k in cached:
+        assert torch.allclose(cached[k].float(), online[k].float(), atol=1e-4, rtol=1e-3), k
+    none = _weights(runs["none"])
+    assert not torch.allclose(none["fc.weight"], cached["fc.weight"], atol=1e-3)  # the teacher's signal mattered
+    kdcache("dump-teacher", "--data", data, "--out", tmp_path / "recache", "--seeds", "0:1", "--topk", 3,
+            "--teacher-checkpoint", runs["cache"] / "model.safetensors", "--no-progress")
+    assert TeacherCache.open(tmp_path / "recache").spec.teacher["name"] == "resnet10t"
+
+
+def test_cache_must_match_dataset(fmnist_small, teacher_setup, tmp_path):
+    _, cache = teacher_setup
+    other = prepare(sources.fashion_mnist(limit=300), tmp_path / "other", workers=1)
+    proc = kdcache("train-student", "--data", other.root, "--epochs", 1, "--out", tmp_path / "r", "--cache", cache, *COMMON, check=False)
+    assert proc.returncode == 2 and "another dataset" in proc.stderr
+    proc = kdcache("train-student", "--data", fmnist_small.root, "--epochs", 1, "--out", tmp_path / "r", "--cache", cache,
+                   "--scale", "0.5", "1", *COMMON, check=False)
+    assert proc.returncode == 2 and "come from the cache" in proc.stderr
+    proc = kdcache("train-student", "--data", fmnist_small.root, "--epochs", 1, "--out", tmp_path / "r", "--cache", cache,
+                   "--view-seeds", "2:5", *COMMON, check=False)
+    assert proc.returncode == 2 and "seeds [3, 4] are not complete" in proc.stderr
+
+
+def test_per_sample_seed_choice_replays_stored_views(teacher_setup):
+    _, cache_path = teacher_setup
+    cache = TeacherCache.open(cache_path)
+    slabs = {s: read_slab(cache, s) for s in cache.seeds}
+    src = CachedTeacher(cache, torch.device("cpu"), global_seed=0, seed_choice="per-sample")
+    views = src.begin_epoch(4)
+    assert set(np.unique(views.seeds)) == {0, 1, 2}
+    for i in range(0, cache.spec.num_samples, 7):
+        s = int(views.seeds[i])
+        assert np.array_equal(views.params[i], slabs[s].params[i])
+        logits = src.logits(None, torch.tensor([i]))
+        assert torch.allclose(logits[0, torch.from_numpy(slabs[s].indices[i].astype(np.int64))], torch.from_numpy(slabs[s].values[i]))
+    again = src.begin_epoch(4)
+    assert np.array_equal(again.seeds, views.seeds) and not np.array_equal(src.begin_epoch(5).seeds, views.seeds)
+
+
+def test_toml_recipe_equals_flags(fmnist_small, teacher_setup, tmp_path):
+    _, cache = teacher_setup
+    recipe = tmp_path / "student.toml"
+    recipe.write_text(f'data = "{fmnist_small.root}"\nmodel = "resnet10t"\nepochs = 1\ncache = "{cache}"\n'
+                      'batch-size = 64\nlr = 0.05\nworkers = 2\nno_progress = true\nhard-loss = "bce"\nhard-weight = 0.5\n')
+    kdcache("train-student", "--config", recipe, "--out", tmp_path / "a")
+    kdcache("train-student", "--data", fmnist_small.root, "--epochs", 1, "--out", tmp_path / "b", "--cache", cache,
+            "--hard-loss", "bce", "--hard-weight", 0.5, *COMMON)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["loss"]["hard_loss"] == "bce" and cfg["loss"]["hard_weight"] == 0.5
+    bad = tmp_path / "bad.toml"
+    bad.write_text("learning_rate = 1\n")
+    proc = kdcache("train-student", "--config", bad, "--out", tmp_path / "c", check=False)
+    assert proc.returncode == 2 and "unknown setting 'learning_rate'" in proc.stderr
+
+
+def _epochs_done(run):
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for l in path.read_text().splitlines() if '"kind": "epoch"' in l)
+
+
+def test_resume_after_kill_ends_at_the_same_weights(fmnist_small, teacher_setup, tmp_path):
+    _, cache = teacher_setup
+    args = ["train-student", "--data", fmnist_small.root, "--epochs", 2, "--cache", cache, "--model-ema-decay", 0.9,
+            "--drop-path", 0.1, "--eval-every", 2, *COMMON]
+    kdcache(*args, "--out", tmp_path / "straight")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache", *map(str, args), "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _epochs_done(killed) < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _epochs_done(killed) == 1, "the run was not interrupted mid-way"
+    kdcache("train-student", "--resume", killed)
+    a, b = _weights(tmp_path / "straight"), _weights(killed)
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=1e-4), k
+    ema_a = safetensors.torch.load_file(str(tmp_path / "straight" / "model_ema.safetensors"))
+    ema_b = safetensors.torch.load_file(str(killed / "model_ema.safetensors"))
+    assert all(torch.allclose(ema_a[k].float(), ema_b[k].float(), atol=1e-5, rtol=1e-4) for k in ema_a)
+    records = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [0, 1]
+
+
+def test_two_process_ddp_on_cpu(fmnist_small, teacher_setup, tmp_path):
+    _, cache = teacher_setup
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29622", "-m", "kdcache",
+           "train-student", "--data", str(fmnist_small.root), "--epochs", "1", "--out", str(tmp_path / "ddp"),
+           "--cache", str(cache), *map(str, COMMON[:-2]), "--workers", "1", "--batch-size", "32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["steps"] == 400 // (2 * 32)  # each rank takes half the samples per epoch
+    assert summary["final_top1"] is not None
