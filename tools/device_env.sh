@@ -9,8 +9,8 @@
 #   DEVBUNDLE_SITE=/some/dir   install elsewhere (e.g. if /tmp is mounted noexec: the .so files must load)
 #   DEVBUNDLE_PYTHON=python3   the interpreter (must be CPython 3.12: the bundle holds cp312 wheels)
 
-_kdcache_device_env() {
-  local root site py whl stamp want need f tmp out
+_kdcache_device_env() {  # $1 = force: reinstall even when the stamp matches
+  local force=${1:-} root site py whl stamp want need f tmp out
   root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd) || return 1
   site=${DEVBUNDLE_SITE:-/tmp/site}
   py=${DEVBUNDLE_PYTHON:-python3}
@@ -50,7 +50,8 @@ EOF
 
   want=$( { sha256sum "${wheels[@]}" | sed "s|  .*/|  |"; "$py" -VV; echo "$site"; } | sha256sum | cut -c1-32)
   stamp=$site/.kdcache-devbundle
-  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  if [ -n "$force" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    _kdcache_device_env_installed=1
     echo "device_env: installing ${#wheels[@]} wheels into $site${need:+ (with fallback: $need)}" >&2
     tmp=$site.tmp.$$
     rm -rf "$tmp" && mkdir -p "$tmp" || return 1
@@ -96,13 +97,21 @@ print(f"kdcache {kdcache.__version__} from {os.path.dirname(kdcache.__file__)}; 
 ' "$site" 2>&1); then
     printf '%s\n' "$out" >&2
     echo "device_env: ERROR: the bundle does not import (PYTHONPATH=$PYTHONPATH)" >&2
+    _kdcache_device_env_check_failed=1
     return 1
   fi
   echo "device_env: ok: $out" >&2
 }
 
+_kdcache_device_env_installed=0 _kdcache_device_env_check_failed=0
 _kdcache_device_env
 _kdcache_device_env_rc=$?
+if [ $_kdcache_device_env_rc -ne 0 ] && [ $_kdcache_device_env_check_failed = 1 ] && [ $_kdcache_device_env_installed = 0 ]; then
+  echo "device_env: reinstalling (the installed copy was stamped as complete) and checking again" >&2
+  _kdcache_device_env force
+  _kdcache_device_env_rc=$?
+fi
+unset _kdcache_device_env_installed _kdcache_device_env_check_failed
 unset -f _kdcache_device_env
 if [ "${BASH_SOURCE[0]}" = "$0" ] && [ $_kdcache_device_env_rc -eq 0 ]; then
   echo "device_env: note: this script was run, not sourced: PYTHONPATH is not kept (use: source tools/device_env.sh)" >&2
