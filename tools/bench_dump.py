@@ -66,7 +66,7 @@ def main():
     results["amp"] = runner.amp
 
     # 1a. bare forward on pre-rendered views (the same views the dump renders)
-    idx = np.arange(min(n, max(64, 4 * args.batch_size // args.seeds)))
+    idx = np.arange(min(n, max(64, 32 * args.batch_size // args.seeds)))
     params = np.stack([view_params(recipe, 0, s, idx, split.sizes[idx, 0], split.sizes[idx, 1]) for s in range(args.seeds)], 1)
     reader = split.jpeg_reader()
     views = render_samples([reader[i] for i in idx], split.sizes[idx, 0], split.sizes[idx, 1], params, recipe.size)
