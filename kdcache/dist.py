@@ -57,5 +57,7 @@ def resolve_device(device: str, ctx: DistContext) -> torch.device:
         device = f"cuda:{ctx.local_rank}"
     dev = torch.device(device)
     if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
     return dev
