@@ -7,13 +7,9 @@ PYTEST_ARGS ?=
 setup:
 	@bash tools/setup.sh
 
-DEMO ?= runs/demo-fashion-mnist
-
-# Until dump-teacher/train-student land, the demo prepares the real Fashion-MNIST and previews views.
+# The demo: real Fashion-MNIST -> teacher -> dump-teacher -> three students -> report (runs/demo-fashion-mnist/)
 demo: setup
-	$(VENV)/bin/kdcache prepare fashion-mnist --out $(DEMO)/data
-	$(VENV)/bin/kdcache info $(DEMO)/data
-	$(VENV)/bin/kdcache preview $(DEMO)/data --samples 8 --seeds 4 --scale 0.35 1 --out $(DEMO)/views.png
+	$(VENV)/bin/kdcache run pipelines/demo-fashion-mnist.toml
 
 test: setup
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -118,7 +118,8 @@ def _add_dump(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
     p.add_argument("--workers", type=int, default=None, help="render threads (default: usable cores)")
     p.add_argument("--values-dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument("--unit-size", type=int, default=8192, help="samples per work unit = Zarr shard (default 8192)")
+    p.add_argument("--unit-size", type=int, default=32768,
+                   help="samples per work unit = Zarr shard (default 32768; smaller for more parallel ranks)")
     p.add_argument("--claim-ttl", type=float, default=3600.0, help="seconds after which another host's unit claim is stale")
     p.add_argument("--no-progress", action="store_true")
     add_recipe_args(p)
@@ -324,6 +325,21 @@ def _load_toml_defaults(parser: argparse.ArgumentParser, argv) -> None:
     sub.set_defaults(**defaults)
 
 
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run a pipeline recipe (prepare, teacher, dump, students, report); resumes")
+    p.add_argument("recipe", type=Path, help="pipeline TOML, e.g. pipelines/demo-fashion-mnist.toml")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: the recipe's, under runs/)")
+    p.add_argument("--full", action="store_true", help="the recipe's full-size variant (its [full] tables)")
+    p.add_argument("--seed", type=int, default=None, help="the students' global seed (default: the recipe's)")
+    p.add_argument("--device", default=None, help="device for every step (default: auto)")
+
+
+def _cmd_run(args) -> int:
+    from kdcache.pipeline import run_pipeline
+    run_pipeline(args.recipe, out=args.out, full=args.full, seed=args.seed, device=args.device)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kdcache.augment.recipe import add_recipe_args
     parser = argparse.ArgumentParser(prog="kdcache", description="kdcache: the teacher once over augmented views; students replay them with cached soft labels.")
@@ -333,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dump(sub)
     _add_verify(sub)
     _add_train(sub)
+    _add_run(sub)
     p = sub.add_parser("info", help="describe a prepared dataset or a teacher cache")
     p.add_argument("path", type=Path, help="dataset or cache directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -348,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview, "dump-teacher": _cmd_dump,
-            "verify": _cmd_verify, "train-student": _cmd_train}
+            "verify": _cmd_verify, "train-student": _cmd_train, "run": _cmd_run}
 
 
 def _quiet_numba_finalizer_noise() -> None:
@@ -357,7 +374,11 @@ def _quiet_numba_finalizer_noise() -> None:
     previous = sys.unraisablehook
 
     def hook(unraisable):
-        if unraisable.exc_type is KeyError and "numba" in repr(getattr(unraisable, "object", "")):
+        tb, frames = unraisable.exc_traceback, []
+        while tb is not None:
+            frames.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        if unraisable.exc_type is KeyError and any(f.endswith("numba/core/dispatcher.py") for f in frames):
             return
         previous(unraisable)
     sys.unraisablehook = hook

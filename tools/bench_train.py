@@ -88,7 +88,8 @@ def main():
         "device": dev + (f" ({torch.cuda.get_device_name(0)})" if dev.startswith("cuda") else ""), "amp": summary["amp"],
         "student": args.student, "teacher": args.teacher, "samples": ds.split("train").num_samples,
         "size": ds.view_size, "batch_size": args.batch_size, "epoch_s": med, "epoch_s_all": times,
-        "teacher_forward_s_per_epoch": t_teacher, "img_per_s": {m: summary["img_per_s"] for m in med},
+        "teacher_forward_s_per_epoch": t_teacher,
+        "img_per_s": {m: ds.split("train").num_samples // args.batch_size * args.batch_size / v for m, v in med.items()},
         "cache_over_none": med["cache"] / med["none"], "online_over_cache": med["online"] / med["cache"],
         "online_over_cache_predicted": predicted, "dump_seconds": dump_s,
     }

@@ -43,8 +43,8 @@ class CacheSpec:
     global_seed: int
     topk: int
     values_dtype: str = "float16"
-    unit_size: int = 8192
-    chunk_rows: int = 1024
+    unit_size: int = 32768
+    chunk_rows: int = 32768             # one inner chunk per shard: students read whole slabs (BENCHMARKS.md)
 
     @property
     def num_samples(self) -> int:

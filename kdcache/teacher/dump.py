@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from kdcache.augment.params import view_params
 from kdcache.augment.recipe import ViewRecipe
-from kdcache.augment.render import render_samples
+from kdcache.augment.render import SampleBuffers, render_samples
 from kdcache.cache.schema import CacheSpec, TeacherCache, check_compatible
 from kdcache.data.dataset import PreparedDataset
 from kdcache.dist import init_from_env, resolve_device
@@ -47,8 +47,8 @@ class DumpConfig:
     compile: bool = False
     workers: Optional[int] = None           # render threads (default: usable cores)
     values_dtype: str = "float16"
-    unit_size: int = 8192
-    chunk_rows: int = 1024
+    unit_size: int = 32768
+    chunk_rows: int = 32768             # one inner chunk per shard: students read whole slabs (BENCHMARKS.md)
     claim_ttl: float = 3600.0
     progress: bool = True
     split: str = "train"
@@ -97,13 +97,38 @@ def _dataset_identity(ds: PreparedDataset, split_name: str) -> dict:
             "path": str(ds.root.resolve())}
 
 
+QUEUE_DEPTH = 4
+# A slot is rewritten only after RING_SLOTS - 1 later chunks were rendered; the queue holds at most
+# QUEUE_DEPTH of them, so the consumer has finished with the slot (its forward ends in a device->host sync).
+RING_SLOTS = QUEUE_DEPTH + 4
+
+
+class OutputRing:
+    """Rendered-view buffers reused round-robin (pinned memory on CUDA: asynchronous host->device copies)."""
+
+    def __init__(self, slots: int, pinned: bool):
+        self.slots, self.pinned = [None] * slots, pinned
+        self.i = 0
+
+    def next(self, shape) -> np.ndarray:
+        need = int(np.prod(shape))
+        j = self.i % len(self.slots)
+        self.i += 1
+        if self.slots[j] is None or self.slots[j].size < need:
+            self.slots[j] = (torch.empty(need, dtype=torch.uint8, pin_memory=True).numpy() if self.pinned
+                             else np.empty(need, np.uint8))
+        return self.slots[j][:need].reshape(shape)
+
+
 def _produce(cache: TeacherCache, split, recipe: ViewRecipe, cfg: DumpConfig, blocks: List[int], run: str,
-             out_q: queue.Queue, stop: threading.Event, workers: int):
+             out_q: queue.Queue, stop: threading.Event, workers: int, pinned: bool):
     """Producer thread: claim units, compute view parameters, read and render chunks of samples."""
     import numba
     numba.set_num_threads(workers)
     spec = cache.spec
     reader = split.jpeg_reader()
+    scratch = SampleBuffers()
+    ring = OutputRing(RING_SLOTS, pinned=pinned)
     try:
         for block in blocks:
             todo = [s for s in cfg.seeds if block not in cache.ledger.done_blocks(s)]
@@ -124,8 +149,9 @@ def _produce(cache: TeacherCache, split, recipe: ViewRecipe, cfg: DumpConfig, bl
                     return
                 c1 = min(c0 + per_chunk, b)
                 jpegs = [reader[i] for i in range(c0, c1)]
+                out = ring.next((c1 - c0, len(seeds), recipe.size, recipe.size, 3))
                 images = render_samples(jpegs, heights[c0 - a:c1 - a], widths[c0 - a:c1 - a], params[c0 - a:c1 - a],
-                                        recipe.size, what=f"{split.name} sample {c0} +")
+                                        recipe.size, what=f"{split.name} sample {c0} +", out=out, buffers=scratch)
                 out_q.put(("chunk", block, c0, c1, images))
             out_q.put(("end", block))
     except BaseException as exc:  # handed to the main thread, which raises it
@@ -181,9 +207,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     labels = split.labels
     workers = cfg.workers or len(os.sched_getaffinity(0))
 
-    out_q: queue.Queue = queue.Queue(maxsize=4)
+    out_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
     stop = threading.Event()
-    producer = threading.Thread(target=_produce, args=(cache, split, recipe, cfg, blocks, run, out_q, stop, workers),
+    producer = threading.Thread(target=_produce, args=(cache, split, recipe, cfg, blocks, run, out_q, stop, workers, device.type == "cuda"),
                                 daemon=True, name="kdcache-render")
     bar = tqdm(total=views_todo, unit="view", desc=f"dump rank {ctx.rank}", file=sys.stderr,
                disable=not cfg.progress or None, mininterval=1.0, smoothing=0.05)

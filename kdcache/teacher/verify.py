@@ -95,6 +95,11 @@ def _replay(cache: TeacherCache, slabs: dict, n: int, checkpoint: Optional[str],
     fresh_bins = torch.cat([logp.gather(1, indices).exp(), torch.zeros(len(fresh), 1)], 1)
     fresh_bins[:, -1] = torch.clamp(1 - fresh_bins[:, :-1].sum(1), min=0)
     cache_bins = stored_bins(values, lse)
+    if values.shape[1] == spec.num_classes:  # no tail: a "rest" bin would only hold float16 rounding
+        fresh_bins, cache_bins = fresh_bins[:, :-1], cache_bins[:, :-1]
+    # float16 logits against a float32 lse can sum past 1 by a little: compare normalised distributions
+    fresh_bins = fresh_bins / fresh_bins.sum(1, keepdim=True)
+    cache_bins = cache_bins / cache_bins.sum(1, keepdim=True)
     eps = 1e-12
     kl = (fresh_bins * (torch.log(fresh_bins + eps) - torch.log(cache_bins + eps))).sum(1)
     rebuilt = torch.log_softmax(dense_logits(values, indices, lse, spec.num_classes), 1)

@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Slab load time of a simulated ImageNet-size cache: 1,281,167 samples, k = 10, 2 seeds, local disk.
+A student's epoch reads one seed whole (values, indices, log-sum-exp and view parameters); goal <= 0.25 s
+per seed. Also times plain zarr reads of values + indices alone, the floor. The arrays are written with
+kdcache's real schema (kdcache.cache.schema) and realistic-looking top-k logits; no teacher runs.
+
+    python tools/bench_slab.py [--dir /tmp/slab-bench] [--samples 1281167] [--topk 10] [--seeds 2]
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def drop_page_cache() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except (OSError, subprocess.CalledProcessError):
+        return False
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", default="/tmp/kdcache-slab-bench")
+    p.add_argument("--samples", type=int, default=1_281_167)
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--unit-size", type=int, default=None, help="default: kdcache's CacheSpec default")
+    p.add_argument("--chunk-rows", type=int, default=None, help="default: kdcache's CacheSpec default")
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    import zarr
+    from kdcache.cache.schema import CacheSpec, TeacherCache
+    from kdcache.cache.slabs import read_slab
+
+    path = Path(args.dir)
+    shutil.rmtree(path, ignore_errors=True)
+    n, k = args.samples, args.topk
+    spec = CacheSpec(teacher={"name": "simulated", "sha256": "0" * 64, "num_classes": args.classes,
+                              "mean": [0.5] * 3, "std": [0.5] * 3},
+                     dataset={"fingerprint": "simulated", "split": "train", "split_fingerprint": "simulated",
+                              "num_samples": n, "num_classes": args.classes, "view_size": 224, "path": ""},
+                     recipe={"size": 224}, global_seed=0, topk=k,
+                     **{k_: v for k_, v in (("unit_size", args.unit_size), ("chunk_rows", args.chunk_rows)) if v})
+    seeds = list(range(args.seeds))
+    cache = TeacherCache.create_or_open(path, spec, seeds)
+    rng = np.random.default_rng(0)
+    t = time.time()
+    for s in seeds:
+        arrays = cache.arrays(s)
+        for b in range(spec.num_blocks):
+            a, e = spec.block_bounds(b)
+            m = e - a
+            logits = np.sort(rng.normal(0, 2, (m, k)).astype(np.float32), 1)[:, ::-1] + rng.normal(8, 1, (m, 1))
+            arrays["values"][a:e] = logits.astype(np.float16)
+            arrays["indices"][a:e] = rng.integers(0, args.classes, (m, k)).astype(np.int16)
+            arrays["lse"][a:e] = (logits[:, 0] + rng.uniform(0.1, 2.0, m)).astype(np.float32)
+            arrays["params"][a:e] = rng.uniform(0, 1, (m, 5)).astype(np.float32)
+            cache.ledger.mark_done(s, b, {"views": m, "correct": 0, "run": "bench", "rank": 0})
+    write_s = time.time() - t
+    cache.refresh_summary()
+
+    cold = None
+    if drop_page_cache():
+        t = time.perf_counter()
+        read_slab(TeacherCache.open(path), 0)
+        cold = time.perf_counter() - t
+    full, plain = [], []
+    for r in range(args.repeats):
+        for s in seeds:
+            c = TeacherCache.open(path)
+            t = time.perf_counter()
+            slab = read_slab(c, s)
+            full.append(time.perf_counter() - t)
+            g = zarr.open_group(str(path), mode="r")[f"seeds/{s:06d}"]
+            t = time.perf_counter()
+            g["values"][...], g["indices"][...]
+            plain.append(time.perf_counter() - t)
+    assert slab.values.shape == (n, k) and np.isfinite(slab.lse).all()
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cpus",
+              "unit_size": spec.unit_size, "chunk_rows": spec.chunk_rows,
+              "samples": n, "topk": k, "seeds": args.seeds, "write_s": write_s,
+              "bytes_on_disk": TeacherCache.open(path).bytes_on_disk(),
+              "slab_s_median": statistics.median(full), "slab_s_all": full,
+              "plain_values_indices_s_median": statistics.median(plain), "slab_s_cold": cold}
+    print(f"unit size {spec.unit_size}, chunk rows {spec.chunk_rows}")
+    print(f"simulated cache: {n} samples, k={k}, {args.seeds} seeds, {result['bytes_on_disk'] / 2**20:.0f} MiB on disk "
+          f"(written in {write_s:.1f} s)")
+    print(f"slab per seed (values, indices, lse, params; completeness check included): median "
+          f"{result['slab_s_median']:.3f} s over {len(full)} reads (goal <= 0.25 s)"
+          + (f"; cold page cache {cold:.3f} s" if cold is not None else "; page cache could not be dropped here"))
+    print(f"plain zarr values + indices: median {result['plain_values_indices_s_median']:.3f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if not args.keep:
+        shutil.rmtree(path, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
