@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -136,7 +137,7 @@ def _cmd_dump(args) -> int:
                      values_dtype=args.values_dtype, unit_size=args.unit_size, claim_ttl=args.claim_ttl,
                      progress=not args.no_progress)
     s = dump_teacher(cfg)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         missing = sorted(set(args.seeds) - set(s["seeds_complete"]))
         rate = f", {s['img_per_s']:.0f} img/s, {s['views_per_s']:.0f} views/s" if s["img_per_s"] else ""
         print(f"dump-teacher: {s['views_written']} views written in {s['seconds']:.1f} s{rate}; "
@@ -286,15 +287,11 @@ def _cmd_train(args) -> int:
         s = train_student(cfg, resume=True)
     else:
         s = train_student(_train_config(args))
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"train-student ({s['mode']}): {s['model']} {s['epochs']} epochs, val top-1 {s['final_top1']:.2f} % "
               f"(best {s['best_top1']:.2f} %), {s['epoch_time_s']:.1f} s/epoch, {s['img_per_s']:.0f} img/s -> "
-              f"{cfg_out(args)}")
+              f"{args.resume or args.out}")
     return 0
-
-
-def cfg_out(args) -> Path:
-    return args.resume or args.out
 
 
 def _load_toml_defaults(parser: argparse.ArgumentParser, argv) -> None:

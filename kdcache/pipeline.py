@@ -10,8 +10,6 @@ resume by themselves, train-student from its last.pt). A failed step says which 
 `kdcache run` starts there.
 """
 
-import copy
-import dataclasses
 import hashlib
 import json
 import shutil

@@ -103,3 +103,27 @@ def run_cli(*args, check=True, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"kdcache {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def random_teacher(tmp_path_factory):
+    """A random-weight resnet10t for 10 classes, saved to a weights file: (model, info, path)."""
+    import safetensors.torch
+    from kdcache.models import ModelSpec, build_model
+    model, info = build_model(ModelSpec(name="resnet10t", random_init=True, seed=3), 10)
+    weights = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    safetensors.torch.save_file(model.state_dict(), str(weights))
+    return model, info, weights
+
+
+def dump_random_teacher(data, out, weights, seeds, *extra):
+    kdcache("dump-teacher", "--data", data, "--out", out, "--seeds", seeds, "--teacher", "resnet10t",
+            "--teacher-checkpoint", weights, "--unit-size", 128, "--no-progress", *extra)
+    return out
+
+
+@pytest.fixture(scope="session")
+def exact_cache(fmnist_small, random_teacher, tmp_path_factory):
+    """random_teacher over seeds 0:3 of fmnist_small, float32 and k = C: a lossless cache."""
+    return dump_random_teacher(fmnist_small.root, tmp_path_factory.mktemp("exact") / "cache", random_teacher[2], "0:3",
+                               "--values-dtype", "float32", "--topk", 10)

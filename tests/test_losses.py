@@ -3,12 +3,11 @@ what the top-k rebuild loses for k < C."""
 
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from timm.task.distillation import LogitDistillationTask
 
-from conftest import kdcache
+from conftest import dump_random_teacher, kdcache
 from kdcache.cache.schema import TeacherCache
 from kdcache.cache.slabs import read_slab
 from kdcache.cache.targets import dense_logits
@@ -18,16 +17,11 @@ from kdcache.student.losses import LossConfig, StudentLoss, dkd, vanilla_kd
 
 
 @pytest.fixture(scope="module")
-def teacher_and_caches(fmnist_small, tmp_path_factory):
-    """A random resnet10t saved to a file, and two caches of it on seeds 0:2: float32 with k = C, and k = 5."""
-    root = tmp_path_factory.mktemp("loss")
-    model, info = build_model(ModelSpec(name="resnet10t", random_init=True, seed=3), 10)
-    weights = root / "teacher.safetensors"
-    safetensors.torch.save_file(model.state_dict(), str(weights))
-    for name, extra in (("exact", ["--values-dtype", "float32", "--topk", "10"]), ("top5", ["--topk", "5"])):
-        kdcache("dump-teacher", "--data", fmnist_small.root, "--out", root / name, "--seeds", "0:2",
-                "--teacher", "resnet10t", "--teacher-checkpoint", weights, "--unit-size", 128, "--no-progress", *extra)
-    return model, info, weights, root / "exact", root / "top5"
+def teacher_and_caches(fmnist_small, random_teacher, exact_cache, tmp_path_factory):
+    """The random teacher, its weights, its lossless cache and a k = 5 cache of the same views."""
+    model, info, weights = random_teacher
+    top5 = dump_random_teacher(fmnist_small.root, tmp_path_factory.mktemp("loss") / "top5", weights, "0:2", "--topk", 5)
+    return model, info, weights, exact_cache, top5
 
 
 def _batch(split, slab, n=96):

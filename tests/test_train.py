@@ -18,22 +18,15 @@ from kdcache.cache.schema import TeacherCache
 from kdcache.cache.slabs import read_slab
 from kdcache.data import sources
 from kdcache.data.prepare import prepare
-from kdcache.models import ModelSpec, build_model
 from kdcache.student.soft_labels import CachedTeacher
 
 COMMON = ["--model", "resnet10t", "--batch-size", 64, "--lr", 0.05, "--no-progress", "--workers", 2]
 
 
 @pytest.fixture(scope="module")
-def teacher_setup(fmnist_small, tmp_path_factory):
-    """A random resnet10t teacher saved to a file, and its float32, k = C cache over seeds 0:3."""
-    root = tmp_path_factory.mktemp("train")
-    model, _ = build_model(ModelSpec(name="resnet10t", random_init=True, seed=3), 10)
-    weights = root / "teacher.safetensors"
-    safetensors.torch.save_file(model.state_dict(), str(weights))
-    kdcache("dump-teacher", "--data", fmnist_small.root, "--out", root / "cache", "--seeds", "0:3", "--teacher", "resnet10t",
-            "--teacher-checkpoint", weights, "--values-dtype", "float32", "--topk", 10, "--unit-size", 128, "--no-progress")
-    return weights, root / "cache"
+def teacher_setup(random_teacher, exact_cache):
+    """The random teacher's weights file and its lossless cache over seeds 0:3."""
+    return random_teacher[2], exact_cache
 
 
 def _weights(run):

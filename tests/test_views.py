@@ -6,7 +6,7 @@ from PIL import Image
 
 from conftest import run_cli
 from kdcache.augment import ViewRecipe, view_params
-from kdcache.augment.preview import ffcv_side_views, teacher_side_views
+from kdcache.augment.preview import teacher_side_views
 from kdcache.augment.render import decode_jpeg, render_views
 from kdcache.student.loader import ReplayLoader
 

@@ -19,7 +19,7 @@ from kdcache.data.beton import write_beton
 from kdcache.data.canonical import CanonicalSettings, canonicalize
 from kdcache.data.dataset import DATASET_FORMAT_VERSION, MANIFEST, PreparedDataset
 from kdcache.data.shards import JpegReader, ShardSink, jpeg_locations
-from kdcache.data.sources import RawSample, Source
+from kdcache.data.sources import Source
 from kdcache.errors import KdcacheError
 
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
-import numpy as np
 from braceexpand import braceexpand
 
 from kdcache.data.idx import read_idx

@@ -7,7 +7,6 @@ per update -> EMA; evaluation on the val beton; checkpoints and logs in the run 
 
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
