@@ -201,8 +201,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
 
     run = os.environ.get("TORCHELASTIC_RUN_ID", "") + f"-{uuid.uuid4().hex[:8]}"
     blocks = [b for b in range(spec.num_blocks) if b % ctx.world_size == ctx.rank]
-    views_todo = sum(len(range(*spec.block_bounds(b))) for b in blocks
-                     for s in cfg.seeds if b not in cache.ledger.done_blocks(s))
+    done = {s: cache.ledger.done_blocks(s) for s in cfg.seeds}
+    views_todo = sum(len(range(*spec.block_bounds(b))) for b in blocks for s in cfg.seeds if b not in done[s])
     runner = TeacherRunner(model, tinfo, device, cfg.amp, cfg.compile, cfg.topk)
     labels = split.labels
     workers = cfg.workers or len(os.sched_getaffinity(0))
