@@ -17,7 +17,6 @@ from kdcache.augment.recipe import ViewRecipe
 from kdcache.augment.rng import STREAM_FLIP, STREAM_RRC, uniform, view_keys
 
 NUM_PARAMS = 5
-PARAM_NAMES = ("top", "left", "height", "width", "flip")
 RRC_ATTEMPTS = 10
 
 

@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, Iterable, List, Set
+from typing import Dict, Set
 
 
 def atomic_create(path: Path, payload: dict) -> bool:
@@ -96,16 +96,3 @@ class Ledger:
 
     def release(self, seed: int, block: int) -> None:
         self._claim(seed, block).unlink(missing_ok=True)
-
-    def live_claims(self, seeds: Iterable[int]) -> List[tuple]:
-        out = []
-        for s in seeds:
-            d = self.root / "claims" / f"{s:06d}"
-            for p in (d.glob("*.json") if d.is_dir() else []):
-                try:
-                    held = json.loads(p.read_text())
-                except (FileNotFoundError, json.JSONDecodeError):
-                    continue
-                if not self._stale(held):
-                    out.append((s, int(p.stem), held))
-        return out

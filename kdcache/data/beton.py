@@ -17,7 +17,6 @@ from ffcv.writer import DatasetWriter
 
 from kdcache.data.shards import JpegReader
 
-BETON_FIELDS = ("image", "label", "index")
 _RGB_TYPE_ID = 2
 
 

@@ -198,7 +198,7 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
         train_model.train()
         source.teacher_seconds = 0.0
         t0 = time.time()
-        seen, loss_acc, loss_n = 0, 0.0, 0
+        seen = 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, leave=False,
                    disable=not (cfg.progress and ctx.is_coordinator) or None, mininterval=1.0)
         for images, labels, indices in loader:
@@ -232,8 +232,6 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
             seen += images.shape[0]
             if step % cfg.log_interval == 0 or step % steps_per_epoch == 0:
                 value = loss.item()
-                loss_acc += value
-                loss_n += 1
                 if log is not None:
                     rec = {"kind": "train", "epoch": epoch, "step": step,
                            "epoch_float": epoch + (step - epoch * steps_per_epoch) / steps_per_epoch,
