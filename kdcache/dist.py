@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from kdcache.errors import KdcacheError
+
 
 @dataclass
 class DistContext:
@@ -44,7 +46,8 @@ def init_from_env(device: str) -> DistContext:
     ctx = DistContext(rank=int(os.environ.get("RANK", "0")), world_size=world,
                       local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
+        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        backend = "nccl" if cuda else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
     return ctx
 
@@ -61,3 +64,14 @@ def resolve_device(device: str, ctx: DistContext) -> torch.device:
             dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
     return dev
+
+
+def resolve_amp(amp: str, device: torch.device):
+    """--amp setting -> (autocast dtype or None, resolved name); auto is bf16 on CUDA, off on CPU."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp not in ("bf16", "fp16", "off"):
+        raise KdcacheError(f"--amp must be bf16, fp16 or off, got {amp!r}")
+    if amp == "fp16" and device.type != "cuda":
+        raise KdcacheError("--amp fp16 needs a CUDA device (use bf16 or off on CPU)")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp], amp

@@ -29,13 +29,6 @@ class ModelSpec:
     mean: Optional[Sequence[float]] = None
     std: Optional[Sequence[float]] = None
 
-    def describe(self) -> str:
-        if self.module:
-            return f"module {self.module}" + (f" + {self.checkpoint}" if self.checkpoint else "")
-        if self.checkpoint:
-            return f"{self.name} from {self.checkpoint}"
-        return f"{self.name} (random init, seed {self.seed})"
-
 
 def weights_sha256(model: torch.nn.Module) -> str:
     """sha256 over the state dict (names, dtypes, shapes, bytes, in name order): same weights, same hash."""

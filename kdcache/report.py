@@ -11,8 +11,8 @@ def _read(path: Path) -> dict:
 
 
 def _evals(run: Path):
-    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
-    return [r for r in map(json.loads, lines) if r["kind"] == "eval"]
+    from kdcache.student.report import MetricsLog
+    return [r for r in MetricsLog(run / "metrics.jsonl").records() if r["kind"] == "eval"]
 
 
 def _plots(out: Path, students: dict, runs: dict) -> None:
@@ -84,8 +84,8 @@ def write_report(pipeline) -> dict:
         from kdcache.augment.recipe import ViewRecipe
         from kdcache.data.dataset import PreparedDataset
         if cache:
-            preview(PreparedDataset.open(out / "data").split("train"), ViewRecipe.from_dict(cache["recipe"]) if "recipe" in cache
-                    else ViewRecipe.from_dict(TeacherCache.open(out / "cache").spec.recipe), 0, 8, 4, out / "views.png")
+            preview(PreparedDataset.open(out / "data").split("train"), ViewRecipe.from_dict(cache["recipe"]),
+                    0, 8, 4, out / "views.png")
     print(f"teacher val top-1 {summary['teacher']['val_top1']}\n" + "\n".join(table))
     print(f"report: {out / 'report.md'}", file=sys.stderr)
     return summary

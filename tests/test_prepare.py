@@ -68,6 +68,11 @@ def test_prepare_is_deterministic_and_idempotent(tmp_path, fmnist_small):
     mtime = (tmp_path / "again" / "manifest.json").stat().st_mtime_ns
     same = prepare(sources.fashion_mnist(limit=400), tmp_path / "again", shard_size=150, workers=1)
     assert (tmp_path / "again" / "manifest.json").stat().st_mtime_ns == mtime and same.fingerprint == again.fingerprint
+    # A new default view size is a manifest setting, not a new dataset: same shards, same fingerprint.
+    shard_mtime = again.split("train").shard_paths[0].stat().st_mtime_ns
+    resized = prepare(sources.fashion_mnist(limit=400), tmp_path / "again", shard_size=150, workers=1, view_size=48)
+    assert resized.view_size == 48 and PreparedDataset.open(tmp_path / "again").view_size == 48
+    assert resized.fingerprint == again.fingerprint and resized.split("train").shard_paths[0].stat().st_mtime_ns == shard_mtime
     with pytest.raises(KdcacheError, match="--overwrite"):
         prepare(sources.fashion_mnist(limit=300), tmp_path / "again", shard_size=150, workers=1)
     other = prepare(sources.fashion_mnist(limit=300), tmp_path / "again", shard_size=150, workers=1, overwrite=True)

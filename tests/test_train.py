@@ -98,6 +98,35 @@ def test_per_sample_seed_choice_replays_stored_views(teacher_setup):
     assert np.array_equal(again.seeds, views.seeds) and not np.array_equal(src.begin_epoch(5).seeds, views.seeds)
 
 
+def test_cycle_reads_each_slab_once_and_prefetches_only_what_comes_next(teacher_setup, monkeypatch):
+    import kdcache.cache.slabs as slabs_module
+    _, cache_path = teacher_setup
+    cache = TeacherCache.open(cache_path)
+    reads = []
+    real_read = slabs_module.read_slab
+    monkeypatch.setattr(slabs_module, "read_slab", lambda c, s, **kw: reads.append(s) or real_read(c, s, **kw))
+    stored = {s: real_read(cache, s) for s in cache.seeds}
+    # One stored seed replayed for three epochs: read once, not once per epoch.
+    with pytest.warns(UserWarning, match="3 epochs over 1 cached seeds"):
+        src = CachedTeacher(cache, torch.device("cpu"), global_seed=0, seeds=[1], epochs=3)
+    for epoch in range(3):
+        views = src.begin_epoch(epoch)
+        assert views.seeds == 1 and np.array_equal(views.params, stored[1].params)
+    assert reads == [1]
+    # Three seeds over three epochs: each read once (the next one prefetched), nothing read after the last.
+    reads.clear()
+    src = CachedTeacher(cache, torch.device("cpu"), global_seed=0, epochs=3)
+    for epoch in range(3):
+        views = src.begin_epoch(epoch)
+        assert views.seeds == epoch and np.array_equal(views.params, stored[epoch].params)
+        i = 5
+        logits = src.logits(None, torch.tensor([i]))
+        assert torch.allclose(logits[0, torch.from_numpy(stored[epoch].indices[i].astype(np.int64))],
+                              torch.from_numpy(stored[epoch].values[i]))
+    time.sleep(0.2)  # a stray prefetch thread would have started by now
+    assert sorted(reads) == [0, 1, 2]
+
+
 def test_toml_recipe_equals_flags(fmnist_small, teacher_setup, tmp_path):
     _, cache = teacher_setup
     recipe = tmp_path / "student.toml"
@@ -159,3 +188,13 @@ def test_two_process_ddp_on_cpu(fmnist_small, teacher_setup, tmp_path):
     assert summary["world_size"] == 2
     assert summary["steps"] == 400 // (2 * 32)  # each rank takes half the samples per epoch
     assert summary["final_top1"] is not None
+
+
+def test_a_bad_amp_setting_is_named_before_anything_is_written(fmnist_small, tmp_path):
+    from kdcache.errors import KdcacheError
+    from kdcache.student.train import TrainConfig, train_student
+    cfg = TrainConfig(data=str(fmnist_small.root), out=str(tmp_path / "run"), model="resnet10t", epochs=1,
+                      mode="none", amp="fp32")  # e.g. from a TOML recipe, where argparse's choices do not apply
+    with pytest.raises(KdcacheError, match="--amp must be bf16, fp16 or off, got 'fp32'"):
+        train_student(cfg)
+    assert not (tmp_path / "run").exists()

@@ -45,13 +45,13 @@ def main():
     from kdcache.augment.render import SampleBuffers, render_samples
     from kdcache.cache.schema import TeacherCache
     from kdcache.data.dataset import PreparedDataset
+    from kdcache.dist import DistContext, resolve_device
     from kdcache.models import ModelSpec, build_model
     from kdcache.teacher.dump import DumpConfig, TeacherRunner, dump_teacher
 
     ds = PreparedDataset.open(args.data)
     split = ds.split("train")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device, DistContext())
     recipe = ViewRecipe(size=ds.view_size)
     tmp = Path(tempfile.mkdtemp(prefix="bench_dump_"))
     sub = ds

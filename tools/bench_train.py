@@ -45,6 +45,7 @@ def main():
     import safetensors.torch
     from kdcache.data.dataset import PreparedDataset
     from kdcache.models import ModelSpec, build_model
+    from kdcache.student.report import MetricsLog
     from kdcache.student.train import TrainConfig, train_student
     from kdcache.teacher.dump import DumpConfig, dump_teacher
 
@@ -73,7 +74,7 @@ def main():
     for r in range(args.rounds):
         for mode in times:
             summary = train_student(cfg(mode, f"{mode}-{r}"))
-            hist = [json.loads(l) for l in (tmp / f"{mode}-{r}" / "metrics.jsonl").read_text().splitlines()]
+            hist = MetricsLog(tmp / f"{mode}-{r}" / "metrics.jsonl").records()
             epochs = [h for h in hist if h["kind"] == "epoch"][1:]
             times[mode] += [h["seconds"] for h in epochs]
             if mode == "online":

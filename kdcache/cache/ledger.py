@@ -58,6 +58,9 @@ class Ledger:
         d = self.root / "units" / f"{seed:06d}"
         return {int(p.stem) for p in d.glob("*.json")} if d.is_dir() else set()
 
+    def is_done(self, seed: int, block: int) -> bool:
+        return self._marker(seed, block).exists()
+
     def markers(self, seed: int) -> Dict[int, dict]:
         d = self.root / "units" / f"{seed:06d}"
         return {int(p.stem): json.loads(p.read_text()) for p in d.glob("*.json")} if d.is_dir() else {}
@@ -73,8 +76,18 @@ class Ledger:
         return time.time() - float(claim.get("time", 0)) > self.claim_ttl
 
     def claim(self, seed: int, block: int, run: str) -> bool:
-        """Take unit (seed, block) for this process. False if another live writer holds it.
+        """Take unit (seed, block) for this process. False if it is done or another live writer holds it.
         A stale claim (its process is gone, or older than claim_ttl) is taken over."""
+        if not self._acquire(seed, block, run):
+            return False
+        # The unit may have been finished (marker created, claim removed) between a caller's check and
+        # our claim: never compute and rewrite a finished unit.
+        if self.is_done(seed, block):
+            self.release(seed, block)
+            return False
+        return True
+
+    def _acquire(self, seed: int, block: int, run: str) -> bool:
         path = self._claim(seed, block)
         payload = {"run": run, "host": self.host, "pid": os.getpid(), "time": time.time()}
         if atomic_create(path, payload):

@@ -108,6 +108,12 @@ def _same_input(manifest: dict, source: Source, settings: CanonicalSettings, sha
             and manifest.get("shard_size") == shard_size)
 
 
+def _set_view_size(out: Path, manifest: dict, view_size: int) -> None:
+    tmp = out / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(dict(manifest, view_size=int(view_size)), indent=1))
+    os.replace(tmp, out / MANIFEST)  # atomic: readers see the old manifest or the new one
+
+
 def _remove_stale_temporaries(out: Path) -> None:
     for tmp in out.parent.glob(f".{out.name}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
@@ -128,6 +134,12 @@ def prepare(source: Source, out, settings: Optional[CanonicalSettings] = None, s
     if (out / MANIFEST).is_file():
         existing = PreparedDataset.open(out)
         if _same_input(existing.manifest, source, settings, shard_size) and not overwrite:
+            if view_size and view_size != existing.view_size:
+                # The view size is only the later commands' default (in no fingerprint): no re-encode.
+                _set_view_size(out, existing.manifest, view_size)
+                print(f"{out}: already prepared from the same source and settings; default view size "
+                      f"{existing.view_size} -> {view_size}", file=sys.stderr)
+                return PreparedDataset.open(out)
             print(f"{out}: already prepared from the same source and settings; nothing to do", file=sys.stderr)
             return existing
         if not overwrite:

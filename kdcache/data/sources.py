@@ -7,7 +7,7 @@ and a sample's position in it is its global index i.
 import glob
 import itertools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -41,7 +41,6 @@ class Source:
     class_names: Optional[List[str]] = None
     view_size: int = 224
     max_side: Optional[int] = 500
-    extra: dict = field(default_factory=dict)
 
 
 def _limited(make: Callable[[], Iterator[RawSample]], limit: Optional[int]):

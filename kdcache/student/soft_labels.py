@@ -48,9 +48,6 @@ class NoTeacher:
         n = len(self.sizes)
         return EpochViews(view_params(self.recipe, self.global_seed, s, np.arange(n), self.sizes[:, 0], self.sizes[:, 1]), s)
 
-    def logits(self, images: torch.Tensor, indices: torch.Tensor) -> Optional[torch.Tensor]:
-        return None
-
 
 class OnlineTeacher(NoTeacher):
     uses_teacher = True
@@ -111,7 +108,7 @@ class CachedTeacher:
             raise KdcacheError(f"{cache.path}: no complete seed; run dump-teacher first")
         if seed_choice not in ("cycle", "per-sample"):
             raise KdcacheError(f"--seed-choice must be cycle or per-sample, got {seed_choice!r}")
-        self.seeds, self.seed_choice = complete, seed_choice
+        self.seeds, self.seed_choice, self.epochs = complete, seed_choice, epochs
         self.num_classes = cache.spec.num_classes
         if epochs and seed_choice == "cycle" and epochs > len(complete):
             warnings.warn(f"{epochs} epochs over {len(complete)} cached seeds: each view is replayed "
@@ -119,7 +116,8 @@ class CachedTeacher:
         self.prefetcher = SlabPrefetcher(cache)
         self.teacher_seconds = 0.0
         self._labels = None
-        self._all = None
+        self._slab = None   # the slab in use (cycle): kept while the next epoch replays the same seed
+        self._all = None    # per-sample: every seed's rows stacked, {name: (S, N, ...)}
 
     def seed_for_epoch(self, epoch: int) -> int:
         return self.seeds[epoch % len(self.seeds)]
@@ -133,18 +131,23 @@ class CachedTeacher:
     def begin_epoch(self, epoch: int) -> EpochViews:
         if self.seed_choice == "cycle":
             s = self.seed_for_epoch(epoch)
-            slab = self.prefetcher.get(s, next_seed=self.seed_for_epoch(epoch + 1))
-            self._labels = self._to_device(slab.values, slab.indices, slab.lse)
-            return EpochViews(slab.params, s)
-        if self._all is None:  # every seed's slab in memory: S x N rows
-            self._all = [read_slab(self.cache, s) for s in self.seeds]
+            if self._slab is None or self._slab.seed != s:
+                following = self.seed_for_epoch(epoch + 1)
+                last = self.epochs is not None and epoch + 1 >= self.epochs
+                self._slab = self.prefetcher.get(s, next_seed=None if last or following == s else following)
+                self._labels = self._to_device(self._slab.values, self._slab.indices, self._slab.lse)
+            return EpochViews(self._slab.params, s)
+        if self._all is None:  # every seed's slab in memory, stacked once: S x N rows
+            slabs = [read_slab(self.cache, s) for s in self.seeds]
+            self._all = {name: np.stack([getattr(sl, name) for sl in slabs])
+                         for name in ("values", "indices", "lse", "params")}
         n = self.cache.spec.num_samples
         rng = np.random.default_rng([self.global_seed, epoch, 0x5EED])
         pick = rng.integers(0, len(self.seeds), n)
         rows = np.arange(n)
-        stack = lambda name: np.stack([getattr(sl, name) for sl in self._all])[pick, rows]
-        self._labels = self._to_device(stack("values"), stack("indices"), stack("lse"))
-        return EpochViews(stack("params"), np.asarray(self.seeds)[pick])
+        picked = {name: stacked[pick, rows] for name, stacked in self._all.items()}
+        self._labels = self._to_device(picked["values"], picked["indices"], picked["lse"])
+        return EpochViews(picked["params"], np.asarray(self.seeds)[pick])
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from kdcache.augment.recipe import ViewRecipe
 from kdcache.cache.schema import TeacherCache
 from kdcache.data.dataset import PreparedDataset
-from kdcache.dist import init_from_env, resolve_device
+from kdcache.dist import init_from_env, resolve_amp, resolve_device
 from kdcache.errors import KdcacheError
 from kdcache.models import ModelSpec, Normalize, build_model
 from kdcache.student import checkpoint as ckpt
@@ -82,14 +82,6 @@ class TrainConfig:
             raise KdcacheError(f"--epochs must be positive, got {self.epochs}")
 
 
-def _amp(amp: str, device: torch.device):
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
-    if amp == "fp16" and device.type != "cuda":
-        raise KdcacheError("--amp fp16 needs CUDA (use bf16 or off on CPU)")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp], amp
-
-
 def _loss_config(cfg: TrainConfig) -> LossConfig:
     lc = LossConfig(**cfg.loss)
     if cfg.mode == "none":
@@ -107,10 +99,9 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
 
     cfg.validate()
     out = Path(cfg.out)
-    device_name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    ctx = init_from_env(device_name)
-    device = resolve_device(device_name, ctx)
-    amp_dtype, amp_name = _amp(cfg.amp, device)
+    ctx = init_from_env(cfg.device)
+    device = resolve_device(cfg.device, ctx)
+    amp_dtype, amp_name = resolve_amp(cfg.amp, device)
     ds = PreparedDataset.open(cfg.data)
     train_split, val_split = ds.split("train"), ds.split("val")
     loss_cfg = _loss_config(cfg)

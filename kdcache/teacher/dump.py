@@ -27,7 +27,7 @@ from kdcache.augment.recipe import ViewRecipe
 from kdcache.augment.render import SampleBuffers, render_samples
 from kdcache.cache.schema import CacheSpec, TeacherCache, check_compatible
 from kdcache.data.dataset import PreparedDataset
-from kdcache.dist import init_from_env, resolve_device
+from kdcache.dist import init_from_env, resolve_amp, resolve_device
 from kdcache.errors import KdcacheError
 from kdcache.models import ModelSpec, Normalize, build_model
 
@@ -48,20 +48,9 @@ class DumpConfig:
     workers: Optional[int] = None           # render threads (default: usable cores)
     values_dtype: str = "float16"
     unit_size: int = 32768
-    chunk_rows: int = 32768             # one inner chunk per shard: students read whole slabs (BENCHMARKS.md)
     claim_ttl: float = 3600.0
     progress: bool = True
     split: str = "train"
-
-
-def _amp_dtype(amp: str, device: torch.device):
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
-    if amp not in ("bf16", "fp16", "off"):
-        raise KdcacheError(f"--amp must be bf16, fp16 or off, got {amp!r}")
-    if amp == "fp16" and device.type != "cuda":
-        raise KdcacheError("--amp fp16 needs a CUDA device (use bf16 or off on CPU)")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp], amp
 
 
 class TeacherRunner:
@@ -69,7 +58,7 @@ class TeacherRunner:
 
     def __init__(self, model, info: dict, device: torch.device, amp: str, compile_model: bool, topk: int):
         self.device, self.topk = device, topk
-        self.amp_dtype, self.amp = _amp_dtype(amp, device)
+        self.amp_dtype, self.amp = resolve_amp(amp, device)
         self.normalize = Normalize(info["mean"], info["std"]).to(device)
         model = model.to(device, memory_format=torch.channels_last).eval()
         self.model = torch.compile(model) if compile_model else model
@@ -131,7 +120,7 @@ def _produce(cache: TeacherCache, split, recipe: ViewRecipe, cfg: DumpConfig, bl
     ring = OutputRing(RING_SLOTS, pinned=pinned)
     try:
         for block in blocks:
-            todo = [s for s in cfg.seeds if block not in cache.ledger.done_blocks(s)]
+            todo = [s for s in cfg.seeds if not cache.ledger.is_done(s, block)]
             seeds = [s for s in todo if cache.ledger.claim(s, block, run)]
             skipped = [s for s in todo if s not in seeds]
             if skipped:
@@ -172,9 +161,8 @@ def _write_unit(cache: TeacherCache, seed: int, block: int, values, indices, lse
 
 def dump_teacher(cfg: DumpConfig) -> dict:
     t_start = time.time()
-    device_name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    ctx = init_from_env(device_name)
-    device = resolve_device(device_name, ctx)
+    ctx = init_from_env(cfg.device)
+    device = resolve_device(cfg.device, ctx)
     ds = PreparedDataset.open(cfg.data)
     split = ds.split(cfg.split)
     recipe = cfg.recipe or ViewRecipe(size=ds.view_size)
@@ -184,7 +172,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     tinfo["input_size"] = recipe.size
     spec = CacheSpec(teacher=tinfo, dataset=_dataset_identity(ds, cfg.split), recipe=recipe.to_dict(),
                      global_seed=cfg.global_seed, topk=cfg.topk, values_dtype=cfg.values_dtype,
-                     unit_size=cfg.unit_size, chunk_rows=min(cfg.chunk_rows, cfg.unit_size))
+                     # one inner chunk per shard: students read whole slabs (BENCHMARKS.md)
+                     unit_size=cfg.unit_size, chunk_rows=cfg.unit_size)
     # The coordinator alone creates arrays and writes metadata; the others wait, then check the identity.
     error = None
     if ctx.is_coordinator:

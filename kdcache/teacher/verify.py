@@ -20,6 +20,7 @@ from kdcache.cache.schema import TeacherCache
 from kdcache.cache.slabs import read_slab
 from kdcache.cache.targets import dense_logits, stored_bins
 from kdcache.data.dataset import PreparedDataset
+from kdcache.dist import DistContext, resolve_device
 from kdcache.errors import KdcacheError
 from kdcache.models import Normalize, build_model, spec_from_info
 
@@ -53,7 +54,7 @@ def _check_rows(slab, rows: np.ndarray, num_classes: int) -> list:
     return problems
 
 
-def _replay(cache: TeacherCache, slabs: dict, n: int, checkpoint: Optional[str], data: Optional[Path],
+def _replay(cache: TeacherCache, seeds: list, n: int, checkpoint: Optional[str], data: Optional[Path],
             device: str, seed: int) -> dict:
     from kdcache.student.loader import ReplayLoader
     spec = cache.spec
@@ -66,18 +67,17 @@ def _replay(cache: TeacherCache, slabs: dict, n: int, checkpoint: Optional[str],
     if info["sha256"] != spec.teacher["sha256"]:
         raise KdcacheError(f"teacher weights sha256 {info['sha256'][:16]} differ from the cache's "
                            f"{spec.teacher['sha256'][:16]} ({info.get('checkpoint') or 'random init'})")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = resolve_device(device, DistContext())
     model = model.to(dev).eval()
     normalize = Normalize(spec.teacher["mean"], spec.teacher["std"]).to(dev)
     rng = np.random.default_rng(seed)
-    seeds = sorted(slabs)
     picks = sorted(zip(rng.choice(seeds, n).tolist(), rng.choice(spec.num_samples, n, replace=True).tolist()))
     wanted = sorted({i for _, i in picks})
     loader = ReplayLoader(split.beton_path, split.num_samples, spec.recipe["size"], batch_size=len(wanted),
                           workers=None, order="sequential", indices=wanted, drop_last=False)
     fresh_logits, cached = [], []
     for s in sorted({s for s, _ in picks}):
-        slab = slabs[s]
+        slab = read_slab(cache, s)
         loader.set_views(slab.params)
         images = {}
         for batch, _, idx in loader:
@@ -92,8 +92,7 @@ def _replay(cache: TeacherCache, slabs: dict, n: int, checkpoint: Optional[str],
     values, indices, lse = (torch.cat([c[j] for c in cached]) for j in range(3))
     indices = indices.long()
     logp = torch.log_softmax(fresh, 1)
-    fresh_bins = torch.cat([logp.gather(1, indices).exp(), torch.zeros(len(fresh), 1)], 1)
-    fresh_bins[:, -1] = torch.clamp(1 - fresh_bins[:, :-1].sum(1), min=0)
+    fresh_bins = stored_bins(fresh.gather(1, indices), torch.logsumexp(fresh, 1))
     cache_bins = stored_bins(values, lse)
     if values.shape[1] == spec.num_classes:  # no tail: a "rest" bin would only hold float16 rounding
         fresh_bins, cache_bins = fresh_bins[:, :-1], cache_bins[:, :-1]
@@ -114,7 +113,7 @@ def verify(path, replay: int = 0, checkpoint: Optional[str] = None, data: Option
            device: str = "auto", seed: int = 0, min_agreement: float = 0.99, max_kl: float = 1e-3) -> dict:
     cache = TeacherCache.open(path)
     spec = cache.spec
-    problems, missing, slabs = [], {}, {}
+    problems, missing, complete = [], {}, []
     for s in cache.seeds:
         miss = cache.missing_blocks(s)
         if miss:
@@ -125,13 +124,13 @@ def verify(path, replay: int = 0, checkpoint: Optional[str] = None, data: Option
         if len(rows):
             problems += _check_rows(slab, rows, spec.num_classes)
         if not miss:
-            slabs[s] = slab
-    report = {"cache": str(cache.path), "seeds": cache.seeds, "seeds_complete": sorted(slabs),
+            complete.append(s)
+    report = {"cache": str(cache.path), "seeds": cache.seeds, "seeds_complete": sorted(complete),
               "complete": not missing, "missing_units": missing, "problems": problems}
     if replay:
-        if not slabs:
+        if not complete:
             raise KdcacheError(f"{cache.path}: no complete seed to replay")
-        report["replay"] = _replay(cache, slabs, replay, checkpoint, data, device, seed)
+        report["replay"] = _replay(cache, sorted(complete), replay, checkpoint, data, device, seed)
         report["replay"]["thresholds"] = {"min_agreement": min_agreement, "max_kl": max_kl}
     report["ok"] = (report["complete"] and not problems
                     and (not replay or (report["replay"]["top1_agreement"] >= min_agreement
