@@ -120,3 +120,11 @@ class Normalize(torch.nn.Module):
 
     def forward(self, images_u8: torch.Tensor) -> torch.Tensor:
         return (images_u8.float() - self.mean) / self.std
+
+
+def forward_u8(model: torch.nn.Module, normalize: Normalize, images_u8: torch.Tensor, amp_dtype=None) -> torch.Tensor:
+    """uint8 NCHW views -> float32 logits (normalise, channels_last, autocast): one path for the teacher in
+    the dump, in verify and in online KD, and for evaluation, so every stage scores a view the same way."""
+    x = normalize(images_u8).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        return model(x).float()

@@ -2,7 +2,7 @@
 
 import torch
 
-from kdcache.models import Normalize
+from kdcache.models import Normalize, forward_u8
 
 
 @torch.no_grad()
@@ -13,9 +13,7 @@ def evaluate(model: torch.nn.Module, loader, normalize: Normalize, device: torch
     for images, labels, _ in loader:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        x = normalize(images).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x).float()
+        logits = forward_u8(model, normalize, images, amp_dtype)
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         k = min(5, logits.shape[1])
         top = logits.topk(k, 1).indices

@@ -23,7 +23,7 @@ from kdcache.cache.schema import TeacherCache
 from kdcache.cache.slabs import SlabPrefetcher, read_slab
 from kdcache.cache.targets import dense_logits
 from kdcache.errors import KdcacheError
-from kdcache.models import Normalize
+from kdcache.models import Normalize, forward_u8
 
 
 class EpochViews:
@@ -69,9 +69,7 @@ class OnlineTeacher(NoTeacher):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t = time.perf_counter()
-        x = self.normalize(images).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            out = self.model(x).float()
+        out = forward_u8(self.model, self.normalize, images, self.amp_dtype)
         if cuda:
             end.record()
             self._events.append((start, end))

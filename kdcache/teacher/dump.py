@@ -29,7 +29,7 @@ from kdcache.cache.schema import CacheSpec, TeacherCache, check_compatible
 from kdcache.data.dataset import PreparedDataset
 from kdcache.dist import init_from_env, resolve_amp, resolve_device
 from kdcache.errors import KdcacheError
-from kdcache.models import ModelSpec, Normalize, build_model
+from kdcache.models import ModelSpec, Normalize, build_model, forward_u8
 
 
 @dataclass
@@ -66,10 +66,7 @@ class TeacherRunner:
     @torch.inference_mode()
     def logits(self, views_nhwc: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(views_nhwc).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        x = self.normalize(x).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            out = self.model(x)
-        return out.float()
+        return forward_u8(self.model, self.normalize, x, self.amp_dtype)
 
     @torch.inference_mode()
     def topk_outputs(self, views_nhwc: np.ndarray):

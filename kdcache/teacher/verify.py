@@ -22,7 +22,7 @@ from kdcache.cache.targets import dense_logits, stored_bins
 from kdcache.data.dataset import PreparedDataset
 from kdcache.dist import DistContext, resolve_device
 from kdcache.errors import KdcacheError
-from kdcache.models import Normalize, build_model, spec_from_info
+from kdcache.models import Normalize, build_model, forward_u8, spec_from_info
 
 
 def _check_rows(slab, rows: np.ndarray, num_classes: int) -> list:
@@ -86,7 +86,7 @@ def _replay(cache: TeacherCache, seeds: list, n: int, checkpoint: Optional[str],
         rows = [i for t, i in picks if t == s]
         x = torch.stack([images[i] for i in rows]).to(dev)
         with torch.inference_mode():
-            fresh_logits.append(model(normalize(x).contiguous(memory_format=torch.channels_last)).float().cpu())
+            fresh_logits.append(forward_u8(model, normalize, x).cpu())
         cached.append(tuple(torch.from_numpy(np.asarray(a[rows])) for a in (slab.values, slab.indices, slab.lse)))
     fresh = torch.cat(fresh_logits)
     values, indices, lse = (torch.cat([c[j] for c in cached]) for j in range(3))
