@@ -59,6 +59,18 @@ def _from_factory(module: str, num_classes: int) -> torch.nn.Module:
     return factory(num_classes=num_classes)
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # when a model's pretrained_cfg has none
+
+
+def create_timm_model(name: str, num_classes: int, what: str = "model", **kwargs) -> torch.nn.Module:
+    """A timm model with random weights (no hub: weights only ever come from a local file)."""
+    import timm
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except RuntimeError as exc:  # timm: "Unknown model"
+        raise KdcacheError(f"--{what} {name!r}: {exc}") from exc
+
+
 def build_model(spec: ModelSpec, num_classes: int, what: str = "model") -> Tuple[torch.nn.Module, dict]:
     """(model in eval mode on CPU, info) where info records name, sha256, class count, mean, std, source."""
     import timm
@@ -82,10 +94,7 @@ def build_model(spec: ModelSpec, num_classes: int, what: str = "model") -> Tuple
     else:
         if not name:
             raise KdcacheError(f"{what}: no model name given (--{what} NAME)")
-        try:
-            model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-        except RuntimeError as exc:  # timm: "Unknown model"
-            raise KdcacheError(f"--{what} {name!r}: {exc}") from exc
+        model = create_timm_model(name, num_classes, what)
     if spec.checkpoint:
         try:
             timm.models.load_checkpoint(model, spec.checkpoint, use_ema=True, strict=True, weights_only=True)
@@ -93,8 +102,8 @@ def build_model(spec: ModelSpec, num_classes: int, what: str = "model") -> Tuple
             raise KdcacheError(f"{spec.checkpoint}: cannot load into {name}: {exc}") from exc
     model.eval()
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = spec.mean or (json.loads(meta[META_MEAN]) if META_MEAN in meta else None) or cfg.get("mean") or (0.485, 0.456, 0.406)
-    std = spec.std or (json.loads(meta[META_STD]) if META_STD in meta else None) or cfg.get("std") or (0.229, 0.224, 0.225)
+    mean = spec.mean or (json.loads(meta[META_MEAN]) if META_MEAN in meta else None) or cfg.get("mean") or IMAGENET_MEAN
+    std = spec.std or (json.loads(meta[META_STD]) if META_STD in meta else None) or cfg.get("std") or IMAGENET_STD
     info = {"name": name, "sha256": weights_sha256(model), "num_classes": num_classes,
             "mean": [float(x) for x in mean], "std": [float(x) for x in std],
             "checkpoint": str(Path(spec.checkpoint).resolve()) if spec.checkpoint else None,

@@ -109,7 +109,9 @@ def _markers(out):
 
 def _run_and_kill(cmd, out, when):
     """Start a dump and SIGKILL it when `when(out)` holds; returns the marker count at the kill."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out.parent / f"{out.name}.stderr"
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         if when(out):
@@ -117,7 +119,10 @@ def _run_and_kill(cmd, out, when):
             proc.wait()
             return _markers(out)
         time.sleep(0.01)
-    raise AssertionError("dump finished before it could be killed" if proc.returncode is not None else "dump hung")
+    if proc.returncode is None:
+        proc.kill()
+        raise AssertionError("dump hung")
+    raise AssertionError(f"dump ended (exit {proc.returncode}) before it could be killed:\n{log.read_text()[-3000:]}")
 
 
 def test_kill9_then_rerun_equals_a_clean_run(clean_cache, fm2000, tmp_path):

@@ -142,11 +142,13 @@ class TeacherCache:
             if group.attrs.get("format_version") != FORMAT_VERSION:
                 raise KdcacheError(f"{path}: cache format version {group.attrs.get('format_version')} is not {FORMAT_VERSION}")
             check_compatible(path, CacheSpec(**group.attrs["spec"]), spec)
-        else:  # new cache (or one whose creation never got this far): the identity is written first
-            group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "spec": asdict(spec),
-                                "tail_rule": TAIL_RULE, "kdcache_version": __version__,
-                                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                                "seeds": [], "seeds_complete": [], "seed_summary": {}})
+        else:  # new cache (or one whose creation never got this far): the identity is written first,
+            # in one write of zarr.json (zarr's attrs.update() would rewrite it once per key: a kill -9 between
+            # two of those writes left a cache with a format but no spec)
+            group.update_attributes({"format": FORMAT, "format_version": FORMAT_VERSION, "spec": asdict(spec),
+                                     "tail_rule": TAIL_RULE, "kdcache_version": __version__,
+                                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                                     "seeds": [], "seeds_complete": [], "seed_summary": {}})
         layout = _array_layout(spec)
         for s in seeds:
             sg = group.require_group(seed_group_name(s))
@@ -160,7 +162,7 @@ class TeacherCache:
                     sg.create_array(name, compressors=_codecs(kw["dtype"]), dimension_names=None, **kw)
         known = sorted(set(group.attrs.get("seeds", [])) | set(seeds))
         if known != list(group.attrs.get("seeds", [])):
-            group.attrs["seeds"] = known
+            group.update_attributes({"seeds": known})
         return cls(path, group, read_only=False)
 
     # ---- contents ------------------------------------------------------------------------------
@@ -194,7 +196,7 @@ class TeacherCache:
         """Coordinator only: record complete seeds and their summaries in the group attributes."""
         complete = self.complete_seeds()
         summary = {str(s): self.seed_summary(s) for s in complete}
-        self.group.attrs.update({"seeds_complete": complete, "seed_summary": summary})
+        self.group.update_attributes({"seeds_complete": complete, "seed_summary": summary})  # one write
         self.attrs = dict(self.group.attrs)
 
     def bytes_on_disk(self) -> int:

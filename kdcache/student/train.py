@@ -23,7 +23,7 @@ from kdcache.cache.schema import TeacherCache
 from kdcache.data.dataset import PreparedDataset
 from kdcache.dist import init_from_env, resolve_amp, resolve_device
 from kdcache.errors import KdcacheError
-from kdcache.models import ModelSpec, Normalize, build_model
+from kdcache.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Normalize, build_model, create_timm_model
 from kdcache.student import checkpoint as ckpt
 from kdcache.student.evaluate import evaluate
 from kdcache.student.loader import ReplayLoader, eval_loader
@@ -92,7 +92,6 @@ def _loss_config(cfg: TrainConfig) -> LossConfig:
 
 
 def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
-    import timm
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
@@ -132,11 +131,8 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     kwargs = {"drop_path_rate": cfg.drop_path} if cfg.drop_path else {}
-    try:
-        model = timm.create_model(cfg.model, pretrained=False, num_classes=ds.num_classes, **kwargs)
-    except RuntimeError as exc:
-        raise KdcacheError(f"--model {cfg.model!r}: {exc}") from exc
-    mean, std = model.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)), model.pretrained_cfg.get("std", (0.229, 0.224, 0.225))
+    model = create_timm_model(cfg.model, ds.num_classes, "model", **kwargs)
+    mean, std = model.pretrained_cfg.get("mean", IMAGENET_MEAN), model.pretrained_cfg.get("std", IMAGENET_STD)
     normalize = Normalize(mean, std).to(device)
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.opt, 0.1) * cfg.batch_size * ctx.world_size / 256

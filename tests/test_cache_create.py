@@ -1,0 +1,56 @@
+"""Creating a cache survives a kill at any write of its metadata: the next run opens or finishes it."""
+
+import pytest
+from zarr.storage import LocalStore
+
+from kdcache.cache.schema import CacheSpec, TeacherCache
+
+
+class Killed(BaseException):
+    """Stands for kill -9: raised instead of a write, nothing after it runs."""
+
+
+def _spec():
+    teacher = {"name": "t", "sha256": "ab" * 32, "num_classes": 10, "mean": [0.5] * 3, "std": [0.5] * 3}
+    dataset = {"fingerprint": "f", "split": "train", "split_fingerprint": "sf", "num_samples": 100,
+               "num_classes": 10, "view_size": 32}
+    return CacheSpec(teacher=teacher, dataset=dataset, recipe={"size": 32}, global_seed=0, topk=5, unit_size=64,
+                     chunk_rows=64)
+
+
+def _root_metadata_writes(tmp_path, monkeypatch):
+    """Count the metadata writes (group and array zarr.json files) of a clean creation."""
+    writes = []
+    real_set = LocalStore.set
+
+    async def counting_set(self, key, value):
+        if key.endswith("zarr.json"):
+            writes.append(key)
+        return await real_set(self, key, value)
+    monkeypatch.setattr(LocalStore, "set", counting_set)
+    TeacherCache.create_or_open(tmp_path / "count", _spec(), [0, 1])
+    monkeypatch.setattr(LocalStore, "set", real_set)
+    return len(writes)
+
+
+def test_a_kill_at_any_metadata_write_leaves_a_cache_the_next_run_opens(tmp_path, monkeypatch):
+    writes = _root_metadata_writes(tmp_path, monkeypatch)
+    assert writes >= 2 + 2 * 4  # the group, its identity, then per seed a group and four arrays
+    real_set = LocalStore.set
+    for kill_at in range(writes):
+        path = tmp_path / f"killed-{kill_at}"
+        seen = []
+
+        async def dying_set(self, key, value):
+            if key.endswith("zarr.json") and self.root == path:
+                if len(seen) == kill_at:
+                    raise Killed()
+                seen.append(key)
+            return await real_set(self, key, value)
+        monkeypatch.setattr(LocalStore, "set", dying_set)
+        with pytest.raises(Killed):
+            TeacherCache.create_or_open(path, _spec(), [0, 1])
+        monkeypatch.setattr(LocalStore, "set", real_set)
+        cache = TeacherCache.create_or_open(path, _spec(), [0, 1])  # the same command again
+        assert cache.spec == _spec() and cache.seeds == [0, 1], kill_at
+        assert TeacherCache.open(path).arrays(1)["values"].shape == (100, 5)
