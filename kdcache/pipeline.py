@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from kdcache.errors import KdcacheError
+from kdcache.files import write_text_atomic
 
 MODES = ("none", "online", "cache")
 
@@ -89,7 +90,7 @@ class Pipeline:
             raise KdcacheError(f"step '{name}' failed: {type(exc).__name__}: {exc}\n(run the same command again "
                                "to resume: completed steps are skipped)") from exc
         self.state[name] = {"key": key, "seconds": round(time.time() - t, 1), "time": time.time()}
-        self.state_path.write_text(json.dumps(self.state, indent=1))
+        write_text_atomic(self.state_path, json.dumps(self.state, indent=1))  # a torn steps.json would stop every later run
         self.log.append({"step": name, "skipped": False, "seconds": round(time.time() - t, 1)})
 
     def _cli(self, *args) -> None:

@@ -21,6 +21,7 @@ from kdcache.data.dataset import DATASET_FORMAT_VERSION, MANIFEST, PreparedDatas
 from kdcache.data.shards import JpegReader, ShardSink, jpeg_locations
 from kdcache.data.sources import Source
 from kdcache.errors import KdcacheError
+from kdcache.files import write_text_atomic
 
 
 def _canonicalize_sample(job):
@@ -109,9 +110,7 @@ def _same_input(manifest: dict, source: Source, settings: CanonicalSettings, sha
 
 
 def _set_view_size(out: Path, manifest: dict, view_size: int) -> None:
-    tmp = out / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(dict(manifest, view_size=int(view_size)), indent=1))
-    os.replace(tmp, out / MANIFEST)  # atomic: readers see the old manifest or the new one
+    write_text_atomic(out / MANIFEST, json.dumps(dict(manifest, view_size=int(view_size)), indent=1))
 
 
 def _remove_stale_temporaries(out: Path) -> None:

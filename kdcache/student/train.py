@@ -23,6 +23,7 @@ from kdcache.cache.schema import TeacherCache
 from kdcache.data.dataset import PreparedDataset
 from kdcache.dist import init_from_env, resolve_amp, resolve_device
 from kdcache.errors import KdcacheError
+from kdcache.files import write_text_atomic
 from kdcache.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Normalize, build_model, create_timm_model
 from kdcache.student import checkpoint as ckpt
 from kdcache.student.evaluate import evaluate
@@ -276,7 +277,7 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
         ckpt.export_safetensors(out / "model.safetensors", model.state_dict(), cfg.model, ds.num_classes, mean, std)
         if ema is not None:
             ckpt.export_safetensors(out / "model_ema.safetensors", ema.module.state_dict(), cfg.model, ds.num_classes, mean, std)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
         plot_curves(log.records(), out / "curves.png", title=f"{cfg.model} ({cfg.mode})")
     ctx.close()
     return summary
