@@ -136,12 +136,15 @@ def test_fallback_is_torchvisions_centre_crop():
     assert set(zip(top, left, h, w)) == {tuple(expected)}
 
 
-def test_generation_rate_is_vectorised():
-    """Not a timing test: 1.28M views in one call must work and give one row per sample."""
+def test_imagenet_sized_range_in_one_call():
+    """Not a timing test (tools/bench_views.py times it): 1.28M views in one vectorised call, one valid row
+    per sample, and the tail of the range equal to the same samples asked for alone."""
     n = 1_281_167
     H, W = np.full(n, 375), np.full(n, 500)
     p = view_params(ViewRecipe(), 0, 0, np.arange(n), H, W)
     assert p.shape == (n, 5) and np.isfinite(p).all()
+    tail = np.arange(n - 1000, n)
+    assert np.array_equal(p[tail], view_params(ViewRecipe(), 0, 0, tail, H[tail], W[tail]))
 
 
 def test_recipe_refuses_what_views_do_not_carry_yet():
