@@ -249,9 +249,7 @@ def _train_config(args):
     if mode is None:
         raise KdcacheError("choose a mode: --cache CACHE, --kd online (with --teacher), or --kd none")
     teacher = None
-    if mode == "online":
-        if not (args.teacher_checkpoint or args.teacher_module or args.random_teacher):
-            raise KdcacheError("--kd online needs the teacher's weights: --teacher NAME --teacher-checkpoint FILE")
+    if mode == "online":  # TrainConfig.validate checks that the teacher has weights
         teacher = dataclasses.asdict(_teacher_spec(args))
     recipe = None
     recipe_flags = (args.size is not None or tuple(args.scale) != (0.08, 1.0) or args.hflip != 0.5

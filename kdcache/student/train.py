@@ -78,7 +78,8 @@ class TrainConfig:
             raise KdcacheError("--cache CACHE is required for cached KD")
         if self.mode == "online" and not (self.teacher and (self.teacher.get("checkpoint") or self.teacher.get("module")
                                                             or self.teacher.get("random_init"))):
-            raise KdcacheError("--kd online needs --teacher NAME and --teacher-checkpoint FILE")
+            raise KdcacheError("--kd online needs the teacher's weights: --teacher NAME --teacher-checkpoint FILE "
+                               "(or --teacher-module, or --random-teacher)")
         if self.epochs < 1:
             raise KdcacheError(f"--epochs must be positive, got {self.epochs}")
 
