@@ -118,7 +118,8 @@ def _add_dump(sub) -> None:
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast (auto: bf16 on CUDA, off on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
     p.add_argument("--workers", type=int, default=None, help="render threads (default: usable cores)")
-    p.add_argument("--values-dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--values-dtype", default="uint16", choices=["uint16", "float32"],
+                   help="top-k log-probabilities as uint16 fixed point (step 1/2048, default) or float32")
     p.add_argument("--unit-size", type=int, default=32768,
                    help="samples per work unit = Zarr shard (default 32768; smaller for more parallel ranks)")
     p.add_argument("--claim-ttl", type=float, default=3600.0, help="seconds after which another host's unit claim is stale")
@@ -171,15 +172,21 @@ def _add_verify(sub) -> None:
     p.add_argument("--data", type=Path, default=None, help="prepared dataset (default: the recorded path)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="which views are drawn for --replay")
-    p.add_argument("--min-agreement", type=float, default=0.99, help="replay passes at this top-1 agreement (default 0.99)")
-    p.add_argument("--max-kl", type=float, default=1e-3, help="replay passes at this mean KL (default 1e-3)")
+    # defaults by precision (kdcache.teacher.verify.THRESHOLDS): fp32 dump and replay on the CPU, or reduced
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="replay passes at this top-1 agreement (default 0.999 fp32 on CPU, else 0.99)")
+    p.add_argument("--max-kl", type=float, default=None,
+                   help="replay passes at this mean KL(fresh || cached) over the k + 1 stored bins (default 1e-4 fp32 on CPU, else 1e-3)")
+    p.add_argument("--max-tail-error", type=float, default=None,
+                   help="replay passes at this mean relative tail-mass error (default 1e-3 fp32 on CPU, else 0.2)")
     p.add_argument("--json", action="store_true")
 
 
 def _cmd_verify(args) -> int:
     from kdcache.teacher.verify import verify, render_report
     report = verify(args.cache, replay=args.replay, checkpoint=args.teacher_checkpoint, data=args.data,
-                    device=args.device, seed=args.seed, min_agreement=args.min_agreement, max_kl=args.max_kl)
+                    device=args.device, seed=args.seed, min_agreement=args.min_agreement, max_kl=args.max_kl,
+                    max_tail_error=args.max_tail_error)
     print(json.dumps(report, indent=1) if args.json else render_report(report))
     return 0 if report["ok"] else 1
 
@@ -215,10 +222,16 @@ def _add_train(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the student")
     p.add_argument("--workers", type=int, default=None, help="loader threads (default: usable cores)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0, help="global seed: initialisation, sample order, views")
+    p.add_argument("--seed", type=int, default=0, help="the student's initialisation and sample order (default 0)")
+    p.add_argument("--view-global-seed", type=int, default=None,
+                   help="global seed of the views: cached KD takes the cache's; --kd online/none default to 0, "
+                        "dump-teacher's default, so the baselines see the cache's views")
     p.add_argument("--view-seeds", type=parse_seeds, default=None,
-                   help="A:B: augmentation seeds cycled over epochs (cache: a subset of its seeds; "
-                        "none/online: default one new seed per epoch)")
+                   help="A:B: augmentation seeds cycled over passes (cache: a subset of its seeds; "
+                        "none/online: default one new seed per pass)")
+    p.add_argument("--mix-labels", action="store_true",
+                   help="cached KD from a cache dumped without mixing: the loader mixes the views (--mixup/--cutmix) "
+                        "and the target is the lambda-mix of the two cached distributions (FKD/ReLabel)")
     p.add_argument("--seed-choice", default="cycle", choices=["cycle", "per-sample"],
                    help="cache: epoch e uses seed e mod S (cycle), or each sample draws a stored seed (per-sample)")
     g = p.add_argument_group("loss")
@@ -251,14 +264,17 @@ def _train_config(args):
     teacher = None
     if mode == "online":  # TrainConfig.validate checks that the teacher has weights
         teacher = dataclasses.asdict(_teacher_spec(args))
+    from kdcache.augment.recipe import ViewRecipe, check_flags_match, given_recipe_flags, recipe_from_args
     recipe = None
-    recipe_flags = (args.size is not None or tuple(args.scale) != (0.08, 1.0) or args.hflip != 0.5
-                    or tuple(args.ratio) != (3 / 4, 4 / 3))
-    if recipe_flags:
-        if mode == "cache":
-            raise KdcacheError("view recipe flags (--size, --scale, --ratio, --hflip) come from the cache in cached KD")
+    if mode == "cache":
+        from kdcache.cache.schema import TeacherCache
+        cache_recipe = ViewRecipe.from_dict(TeacherCache.open(args.cache).spec.recipe)
+        mixing_flags = ("mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mix_block")
+        check_flags_match(args, cache_recipe, str(args.cache), allowed=mixing_flags if args.mix_labels else ())
+        if args.mix_labels:
+            recipe = {k: v for k, v in given_recipe_flags(args).items() if k in mixing_flags}
+    elif given_recipe_flags(args):
         from kdcache.data.dataset import PreparedDataset
-        from kdcache.augment.recipe import recipe_from_args
         recipe = recipe_from_args(args, PreparedDataset.open(args.data).view_size).to_dict()
     loss = {"kd_loss": args.kd_loss if mode != "none" else "none", "kd_weight": args.kd_weight,
             "temperature": args.temperature, "hard_loss": args.hard_loss or ("ce" if mode == "none" else "none"),
@@ -270,8 +286,9 @@ def _train_config(args):
                        sched=args.sched, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, min_lr=args.min_lr,
                        clip_grad=args.clip_grad, ema_decay=args.model_ema_decay, drop_path=args.drop_path,
                        amp=args.amp, channels_last=not args.no_channels_last, compile=args.compile,
-                       workers=args.workers, device=args.device, seed=args.seed, view_seeds=args.view_seeds,
-                       seed_choice=args.seed_choice, recipe=recipe, loss=loss, eval_every=args.eval_every,
+                       workers=args.workers, device=args.device, seed=args.seed, view_global_seed=args.view_global_seed,
+                       view_seeds=args.view_seeds, seed_choice=args.seed_choice, recipe=recipe,
+                       mix_labels=args.mix_labels, loss=loss, eval_every=args.eval_every,
                        crop_pct=args.crop_pct, log_interval=args.log_interval, progress=not args.no_progress)
 
 

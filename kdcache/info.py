@@ -19,6 +19,10 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _logp_text(encoding: dict) -> str:
+    return f"uint16, step 1/{encoding['scale']}" if encoding.get("scale") else encoding["dtype"]
+
+
 def render_text(info: dict) -> str:
     if info["kind"] == "dataset":
         lines = [f"dataset   {info['path']}",
@@ -40,8 +44,11 @@ def render_text(info: dict) -> str:
                                                                        f"  from {t.get('checkpoint')}"),
                  f"dataset   fingerprint {info['dataset_fingerprint'][:16]}, {info['num_samples']} samples, "
                  f"{info['num_classes']} classes",
-                 f"views     top-{info['topk']} ({info['values_dtype']} logits, {info['indices_dtype']} indices) "
-                 f"+ log-sum-exp + params; recipe size {info['recipe']['size']}, scale {info['recipe']['scale']}, "
+                 f"views     format {info['format_version']}: top-{info['topk']} "
+                 + (f"({info['values_dtype']} logits, {info['indices_dtype']} indices) + log-sum-exp"
+                    if info["format_version"] == 1 else
+                    f"log-probabilities ({_logp_text(info['logp_encoding'])}, {info['indices_dtype']} indices) + tail mass")
+                 + f" + params; recipe size {info['recipe']['size']}, scale {info['recipe']['scale']}, "
                  f"ratio {[round(r, 4) for r in info['recipe']['ratio']]}, hflip {info['recipe']['hflip']}; "
                  f"global seed {info['global_seed']}",
                  f"seeds     complete {info['seeds_complete']}"

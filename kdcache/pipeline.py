@@ -187,10 +187,19 @@ class Pipeline:
             self._step(f"student-{mode}", key, [run_dir / "summary.json"], lambda: self._train(run_dir, args, key))
 
     def _recipe_flags(self) -> List[str]:
-        """none and online do not read the cache: they get its view recipe explicitly (same views)."""
+        """none and online do not read the cache: they get its whole view recipe and its global seed
+        explicitly, so they train on the very views the cached student replays."""
+        from kdcache.augment.recipe import RECIPE_FLAGS, ViewRecipe
         from kdcache.cache.schema import TeacherCache
-        r = TeacherCache.open(self.out / "cache").spec.recipe
-        return ["--size", r["size"], "--scale", *r["scale"], "--ratio", *r["ratio"], "--hflip", r["hflip"]]
+        spec = TeacherCache.open(self.out / "cache").spec
+        recipe = ViewRecipe.from_dict(spec.recipe)
+        flags = ["--view-global-seed", spec.global_seed]
+        for name in RECIPE_FLAGS:
+            value = getattr(recipe, name)
+            if value is None:
+                continue
+            flags += ["--" + name.replace("_", "-"), *(value if isinstance(value, tuple) else [value])]
+        return flags
 
     def _device(self) -> List[str]:
         return ["--device", self.device] if self.device else []

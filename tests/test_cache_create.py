@@ -53,4 +53,4 @@ def test_a_kill_at_any_metadata_write_leaves_a_cache_the_next_run_opens(tmp_path
         monkeypatch.setattr(LocalStore, "set", real_set)
         cache = TeacherCache.create_or_open(path, _spec(), [0, 1])  # the same command again
         assert cache.spec == _spec() and cache.seeds == [0, 1], kill_at
-        assert TeacherCache.open(path).arrays(1)["values"].shape == (100, 5)
+        assert TeacherCache.open(path).arrays(1)["logp"].shape == (100, 5)

@@ -23,7 +23,7 @@ from kdcache.data import sources
 from kdcache.data.prepare import prepare
 from kdcache.models import ModelSpec, Normalize, build_model, weights_sha256
 
-ARRAYS = ("values", "indices", "lse", "params")
+ARRAYS = ("logp", "indices", "log_tail", "params")
 DUMP = ["--teacher", "resnet10t", "--random-teacher", "--topk", 5, "--unit-size", 256, "--no-progress"]
 
 
@@ -75,10 +75,13 @@ def test_info_json_describes_the_cache(clean_cache, fm2000):
 def test_verify_replay_matches_the_teacher(clean_cache):
     report = json.loads(kdcache("verify", clean_cache, "--replay", 64, "--json").stdout)
     assert report["complete"] and report["ok"] and not report["problems"]
-    assert report["replay"]["views"] == 64
-    assert report["replay"]["top1_agreement"] >= 0.999
-    assert report["replay"]["mean_kl"] <= 1e-4
-    assert report["replay"]["max_abs_logit_error"] < 0.05   # float16 storage of logits
+    r = report["replay"]
+    assert r["views"] == 64 and r["precision"] == "fp32" and r["dump_precision"] == ["cpu/off"]
+    assert r["thresholds"] == {"min_agreement": 0.999, "max_kl": 1e-4, "max_tail_error": 1e-3}
+    assert r["top1_agreement"] >= 0.999
+    assert r["replay_kl_mean"] <= 1e-4
+    assert r["max_abs_logp_error"] < 1e-3          # uint16 storage: half a step is 1/4096
+    assert r["tail_mass_error_max"] < 1e-3
 
 
 def test_cache_rows_are_the_teacher_on_the_teacher_side_views(clean_cache, fm2000):
@@ -96,10 +99,11 @@ def test_cache_rows_are_the_teacher_on_the_teacher_side_views(clean_cache, fm200
         views = np.stack([render_views(decode_jpeg(split.jpeg_reader()[i], 28, 28), params[j], 32)[0] for j, i in enumerate(idx)])
         with torch.inference_mode():
             logits = model(norm(torch.from_numpy(views).permute(0, 3, 1, 2))).float()
-        top = logits.topk(5, 1)
+        top = torch.log_softmax(logits.double(), 1).topk(5, 1)
         assert np.array_equal(slab.indices[idx], top.indices.numpy())
-        np.testing.assert_allclose(slab.values[idx].astype(np.float32), top.values.numpy(), atol=2e-2, rtol=2e-3)
-        np.testing.assert_allclose(slab.lse[idx], torch.logsumexp(logits, 1).numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(slab.logp[idx], top.values.numpy(), atol=1 / 4096 + 1e-5, rtol=0)  # uint16: half a step
+        tail = 1 - top.values.exp().sum(1)  # float64 here: the tail is not small for this teacher
+        np.testing.assert_allclose(np.exp(slab.log_tail[idx].astype(np.float64)), tail.numpy(), rtol=1e-4)
 
 
 def _markers(out):
@@ -158,9 +162,11 @@ def test_two_torchrun_processes_give_the_same_cache(clean_cache, fm2000, tmp_pat
         got = ddp[(s, a)]
         if a == "indices":  # identical except exact ties, which may break either way
             diff = np.flatnonzero((got != ref).any(1))
-            vals = clean[(s, "values")].astype(np.float32)
+            vals = clean[(s, "logp")]
             for r in diff:
                 assert np.unique(vals[r]).size < vals[r].size, f"seed {s} sample {r}: indices differ without a tie"
+        elif a == "logp":  # uint16 steps: another summation order may round to the next step
+            assert np.abs(got.astype(np.int64) - ref).max() <= 1, f"seed {s}: logp differs"
         else:
             np.testing.assert_allclose(got.astype(np.float64), ref.astype(np.float64), rtol=1e-3, atol=1e-3)
 
@@ -221,35 +227,46 @@ PLAIN_READER = r'''
 import json, pathlib, sys, numpy as np, zarr
 path, s, i = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 root = zarr.open_group(path, mode="r")
-spec = root.attrs["spec"]
+assert root.attrs["format_version"] == 2 and root.attrs["tail_rule"] == "uniform-tail-v2"
+spec, enc = root.attrs["spec"], root.attrs["logp_encoding"]
 N, C, k = spec["dataset"]["num_samples"], spec["dataset"]["num_classes"], spec["topk"]
 assert len(list(pathlib.Path(path, "units", f"{s:06d}").glob("*.json"))) == -(-N // spec["unit_size"])
 g = root[f"seeds/{s:06d}"]
-values, indices, lse, params = g["values"][:], g["indices"][:], g["lse"][:], g["params"][:]
-p = np.exp(values[i].astype(np.float64) - lse[i])
-z = np.full(C, lse[i] + np.log(max(1 - p.sum(), 1e-12) / (C - k)) if k < C else 0.0)
-z[indices[i]] = values[i]
+logp, indices, log_tail, params = g["logp"][:], g["indices"][:], g["log_tail"][:], g["params"][:]
+logp = -logp.astype(np.float64) / enc["scale"] if enc["dtype"] == "uint16" else logp.astype(np.float64)
+z = np.full(C, log_tail[i] - np.log(C - k) if k < C else -np.inf)
+z[indices[i]] = logp[i]
 q = np.exp(z - z.max()); q /= q.sum()
-print(json.dumps({"probs": q.tolist(), "params": params[i].tolist()}))
+print(json.dumps({"probs": q.tolist(), "indices": indices[i].tolist(), "tail": float(np.exp(log_tail[i])),
+                  "params": params[i].tolist()}))
 '''
 
 
 def test_plain_zarr_reader_rebuilds_the_teacher_distribution(fmnist_small, tmp_path):
-    """docs/cache-format.md is enough: zarr + numpy only (no kdcache import) recover softmax(teacher)."""
-    out = tmp_path / "exact"
-    kdcache(*dump_args(fmnist_small.root, out, "1:2", "--values-dtype", "float32", "--topk", "10"))
+    """docs/cache-format.md is enough: zarr + numpy only (no kdcache import) recover softmax(teacher):
+    exactly with k = C, and with k = 5 < C the stored probabilities and the tail mass."""
     script = tmp_path / "reader.py"
     script.write_text(PLAIN_READER)
-    got = json.loads(subprocess.run([sys.executable, str(script), str(out), "1", "17"], capture_output=True,
-                                    text=True, check=True, cwd=tmp_path).stdout)
+    got = {}
+    for name, extra in (("exact", ["--values-dtype", "float32", "--topk", "10"]), ("top5", [])):
+        kdcache(*dump_args(fmnist_small.root, tmp_path / name, "1:2", *extra))
+        got[name] = json.loads(subprocess.run([sys.executable, str(script), str(tmp_path / name), "1", "17"],
+                                              capture_output=True, text=True, check=True, cwd=tmp_path).stdout)
     split = fmnist_small.split("train")
     params = view_params(ViewRecipe(size=32), 0, 1, np.array([17]), split.sizes[[17], 0], split.sizes[[17], 1])
-    assert np.array_equal(np.float32(got["params"]), params[0])
+    assert np.array_equal(np.float32(got["exact"]["params"]), params[0])
     model, info = build_model(ModelSpec(name="resnet10t", random_init=True, seed=0), 10)
     view = render_views(decode_jpeg(split.jpeg_reader()[17], 28, 28), params, 32)
     with torch.inference_mode():
-        probs = torch.softmax(model(Normalize(info["mean"], info["std"])(torch.from_numpy(view).permute(0, 3, 1, 2))), 1)[0]
-    np.testing.assert_allclose(got["probs"], probs.numpy(), atol=1e-5)
+        logits = model(Normalize(info["mean"], info["std"])(torch.from_numpy(view).permute(0, 3, 1, 2)))[0]
+    probs = torch.softmax(logits.double(), 0).numpy()
+    np.testing.assert_allclose(got["exact"]["probs"], probs, atol=1e-6)
+    top5, stored = got["top5"], np.array(got["top5"]["indices"])
+    others = np.setdiff1d(np.arange(10), stored)
+    assert np.array_equal(stored, np.argsort(-probs)[:5])
+    np.testing.assert_allclose(np.array(top5["probs"])[stored], probs[stored], rtol=1e-3)    # uint16: 2.5e-4 (+ normalisation)
+    np.testing.assert_allclose(top5["tail"], probs[others].sum(), rtol=1e-5)                 # stored exactly
+    np.testing.assert_allclose(np.array(top5["probs"])[others], probs[others].sum() / 5, rtol=1e-3)
 
 
 def test_teacher_from_checkpoint_files_and_factories(fmnist_small, tmp_path):
@@ -291,15 +308,39 @@ def test_teacher_from_checkpoint_files_and_factories(fmnist_small, tmp_path):
     assert proc.returncode == 2 and "missing.pth: teacher checkpoint not found" in proc.stderr
 
 
+def test_verify_replay_fails_on_replay_errors_only_and_names_them(small_copy):
+    """A correct top-5-of-10 cache passes (its top-k loss is reported, not failed); a cache whose stored
+    values were changed fails, each failed check named."""
+    out = small_copy
+    report = json.loads(kdcache("verify", out, "--replay", 128, "--json").stdout)
+    r = report["replay"]
+    assert report["ok"] and report["problems"] == [] and r["precision"] == "fp32"
+    assert r["topk_kl_mean"] > r["thresholds"]["max_kl"] > r["replay_kl_mean"]   # the loss that once failed it
+    assert "OK" in kdcache("verify", out, "--replay", 16).stdout.splitlines()[0]
+    g = zarr.open_group(str(out), mode="r+")
+    for s in (0, 1):   # every row: the top class's probability divided by e^0.1, the tail mass doubled
+        logp, log_tail = g[f"seeds/{s:06d}/logp"], g[f"seeds/{s:06d}/log_tail"]
+        logp[:, 0] = logp[:, 0] + 205
+        log_tail[...] = log_tail[...] + np.log(2)
+    proc = kdcache("verify", out, "--replay", 128, "--json", check=False)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 1 and not report["ok"]
+    assert any(p.startswith("replay: mean KL(fresh || cached)") for p in report["problems"]), report["problems"]
+    assert any(p.startswith("replay: mean relative tail-mass error") for p in report["problems"]), report["problems"]
+    assert any("do not sum to 1" in p for p in report["problems"]), report["problems"]
+    text = kdcache("verify", out, "--replay", 128, check=False).stdout
+    assert text.startswith(f"cache {out}: PROBLEMS") and "problem: replay: mean KL" in text
+
+
 def test_verify_finds_missing_units_and_bad_rows(small_copy):
     out = small_copy
     assert json.loads(kdcache("verify", out, "--json").stdout)["ok"]
     (out / "units" / "000001" / "000001.json").unlink()
     report = json.loads(kdcache("verify", out, "--json", check=False).stdout)
     assert not report["ok"] and report["missing_units"] == {"1": [1]}
-    values = zarr.open_group(str(out), mode="r+")["seeds/000000/values"]
+    values = zarr.open_group(str(out), mode="r+")["seeds/000000/log_tail"]
     rows = values[0:256]
-    rows[17, 0] = np.nan
+    rows[17] = np.nan
     values[0:256] = rows
     report = json.loads(kdcache("verify", out, "--json", check=False).stdout)
-    assert any("seed 0: 1 rows of values hold NaN/inf (first sample 17)" in p for p in report["problems"])
+    assert any("seed 0: 1 rows of log_tail hold NaN/inf (first sample 17)" in p for p in report["problems"])

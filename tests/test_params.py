@@ -147,11 +147,11 @@ def test_imagenet_sized_range_in_one_call():
     assert np.array_equal(p[tail], view_params(ViewRecipe(), 0, 0, tail, H[tail], W[tail]))
 
 
-def test_recipe_refuses_what_views_do_not_carry_yet():
-    with pytest.raises(KdcacheError, match="--mixup"):
-        ViewRecipe(mixup=0.1)
+def test_recipe_round_trips_and_refuses_bad_ranges():
     with pytest.raises(KdcacheError, match="--scale"):
         ViewRecipe(scale=(0.9, 0.1))
     r = ViewRecipe(size=32, scale=(0.35, 1.0))
     assert ViewRecipe.from_dict(r.to_dict()) == r
+    strong = ViewRecipe(size=32, aa="rand-m7-mstd0.5", reprob=0.25, mixup=0.1, cutmix=1.0, aug_repeats=3)
+    assert ViewRecipe.from_dict(strong.to_dict()) == strong and strong.digest() != r.digest()
     assert r.digest() != ViewRecipe(size=32).digest()

@@ -58,10 +58,17 @@ def test_three_modes_and_run_directory(fmnist_small, teacher_setup, tmp_path):
     assert json.loads((runs["online"] / "summary.json").read_text())["teacher_forward_s_per_epoch"] > 0
     assert (runs["none"] / "model_ema.safetensors").is_file()
     assert "ema_top1" in [json.loads(l) for l in (runs["none"] / "metrics.jsonl").read_text().splitlines()][-2]
-    # cached KD with a float32, k = C cache is online KD: the same views, the same teacher logits
+    # cached KD with a float32, k = C cache is online KD: the same views, the same teacher distribution. The
+    # cache holds float32 log-probabilities (logit - lse), which round apart from the raw logits by ~1e-7; the
+    # logged losses agree to 1e-4 and 12 steps at lr 0.05 grow that to ~2e-3 in the weights (measured)
+    losses = {m: [(r["step"], r["loss"]) for r in map(json.loads, (runs[m] / "metrics.jsonl").read_text().splitlines())
+                  if r["kind"] == "train"] for m in ("cache", "online")}
+    assert [s for s, _ in losses["cache"]] == [s for s, _ in losses["online"]]
+    for (_, a), (_, b) in zip(losses["cache"], losses["online"]):
+        assert a == pytest.approx(b, rel=1e-4)
     cached, online = _weights(runs["cache"]), _weights(runs["online"])
     for k in cached:
-        assert torch.allclose(cached[k].float(), online[k].float(), atol=1e-4, rtol=1e-3), k
+        assert torch.allclose(cached[k].float(), online[k].float(), atol=5e-3, rtol=1e-2), k
     none = _weights(runs["none"])
     assert not torch.allclose(none["fc.weight"], cached["fc.weight"], atol=1e-3)  # the teacher's signal mattered
     kdcache("dump-teacher", "--data", data, "--out", tmp_path / "recache", "--seeds", "0:1", "--topk", 3,
@@ -93,7 +100,7 @@ def test_per_sample_seed_choice_replays_stored_views(teacher_setup):
         s = int(views.seeds[i])
         assert np.array_equal(views.params[i], slabs[s].params[i])
         logits = src.logits(None, torch.tensor([i]))
-        assert torch.allclose(logits[0, torch.from_numpy(slabs[s].indices[i].astype(np.int64))], torch.from_numpy(slabs[s].values[i]))
+        assert torch.allclose(logits[0, torch.from_numpy(slabs[s].indices[i].astype(np.int64))], torch.from_numpy(slabs[s].logp[i]))
     again = src.begin_epoch(4)
     assert np.array_equal(again.seeds, views.seeds) and not np.array_equal(src.begin_epoch(5).seeds, views.seeds)
 
@@ -122,7 +129,7 @@ def test_cycle_reads_each_slab_once_and_prefetches_only_what_comes_next(teacher_
         i = 5
         logits = src.logits(None, torch.tensor([i]))
         assert torch.allclose(logits[0, torch.from_numpy(stored[epoch].indices[i].astype(np.int64))],
-                              torch.from_numpy(stored[epoch].values[i]))
+                              torch.from_numpy(stored[epoch].logp[i]))
     time.sleep(0.2)  # a stray prefetch thread would have started by now
     assert sorted(reads) == [0, 1, 2]
 

@@ -8,7 +8,7 @@ from conftest import run_cli
 from kdcache.augment import ViewRecipe, view_params
 from kdcache.augment.preview import teacher_side_views
 from kdcache.augment.render import decode_jpeg, render_views
-from kdcache.student.loader import ReplayLoader
+from kdcache.augment.loader import ReplayLoader
 
 
 def _params(split, recipe, seed, global_seed=0):
@@ -100,6 +100,6 @@ def test_preview_cli_writes_side_by_side_picture(fmnist_small, tmp_path):
     # the picture holds the teacher-side views themselves (zoomed 3x), at the documented places
     split = fmnist_small.split("train")
     params = {0: _params(split, ViewRecipe(size=32), 0)}
-    view = teacher_side_views(split, [0], params, 32)[(0, 0)]
+    view = teacher_side_views(split, [0], params, ViewRecipe(size=32))[(0, 0)]
     tile = np.asarray(img)[28:28 + 96, 4:4 + 96][::3, ::3]
     assert np.array_equal(tile, view)

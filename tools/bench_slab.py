@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Slab load time of a simulated ImageNet-size cache: 1,281,167 samples, k = 10, 2 seeds, local disk.
-A student's epoch reads one seed whole (values, indices, log-sum-exp and view parameters); goal <= 0.25 s
-per seed. Also times plain zarr reads of values + indices alone, the floor. The arrays are written with
-kdcache's real schema (kdcache.cache.schema) and realistic-looking top-k logits; no teacher runs.
+A student's epoch reads one seed whole (log-probabilities, indices, tail mass and view parameters); goal
+<= 0.25 s per seed. Also times plain zarr reads of logp + indices alone, the floor. The arrays are written
+with kdcache's real schema (kdcache.cache.schema) and realistic-looking top-k logits; no teacher runs.
 
     python tools/bench_slab.py [--dir /tmp/slab-bench] [--samples 1281167] [--topk 10] [--seeds 2]
 """
@@ -40,12 +40,13 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--unit-size", type=int, default=None, help="default: kdcache's CacheSpec default")
     p.add_argument("--chunk-rows", type=int, default=None, help="default: kdcache's CacheSpec default")
+    p.add_argument("--values-dtype", default="uint16", choices=["uint16", "float32"])
     p.add_argument("--keep", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
     import zarr
-    from kdcache.cache.schema import CacheSpec, TeacherCache
+    from kdcache.cache.schema import CacheSpec, TeacherCache, encode_logp
     from kdcache.cache.slabs import read_slab
 
     path = Path(args.dir)
@@ -55,7 +56,7 @@ def main():
                               "mean": [0.5] * 3, "std": [0.5] * 3},
                      dataset={"fingerprint": "simulated", "split": "train", "split_fingerprint": "simulated",
                               "num_samples": n, "num_classes": args.classes, "view_size": 224, "path": ""},
-                     recipe={"size": 224}, global_seed=0, topk=k,
+                     recipe={"size": 224}, global_seed=0, topk=k, values_dtype=args.values_dtype,
                      **{k_: v for k_, v in (("unit_size", args.unit_size), ("chunk_rows", args.chunk_rows)) if v})
     seeds = list(range(args.seeds))
     cache = TeacherCache.create_or_open(path, spec, seeds)
@@ -67,10 +68,12 @@ def main():
             a, e = spec.block_bounds(b)
             m = e - a
             logits = np.sort(rng.normal(0, 2, (m, k)).astype(np.float32), 1)[:, ::-1] + rng.normal(8, 1, (m, 1))
-            arrays["values"][a:e] = logits.astype(np.float16)
+            lse = logits[:, 0] + rng.uniform(0.1, 2.0, m)
+            logp = logits - lse[:, None]
+            arrays["logp"][a:e] = encode_logp(logp, spec.values_dtype)
             arrays["indices"][a:e] = rng.integers(0, args.classes, (m, k)).astype(np.int16)
-            arrays["lse"][a:e] = (logits[:, 0] + rng.uniform(0.1, 2.0, m)).astype(np.float32)
-            arrays["params"][a:e] = rng.uniform(0, 1, (m, 5)).astype(np.float32)
+            arrays["log_tail"][a:e] = np.log1p(-np.minimum(np.exp(logp).sum(1), 0.999)).astype(np.float32)
+            arrays["params"][a:e] = rng.uniform(0, 1, (m, arrays["params"].shape[1])).astype(np.float32)
             cache.ledger.mark_done(s, b, {"views": m, "correct": 0, "run": "bench", "rank": 0})
     write_s = time.time() - t
     cache.refresh_summary()
@@ -89,22 +92,22 @@ def main():
             full.append(time.perf_counter() - t)
             g = zarr.open_group(str(path), mode="r")[f"seeds/{s:06d}"]
             t = time.perf_counter()
-            g["values"][...], g["indices"][...]
+            g["logp"][...], g["indices"][...]
             plain.append(time.perf_counter() - t)
-    assert slab.values.shape == (n, k) and np.isfinite(slab.lse).all()
+    assert slab.logp.shape == (n, k) and np.isfinite(slab.log_tail).all()
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cpus",
               "unit_size": spec.unit_size, "chunk_rows": spec.chunk_rows,
-              "samples": n, "topk": k, "seeds": args.seeds, "write_s": write_s,
+              "samples": n, "topk": k, "values_dtype": spec.values_dtype, "seeds": args.seeds, "write_s": write_s,
               "bytes_on_disk": TeacherCache.open(path).bytes_on_disk(),
               "slab_s_median": statistics.median(full), "slab_s_all": full,
               "plain_values_indices_s_median": statistics.median(plain), "slab_s_cold": cold}
     print(f"unit size {spec.unit_size}, chunk rows {spec.chunk_rows}")
     print(f"simulated cache: {n} samples, k={k}, {args.seeds} seeds, {result['bytes_on_disk'] / 2**20:.0f} MiB on disk "
           f"(written in {write_s:.1f} s)")
-    print(f"slab per seed (values, indices, lse, params; completeness check included): median "
+    print(f"slab per seed (logp, indices, log_tail, params; completeness check included): median "
           f"{result['slab_s_median']:.3f} s over {len(full)} reads (goal <= 0.25 s)"
           + (f"; cold page cache {cold:.3f} s" if cold is not None else "; page cache could not be dropped here"))
-    print(f"plain zarr values + indices: median {result['plain_values_indices_s_median']:.3f} s")
+    print(f"plain zarr logp + indices: median {result['plain_values_indices_s_median']:.3f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     if not args.keep:

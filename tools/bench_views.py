@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Benchmark of views: parameter generation rate, and loader throughput of
-  (a) kdcache's FFCV replay loader (stored view parameters, kdcache.student.loader.ReplayLoader),
+  (a) kdcache's FFCV replay loader (stored view parameters, kdcache.augment.loader.ReplayLoader),
   (b) stock FFCV (RandomResizedCropRGBImageDecoder + RandomHorizontalFlip): the limit for (a),
   (c) a torchvision DataLoader (PIL decode + RandomResizedCrop + RandomHorizontalFlip),
 on the same prepared data, output size, batch size and worker count. Epochs of (a), (b), (c) are
@@ -37,7 +37,7 @@ def param_rate(n: int, repeats: int = 3) -> float:
 
 def replay_epochs(split, recipe, args):
     from kdcache.augment import view_params
-    from kdcache.student.loader import ReplayLoader
+    from kdcache.augment.loader import ReplayLoader
     loader = ReplayLoader(split.beton_path, split.num_samples, recipe.size, args.batch_size, args.workers,
                           order="random", seed=0, indices=args.indices)
     everyone = np.arange(split.num_samples)
@@ -53,7 +53,7 @@ def stock_ffcv_epochs(split, recipe, args):
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
-    from kdcache.student.loader import usable_workers
+    from kdcache.augment.loader import usable_workers
     loader = Loader(str(split.beton_path), batch_size=args.batch_size, num_workers=usable_workers(args.workers),
                     order=OrderOption.RANDOM, seed=0, indices=args.indices,
                     pipelines={"image": [RandomResizedCropRGBImageDecoder((recipe.size,) * 2, recipe.scale, recipe.ratio),

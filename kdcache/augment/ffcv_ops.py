@@ -1,10 +1,15 @@
 """Student side of the view renderer: an FFCV decoder that replays stored view parameters.
 
 FFCV hands decoders the beton row ids of each batch (`batch_indices`), which are the global sample
-indices. The parameters of the current epoch's views live in a float32 (N, 5) table owned by the
+indices. The parameters of the current epoch's views live in a float32 (N, P) table owned by the
 decoder; compiled code reaches it by address, because numba freezes global and closure arrays at
 compile time. Refilling the table in place (set_views) between epochs therefore needs no recompilation.
 Fill it before `iter(loader)`: FFCV's epoch thread starts decoding as soon as the iterator exists.
+
+Mixing happens in the same decode call, after every view of the batch is rendered: the sample order
+(kdcache.augment.loader.PairedOrder) puts partners next to each other in one batch, so each image is
+decoded once per epoch. A partner missing from its batch is caught by the loader, which raises: a view
+is never silently left unmixed.
 """
 
 import numba
@@ -13,19 +18,20 @@ from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
 from ffcv.pipeline.compiler import Compiler
 from ffcv.utils import cast_int_to_byte_ptr
 
-from kdcache.augment.params import NUM_PARAMS
+from kdcache.augment.params import ParamLayout
 from kdcache.augment.render import make_renderer
 
 
 class ReplayViewDecoder(ResizedCropRGBImageDecoder):
     """Decode + crop + resize + flip of view (i, params[i]) for every sample id i of the batch."""
 
-    def __init__(self, num_samples: int, output_size: int):
+    def __init__(self, num_samples: int, output_size: int, layout: ParamLayout = None):
         super().__init__((output_size, output_size))
-        self.table = np.full((num_samples, NUM_PARAMS), np.nan, np.float32)
+        self.layout = layout or ParamLayout()
+        self.table = np.full((num_samples, self.layout.width), np.nan, np.float32)
 
     def set_views(self, params: np.ndarray) -> None:
-        """Copy one epoch's (N, 5) view parameters into the table (in place: the address is compiled in)."""
+        """Copy one epoch's (N, P) view parameters into the table (in place: the address is compiled in)."""
         params = np.asarray(params, dtype=np.float32)
         if params.shape != self.table.shape:
             raise ValueError(f"view table needs shape {self.table.shape}, got {params.shape}")
@@ -42,14 +48,16 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         address = self.table.ctypes.data
-        rows = self.table.shape[0]
+        rows, columns = self.table.shape
         nbytes = self.table.nbytes
+        layout = self.layout.as_array()
+        mix_offset = int(layout[4])
         renderer = make_renderer()  # this pipeline's own compiled copies (see kdcache.augment.render)
-        decode_into, render_into = renderer.decode_into, renderer.render_into
+        decode_into, render_into, mix_pair = renderer.decode_into, renderer.render_into, renderer.mix_pair
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
-            table = numba.carray(cast_int_to_byte_ptr(address), (nbytes,)).view(np.float32).reshape((rows, NUM_PARAMS))
+            table = numba.carray(cast_int_to_byte_ptr(address), (nbytes,)).view(np.float32).reshape((rows, columns))
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
@@ -62,7 +70,23 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
                     image = temp.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     image = image_data.reshape(height, width, 3)
-                render_into(image, table[source_ix], destination[dst_ix])
+                render_into(image, table[source_ix], layout, destination[dst_ix])
+            if mix_offset >= 0:
+                n = len(batch_indices)
+                for dst_ix in my_range(n):
+                    source_ix = batch_indices[dst_ix]
+                    offset = int(table[source_ix, mix_offset + 1])
+                    if offset > 0:  # the pair is mixed once, from its lower member
+                        partner = source_ix + offset
+                        at = -1
+                        if dst_ix + 1 < n and batch_indices[dst_ix + 1] == partner:
+                            at = dst_ix + 1
+                        else:
+                            for q in range(n):
+                                if batch_indices[q] == partner:
+                                    at = q
+                        if at >= 0:  # (a partner missing from the batch is caught by ReplayLoader.__iter__)
+                            mix_pair(destination[dst_ix], destination[at], table[source_ix], layout)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

@@ -1,4 +1,7 @@
-"""`kdcache preview`: a picture of teacher-side and FFCV-side renders of the same views, side by side."""
+"""`kdcache preview`: a picture of teacher-side and FFCV-side renders of the same views, side by side.
+
+teacher_side_views and ffcv_side_views render any views (i, s), mixed ones included (a mixed view needs
+its partner's view too): verify --replay and the pixel-equality tests use them as well."""
 
 from pathlib import Path
 from typing import Sequence
@@ -6,34 +9,59 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from kdcache.augment.params import view_params
+from kdcache.augment.params import ParamLayout, view_params
 from kdcache.augment.recipe import ViewRecipe
-from kdcache.augment.render import decode_jpeg, render_views
+from kdcache.augment.render import decode_jpeg, mix_views, render_views
 from kdcache.data.dataset import PreparedSplit
 
 
-def teacher_side_views(split: PreparedSplit, indices: Sequence[int], params_by_seed: dict, size: int) -> dict:
-    """{(i, s): view} rendered from the shard bytes, as dump-teacher renders them."""
+def _partner(params: np.ndarray, layout: ParamLayout, i: int) -> int:
+    return i if layout.mix_offset is None else i + int(params[i, layout.mix_offset + 1])
+
+
+def teacher_side_views(split: PreparedSplit, indices: Sequence[int], params_by_seed: dict, recipe: ViewRecipe) -> dict:
+    """{(i, s): view} rendered from the shard bytes, as dump-teacher renders them (mixed with the partner's
+    view when the recipe mixes). params_by_seed: {s: (N, P) rows of every sample}."""
+    layout = ParamLayout.of(recipe)
     reader = split.jpeg_reader()
+    decoded = {}
+
+    def own_view(i, s):
+        if i not in decoded:
+            decoded[i] = decode_jpeg(reader[i], *split.sizes[i], what=f"{split.name} sample {i}")
+        return render_views(decoded[i], params_by_seed[s][i], recipe.size, layout)[0]
+
     out = {}
     for i in indices:
-        image = decode_jpeg(reader[i], *split.sizes[i], what=f"{split.name} sample {i}")
         for s, params in params_by_seed.items():
-            out[(i, s)] = render_views(image, params[i], size)[0]
+            j = _partner(params, layout, i)
+            view = own_view(i, s)
+            if j != i:
+                other = own_view(j, s)
+                lower, upper = (view, other) if i < j else (other, view)
+                mix_views(lower, upper, params[min(i, j)], layout)   # as the dump: from the pair's lower member
+            out[(i, s)] = view
     return out
 
 
-def ffcv_side_views(split: PreparedSplit, indices: Sequence[int], params_by_seed: dict, size: int) -> dict:
-    """{(i, s): view} replayed by the student's FFCV loader, one pass per seed."""
-    from kdcache.student.loader import ReplayLoader
-    loader = ReplayLoader(split.beton_path, split.num_samples, size, batch_size=len(indices),
-                          order="sequential", indices=indices, drop_last=False)
+def ffcv_side_views(split: PreparedSplit, indices: Sequence[int], params_by_seed: dict, recipe: ViewRecipe) -> dict:
+    """{(i, s): view} replayed by the student's FFCV loader, one pass per seed (partners loaded alongside)."""
+    from kdcache.augment.loader import ReplayLoader
+    layout = ParamLayout.of(recipe)
+    wanted = set(int(i) for i in indices)
+    for params in params_by_seed.values():
+        wanted |= {_partner(params, layout, i) for i in indices}
+    wanted = sorted(wanted)
+    batch = len(wanted) + len(wanted) % 2
+    loader = ReplayLoader(split.beton_path, split.num_samples, recipe.size, batch_size=batch, order="sequential",
+                          indices=wanted, drop_last=False, layout=layout)
     out = {}
     for s, params in params_by_seed.items():
         loader.set_views(params)
         for images, _, idx in loader:
             for image, i in zip(images.permute(0, 2, 3, 1).numpy(), idx.tolist()):
-                out[(i, s)] = image.copy()
+                if i in indices:
+                    out[(i, s)] = image.copy()
     return out
 
 
@@ -41,10 +69,10 @@ def preview(split: PreparedSplit, recipe: ViewRecipe, global_seed: int, samples:
     n = split.num_samples
     indices = sorted(set(np.linspace(0, n - 1, min(samples, n)).round().astype(int).tolist()))
     everyone = np.arange(n)
-    params_by_seed = {s: view_params(recipe, global_seed, s, everyone, split.sizes[:, 0], split.sizes[:, 1])
+    params_by_seed = {s: view_params(recipe, global_seed, s, everyone, split.sizes[:, 0], split.sizes[:, 1], n)
                       for s in range(seeds)}
-    teacher = teacher_side_views(split, indices, params_by_seed, recipe.size)
-    student = ffcv_side_views(split, indices, params_by_seed, recipe.size)
+    teacher = teacher_side_views(split, indices, params_by_seed, recipe)
+    student = ffcv_side_views(split, indices, params_by_seed, recipe)
     identical = sum(np.array_equal(teacher[k], student[k]) for k in teacher)
 
     zoom = max(1, 96 // recipe.size)

@@ -1,4 +1,8 @@
-"""The augmentation recipe of a view: settings named as in timm's train.py, recorded whole in every artefact."""
+"""The augmentation recipe of a view: settings named as in timm's train.py, recorded whole in every artefact.
+
+The defaults live here and only here: the CLI's flags default to None ("not given") and take the
+dataclass defaults, so a flag that contradicts a cache's recipe can be told apart from one left alone.
+"""
 
 import argparse
 import dataclasses
@@ -9,7 +13,10 @@ from typing import Optional, Tuple
 
 from kdcache.errors import KdcacheError
 
-RECIPE_VERSION = 1
+# 1: RandomResizedCrop + flip only (fields size..hflip; older fields refused unless default).
+# 2: RandAugment, random erasing, pair mixing, repeated augmentation, the mixing block and the renderer version.
+RECIPE_VERSION = 2
+ERASE_MODES = ("const", "rand", "pixel")
 
 
 @dataclass(frozen=True)
@@ -18,9 +25,12 @@ class ViewRecipe:
 
     size: side of the square output view, in pixels (both stages render at this size).
     scale, ratio, hflip: timm's --scale, --ratio, --hflip (torchvision RandomResizedCrop + flip).
-    The remaining fields are timm's stronger augmentations. They are part of the recipe's identity so
-    that a cache records them, but views do not carry them yet: a non-default value is refused rather
-    than silently ignored.
+    aa: timm's --aa RandAugment string, rand-m{M}-n{N}-mstd{S}[-inc1] (docs/views.md).
+    reprob, remode, recount: timm's random erasing, applied after RandAugment, in uint8 (docs/views.md).
+    mixup, cutmix, mixup_prob, mixup_switch_prob: timm's Mixup in "pair" mode: for seed s, samples are
+        paired inside blocks of `mix_block` consecutive indices, and each pair shares one draw.
+    aug_repeats: timm's --aug-repeats R: epoch e shows R passes over 1/R of the data, pass r with seed e*R + r.
+    renderer: the pixel-producing code's version (kdcache.augment.render.RENDERER_VERSION when made).
     """
 
     size: int = 224
@@ -28,18 +38,26 @@ class ViewRecipe:
     ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     hflip: float = 0.5
     aa: Optional[str] = None
+    reprob: float = 0.0
+    remode: str = "pixel"
+    recount: int = 1
     mixup: float = 0.0
     cutmix: float = 0.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
+    mix_block: int = 256
     aug_repeats: int = 0
+    renderer: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "scale", tuple(float(x) for x in self.scale))
         object.__setattr__(self, "ratio", tuple(float(x) for x in self.ratio))
+        if self.aa in ("", "none"):
+            object.__setattr__(self, "aa", None)
         self.validate()
 
     def validate(self) -> None:
+        from kdcache.augment.randaugment import parse_rand_augment
         if not (isinstance(self.size, int) and self.size > 0):
             raise KdcacheError(f"recipe: size must be a positive integer, got {self.size!r}")
         lo, hi = self.scale
@@ -48,20 +66,33 @@ class ViewRecipe:
         lo, hi = self.ratio
         if not (0.0 < lo <= hi):
             raise KdcacheError(f"recipe: --ratio must satisfy 0 < min <= max, got {self.ratio}")
-        if not (0.0 <= self.hflip <= 1.0):
-            raise KdcacheError(f"recipe: --hflip must be a probability, got {self.hflip}")
-        unsupported = {
-            "aa": self.aa not in (None, "", "none"),
-            "mixup": self.mixup != 0.0,
-            "cutmix": self.cutmix != 0.0,
-            "aug_repeats": self.aug_repeats not in (0, 1),
-        }
-        named = [k for k, bad in unsupported.items() if bad]
-        if named:
-            raise KdcacheError(
-                f"recipe: {', '.join('--' + n.replace('_', '-') for n in named)} not supported by views yet "
-                "(only RandomResizedCrop and horizontal flip are replayed); leave them at their defaults"
-            )
+        for name in ("hflip", "reprob", "mixup_prob", "mixup_switch_prob"):
+            if not (0.0 <= getattr(self, name) <= 1.0):
+                raise KdcacheError(f"recipe: --{name.replace('_', '-')} must be a probability, got {getattr(self, name)}")
+        if self.remode not in ERASE_MODES:
+            raise KdcacheError(f"recipe: --remode must be one of {', '.join(ERASE_MODES)}, got {self.remode!r}")
+        if not (isinstance(self.recount, int) and 1 <= self.recount <= 8):
+            raise KdcacheError(f"recipe: --recount must be an integer in 1..8, got {self.recount!r}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise KdcacheError(f"recipe: --mixup and --cutmix are Beta(alpha, alpha) parameters >= 0, "
+                               f"got {self.mixup} and {self.cutmix}")
+        if not (isinstance(self.mix_block, int) and self.mix_block >= 2 and self.mix_block % 2 == 0):
+            raise KdcacheError(f"recipe: --mix-block must be an even integer >= 2, got {self.mix_block!r}")
+        if not (isinstance(self.aug_repeats, int) and self.aug_repeats >= 0):
+            raise KdcacheError(f"recipe: --aug-repeats must be a non-negative integer, got {self.aug_repeats!r}")
+        from kdcache.augment.render import RENDERER_VERSIONS
+        if self.renderer not in RENDERER_VERSIONS:
+            raise KdcacheError(f"recipe: renderer version {self.renderer} is not known to this kdcache "
+                               f"(it renders versions {sorted(RENDERER_VERSIONS)}); upgrade kdcache to read this cache")
+        parse_rand_augment(self.aa)  # refuses a malformed string by name
+
+    @property
+    def mixing(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
+
+    @property
+    def repeats(self) -> int:
+        return max(1, self.aug_repeats)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -73,8 +104,8 @@ class ViewRecipe:
     def from_dict(cls, d: dict) -> "ViewRecipe":
         d = dict(d)
         version = d.pop("version", RECIPE_VERSION)
-        if version != RECIPE_VERSION:
-            raise KdcacheError(f"recipe: version {version} is not understood (this kdcache reads {RECIPE_VERSION})")
+        if version not in (1, RECIPE_VERSION):
+            raise KdcacheError(f"recipe: version {version} is not understood (this kdcache reads 1 and {RECIPE_VERSION})")
         names = {f.name for f in dataclasses.fields(cls)}
         extra = sorted(set(d) - names)
         if extra:
@@ -86,18 +117,91 @@ class ViewRecipe:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def summary(self) -> str:
+        """One line for logs and listings: what a view of this recipe holds."""
+        parts = [f"{self.size}px RRC{self.scale[0]:g}-{self.scale[1]:g}", f"flip {self.hflip:g}"]
+        if self.aa:
+            parts.append(self.aa)
+        if self.reprob:
+            parts.append(f"erase {self.reprob:g}/{self.remode}/{self.recount}")
+        if self.mixing:
+            parts.append(f"mixup {self.mixup:g} cutmix {self.cutmix:g} p {self.mixup_prob:g}")
+        if self.repeats > 1:
+            parts.append(f"repeats {self.repeats}")
+        return ", ".join(parts)
+
+
+DEFAULTS = ViewRecipe.__dataclass_fields__
+_FLAG_HELP = {
+    "size": "view size in pixels (default: the dataset's view size)",
+    "scale": "RandomResizedCrop area range",
+    "ratio": "RandomResizedCrop aspect-ratio range",
+    "hflip": "horizontal flip probability",
+    "aa": "RandAugment, timm's grammar: rand-m{M}-n{N}-mstd{S}[-inc1], e.g. rand-m7-mstd0.5",
+    "reprob": "random erasing probability",
+    "remode": "random erasing fill: const | rand | pixel",
+    "recount": "random erasing: up to this many boxes",
+    "mixup": "mixup Beta(alpha, alpha); 0 = off",
+    "cutmix": "cutmix Beta(alpha, alpha); 0 = off",
+    "mixup_prob": "probability that a pair is mixed",
+    "mixup_switch_prob": "probability of cutmix rather than mixup when both are on",
+    "mix_block": "pairs are drawn inside blocks of this many consecutive samples",
+    "aug_repeats": "repeated augmentation: R passes over 1/R of the data per epoch, R different views",
+}
+RECIPE_FLAGS = tuple(_FLAG_HELP)
+
+
+def _default(name: str):
+    return DEFAULTS[name].default
+
 
 def add_recipe_args(parser: argparse.ArgumentParser) -> None:
-    """timm train.py names for the view recipe; --size defaults to the dataset's view size."""
+    """timm train.py names for the view recipe. Every flag defaults to None ("not given"); the value
+    used is then the ViewRecipe default shown in the help."""
     g = parser.add_argument_group("view recipe (timm names)")
-    g.add_argument("--size", type=int, default=None, help="view size in pixels (default: the dataset's view size)")
-    g.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
-                   help="RandomResizedCrop area range (default 0.08 1.0)")
-    g.add_argument("--ratio", type=float, nargs=2, default=(3.0 / 4.0, 4.0 / 3.0), metavar=("MIN", "MAX"),
-                   help="RandomResizedCrop aspect-ratio range (default 3/4 4/3)")
-    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (default 0.5)")
+    for name in RECIPE_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        default = _default(name)
+        shown = "" if name == "size" else f" (default {default if not isinstance(default, tuple) else ' '.join(f'{x:g}' for x in default)})"
+        kw = dict(default=None, help=_FLAG_HELP[name] + shown)
+        if name in ("scale", "ratio"):
+            kw.update(type=float, nargs=2, metavar=("MIN", "MAX"))
+        elif name in ("aa", "remode"):
+            kw.update(type=str)
+        else:
+            kw.update(type=type(default))
+        g.add_argument(flag, **kw)
 
 
-def recipe_from_args(args: argparse.Namespace, default_size: int) -> ViewRecipe:
-    return ViewRecipe(size=args.size or default_size, scale=tuple(args.scale), ratio=tuple(args.ratio),
-                      hflip=args.hflip)
+def given_recipe_flags(args: argparse.Namespace) -> dict:
+    """The recipe flags the user set (not None), by field name."""
+    return {n: getattr(args, n) for n in RECIPE_FLAGS if getattr(args, n, None) is not None}
+
+
+def recipe_from_args(args: argparse.Namespace, default_size: int, base: Optional[ViewRecipe] = None) -> ViewRecipe:
+    """The recipe of the given flags on top of `base` (default: the ViewRecipe defaults at the dataset's size)."""
+    base = base or ViewRecipe(size=default_size)
+    given = given_recipe_flags(args)
+    for k in ("scale", "ratio"):
+        if k in given:
+            given[k] = tuple(given[k])
+    return dataclasses.replace(base, **given)
+
+
+def check_flags_match(args: argparse.Namespace, recipe: ViewRecipe, where: str,
+                      allowed: Tuple[str, ...] = ()) -> None:
+    """Cached KD takes the recipe from the cache: a flag that contradicts it is refused, by name."""
+    for name, value in given_recipe_flags(args).items():
+        if name in allowed:
+            continue
+        have = getattr(recipe, name)
+        if isinstance(have, tuple):
+            value = tuple(float(x) for x in value)
+            same = all(abs(a - b) < 1e-9 for a, b in zip(have, value))
+        elif name == "aa":
+            same = (value in ("", "none") and have is None) or value == have
+        else:
+            same = value == have
+        if not same:
+            raise KdcacheError(f"--{name.replace('_', '-')} {value} contradicts the cache's recipe "
+                               f"({name} = {have}) at {where}; the views come from the cache")

@@ -1,4 +1,5 @@
-"""The one view renderer: decode the canonical JPEG, crop by the view's parameters, resize, flip.
+"""The one view renderer: decode the canonical JPEG, crop by the view's parameters, resize, flip, then
+RandAugment and random erasing (when the recipe has them); mixing of a pair's two views comes last.
 
 Both stages run this code: the teacher side directly (decode_jpeg, render_views), the student side
 inside kdcache's FFCV decoder. Decode is FFCV's libffcv imdecode (turbojpeg with TJFLAG_FASTDCT, so
@@ -11,11 +12,29 @@ overload table inside the loader thread, and the Loader then hangs (reproduced w
 one process). Same source, same flags (fastmath off): the same machine code in both stages.
 """
 
+import math
 from typing import NamedTuple
 
 import numba
 import numpy as np
 from ffcv.libffcv import imdecode, resize_crop
+
+from kdcache.augment import erasing, mixing
+from kdcache.augment.randaugment import compile_rand_augment
+
+# Pixels are part of a cache's meaning: a change of any op's output is a new version (tests/test_golden_views.py).
+# 1: FFCV imdecode + resize_crop (INTER_AREA) + flip; RandAugment, erasing and pair mixing as in docs/views.md.
+RENDERER_VERSION = 1
+RENDERER_VERSIONS = (1,)
+
+
+def library_versions() -> dict:
+    """The libraries whose code makes a view's pixels, recorded in every cache."""
+    import importlib.metadata as md
+    import cv2
+    out = {name: md.version(name) for name in ("ffcv", "numba", "numpy")}
+    out["opencv"] = cv2.__version__
+    return out
 
 
 def crop_box(height, width, params):
@@ -44,44 +63,90 @@ def flip_horizontal(image):
 
 class Renderer(NamedTuple):
     decode_into: object   # (jpeg u8[:], height, width, out u8[h, w, 3]) -> turbojpeg status (0 = ok)
-    render_into: object   # (image u8[h, w, 3], params f32[5], out u8[S, S, 3]) -> None
-    render_many: object   # (image, params f32[V, 5], out u8[V, S, S, 3]) -> None
+    render_into: object   # (image u8[h, w, 3], params f32[P], layout i64[5], out u8[S, S, 3]) -> None
+    render_many: object   # (image, params f32[V, P], layout, out u8[V, S, S, 3]) -> None
     render_samples: object  # parallel over samples: decode each once, render all its views (teacher side)
+    mix_pair: object      # (view a, view b, params of a (f32[P]), layout) -> None: a pair's mixing, in place
+    mix_chunk: object     # (views u8[n, V, S, S, 3], params f32[n, V, P], layout) -> None: every pair of a chunk
+
+
+# Every kernel sets its floating-point flags explicitly: numba (>= 0.54) lets a callee inherit flags it does
+# not set from its caller, and FFCV compiles its decoders with fastmath=True and error_model="numpy". Measured:
+# with inherited fastmath, AutoContrast of a full-range image turned 132 into 131 (255 / 255 computed as a
+# reciprocal) in the student's views only.
+STRICT = dict(fastmath=False, error_model="python")
 
 
 def make_renderer() -> Renderer:
-    imdecode_c = numba.njit(imdecode)
-    resize_crop_c = numba.njit(resize_crop)
-    crop_box_c = numba.njit(fastmath=False)(crop_box)
-    flip_c = numba.njit(flip_horizontal)
+    """Fresh compiled copies of the renderer (see the module docstring for why never shared)."""
+    strict = numba.njit(**STRICT)
+    imdecode_c = strict(imdecode)
+    resize_crop_c = strict(resize_crop)
+    crop_box_c = strict(crop_box)
+    flip_c = strict(flip_horizontal)
+    rand_augment_c = compile_rand_augment()
+    splitmix_c = strict(erasing._splitmix)
+    noise_c = strict(_with_globals(erasing.noise_normal, _splitmix=splitmix_c))
+    fill_c = strict(erasing.fill_value)
+    erase_c = strict(_with_globals(erasing.apply_erasing, noise_normal=noise_c, fill_value=fill_c))
+    mix_c = strict(mixing.mix_pair)
 
-    @numba.njit
+    @strict
     def decode_into(jpeg, height, width, out):
         return imdecode_c(jpeg, out, height, width, height, width, 0, 0, 1, 1, False, False)
 
-    @numba.njit
-    def render_into(image, params, out):
+    @strict
+    def render_into(image, params, layout, out):
         top, left, h, w = crop_box_c(image.shape[0], image.shape[1], params)
         resize_crop_c(image, top, top + h, left, left + w, out)
         if params[4] > 0.5:
             flip_c(out)
+        if layout[1] > 0:
+            rand_augment_c(out, params[layout[0]:layout[0] + 2 * layout[1]].reshape((layout[1], 2)))
+        if layout[2] >= 0:
+            erase_c(out, params[layout[2]:], layout[3])
 
-    @numba.njit
-    def render_many(image, params, out):
+    @strict
+    def render_many(image, params, layout, out):
         for v in range(params.shape[0]):
-            render_into(image, params[v], out[v])
+            render_into(image, params[v], layout, out[v])
 
-    @numba.njit(parallel=True)
-    def render_samples(data, offsets, lengths, heights, widths, params, temp, out, status):
-        """data: concatenated JPEGs; params (n, V, 5); temp (n, >= max h*w*3); out (n, V, S, S, 3)."""
+    @strict
+    def mix_pair(a, b, params, layout):
+        mix_c(a, b, params[layout[4]:])
+
+    @numba.njit(parallel=True, **STRICT)
+    def mix_chunk(views, params, layout):
+        """Mix every pair whose two members are in this chunk (each pair once, from its lower member)."""
+        if layout[4] < 0:
+            return
+        n, nv = views.shape[0], views.shape[1]
+        for t in numba.prange(n * nv):
+            j, v = t // nv, t % nv
+            offset = int(params[j, v, layout[4] + 1])
+            if offset > 0 and j + offset < n:
+                mix_pair(views[j, v], views[j + offset, v], params[j, v], layout)
+
+    @numba.njit(parallel=True, **STRICT)
+    def render_samples(data, offsets, lengths, heights, widths, params, layout, temp, out, status):
+        """data: concatenated JPEGs; params (n, V, P); temp (n, >= max h*w*3); out (n, V, S, S, 3)."""
         for j in numba.prange(offsets.shape[0]):
             h, w = heights[j], widths[j]
             image = temp[j, :h * w * 3].reshape((h, w, 3))
             status[j] = decode_into(data[offsets[j]:offsets[j] + lengths[j]], np.uint32(h), np.uint32(w), image)
             for v in range(params.shape[1]):
-                render_into(image, params[j, v], out[j, v])
+                render_into(image, params[j, v], layout, out[j, v])
 
-    return Renderer(decode_into, render_into, render_many, render_samples)
+    return Renderer(decode_into, render_into, render_many, render_samples, mix_pair, mix_chunk)
+
+
+def _with_globals(fn, **names):
+    """A copy of fn whose global names point at the given compiled functions (numba resolves globals at
+    compile time, so each renderer's copy calls its own compiled helpers)."""
+    import types
+    g = dict(fn.__globals__)
+    g.update(names)
+    return types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 _teacher_side = None
@@ -117,11 +182,12 @@ class SampleBuffers:
         return self.temp
 
 
-def render_samples(jpegs, heights, widths, params: np.ndarray, size: int, what: str = "sample",
-                   out: np.ndarray = None, buffers: SampleBuffers = None) -> np.ndarray:
-    """Views of several samples, decoding each once: params (n, V, 5) -> (n, V, size, size, 3) uint8.
-    Parallel over samples (numba threads); the pixels equal render_views on each decoded image.
-    `out` (that shape) and `buffers` let a caller reuse memory across calls."""
+def render_samples(jpegs, heights, widths, params: np.ndarray, size: int, layout: np.ndarray = None, what: str = "sample",
+                   out: np.ndarray = None, buffers: SampleBuffers = None, mix: bool = True) -> np.ndarray:
+    """Views of several samples, decoding each once: params (n, V, P) -> (n, V, size, size, 3) uint8.
+    Parallel over samples (numba threads); the pixels equal render_views on each decoded image, then
+    (mix=True) every pair whose two members are both among these samples is mixed: a caller that mixes
+    passes whole mixing blocks. `out` (that shape) and `buffers` let a caller reuse memory across calls."""
     n = len(jpegs)
     lengths = np.array([len(b) for b in jpegs], np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
@@ -134,15 +200,37 @@ def render_samples(jpegs, heights, widths, params: np.ndarray, size: int, what: 
     if out is None:
         out = np.empty((n, params.shape[1], size, size, 3), np.uint8)
     status = np.zeros(n, np.int64)
-    _renderer().render_samples(data, offsets, lengths, heights, widths, params, temp, out, status)
+    layout = _layout_array(layout, params)
+    renderer = _renderer()
+    renderer.render_samples(data, offsets, lengths, heights, widths, params, layout, temp, out, status)
     if status.any():
         raise ValueError(f"{what} {int(np.flatnonzero(status)[0])} of this batch: JPEG decode failed")
+    if mix:
+        renderer.mix_chunk(out, params, layout)
     return out
 
 
-def render_views(image: np.ndarray, params: np.ndarray, size: int) -> np.ndarray:
-    """All views (rows of params) of one decoded image: (V, size, size, 3) uint8."""
-    params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1, 5)
+def render_views(image: np.ndarray, params: np.ndarray, size: int, layout: np.ndarray = None) -> np.ndarray:
+    """All views (rows of params) of one decoded image, unmixed: (V, size, size, 3) uint8."""
+    params = np.ascontiguousarray(params, dtype=np.float32)
+    params = params.reshape(-1, params.shape[-1])
     out = np.empty((len(params), size, size, 3), np.uint8)
-    _renderer().render_many(np.ascontiguousarray(image), params, out)
+    _renderer().render_many(np.ascontiguousarray(image), params, _layout_array(layout, params), out)
     return out
+
+
+def _layout_array(layout, params: np.ndarray) -> np.ndarray:
+    """The compiled renderer's layout argument; None means the 5 crop columns only."""
+    from kdcache.augment.params import CROP_COLUMNS, ParamLayout
+    if layout is None:
+        if params.shape[-1] != CROP_COLUMNS:
+            raise ValueError(f"parameter rows of {params.shape[-1]} columns need their ParamLayout")
+        layout = ParamLayout().as_array()
+    elif isinstance(layout, ParamLayout):
+        layout = layout.as_array()
+    return np.asarray(layout, np.int64)
+
+
+def mix_views(a: np.ndarray, b: np.ndarray, params_a: np.ndarray, layout: np.ndarray) -> None:
+    """Mix two rendered views of a pair in place (a is the view whose parameter row is given)."""
+    _renderer().mix_pair(a, b, np.ascontiguousarray(params_a, dtype=np.float32), _layout_array(layout, params_a))

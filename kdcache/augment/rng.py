@@ -8,6 +8,8 @@ Streams in use (documented in docs/cache-format.md; new augmentations take new s
 one never changes the draws of another):
     0..39   RandomResizedCrop: attempt t uses 4t (area), 4t+1 (log aspect), 4t+2 (top), 4t+3 (left)
     64      horizontal flip
+    128..191 RandAugment: layer l (0..7) uses 128 + 8l + t, t = 0 op choice, 1 apply-or-not, 2 and 3 the two
+             uniforms of the magnitude's Box-Muller gaussian (2 alone for mstd > 100), 4 the sign
 """
 
 import numpy as np

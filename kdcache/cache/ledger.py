@@ -5,7 +5,7 @@ name exists, so exactly one creator wins and nobody ever sees a partial file (Lo
 set_if_not_exists does the same). Markers are created after a unit's data is written; a unit without
 a marker is not done, whatever its arrays hold.
 
-    CACHE/units/<seed>/<block>.json    done: {"views", "correct", "run", "rank", "host", "time"}
+    CACHE/units/<seed>/<block>.json    done: {"views", "correct", "run", "rank", "device", "amp", "host", "time"}
     CACHE/claims/<seed>/<block>.json   in progress: {"run", "host", "pid", "time"}
 """
 

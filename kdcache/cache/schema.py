@@ -1,15 +1,18 @@
 """Cache schema: identity (what a cache was made from), layout, create-or-open with compatibility checks.
 
-One Zarr v3 group. Per augmentation seed s, a group seeds/<s:06d> of four arrays over the N samples:
+One Zarr v3 group (format version 2). Per augmentation seed s, a group seeds/<s:06d> of four arrays over
+the N samples:
 
-    values   (N, K)  float16 (or float32)  top-k teacher logits, descending     fill NaN
-    indices  (N, K)  int16 (int32 if C > 32767)  their class indices        fill -1
-    lse      (N,)    float32  log-sum-exp of the full logit vector            fill NaN
-    params   (N, 5)  float32  view parameters [top, left, height, width, flip]  fill NaN
+    logp      (N, K)  uint16 (or float32)  top-k teacher log-probabilities, descending  fill 65535 (NaN)
+                      uint16: fixed point q = round(-logp * LOGP_SCALE), clamped to 65535
+    indices   (N, K)  int16 (int32 if C > 32767)  their class indices        fill -1
+    log_tail  (N,)    float32  log of the mass of the C - K other classes    fill NaN  (-inf when K = C)
+    params    (N, P)  float32  view parameters [top, left, height, width, flip, ...]  fill NaN
 
 Inner chunks of `chunk_rows` samples, shards of `unit_size` samples: a work unit (seed, block) is
 exactly one shard of each of the four arrays, written whole, once, by one writer. Arrays are created
 at full shape by the coordinator before any unit is written; only the coordinator writes metadata.
+Version 1 caches (values = top-k logits, lse) are read, not written (kdcache.cache.slabs converts them).
 """
 
 import datetime
@@ -20,7 +23,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, TransposeCodec
 from zarr.storage import LocalStore
 
 from kdcache import __version__
@@ -28,9 +31,15 @@ from kdcache.cache.ledger import Ledger
 from kdcache.errors import KdcacheError
 
 FORMAT = "kdcache-teacher-cache"
-FORMAT_VERSION = 1
-ARRAYS = ("values", "indices", "lse", "params")
-TAIL_RULE = "uniform-logit-tail-v1"
+FORMAT_VERSION = 2                  # what this kdcache writes
+READ_VERSIONS = (1, 2)              # what it reads
+ARRAYS = ("logp", "indices", "log_tail", "params")
+V1_ARRAYS = ("values", "indices", "lse", "params")
+TAIL_RULE = "uniform-tail-v2"
+# uint16 log-probabilities: a step of 1/2048 in log space is a relative error <= 2.5e-4 on every stored
+# probability (half a step, rounded); 65535 steps reach down to p = exp(-32) = 1.3e-14 (smaller ones clamp there)
+LOGP_SCALE = 2048
+LOGP_MAX = 65535
 
 
 @dataclass
@@ -42,7 +51,7 @@ class CacheSpec:
     recipe: dict           # ViewRecipe.to_dict()
     global_seed: int
     topk: int
-    values_dtype: str = "float16"
+    values_dtype: str = "uint16"        # stored log-probabilities: uint16 fixed point or float32 (v1: float16/32 logits)
     unit_size: int = 32768
     chunk_rows: int = 32768             # one inner chunk per shard: students read whole slabs (BENCHMARKS.md)
 
@@ -59,18 +68,32 @@ class CacheSpec:
         return "int16" if self.num_classes <= 32767 else "int32"
 
     @property
+    def param_columns(self) -> int:
+        """Width of a view's parameter row (kdcache.augment.params.ParamLayout of the recipe)."""
+        from kdcache.augment.params import ParamLayout
+        from kdcache.augment.recipe import ViewRecipe
+        return ParamLayout.of(ViewRecipe.from_dict(self.recipe)).width
+
+    @property
     def num_blocks(self) -> int:
         return math.ceil(self.num_samples / self.unit_size)
 
     def validate(self) -> None:
         if not 1 <= self.topk <= self.num_classes:
             raise KdcacheError(f"--topk {self.topk} must be between 1 and the class count {self.num_classes}")
-        if self.values_dtype not in ("float16", "float32"):
-            raise KdcacheError(f"--values-dtype must be float16 or float32, got {self.values_dtype!r}")
+        if self.values_dtype not in ("uint16", "float32"):
+            raise KdcacheError(f"--values-dtype must be uint16 (fixed-point log-probabilities) or float32, "
+                               f"got {self.values_dtype!r}")
         if self.unit_size < 1 or self.chunk_rows < 1 or self.unit_size % self.chunk_rows:
             raise KdcacheError(f"--unit-size {self.unit_size} must be a positive multiple of the chunk rows {self.chunk_rows}")
         if self.teacher["num_classes"] != self.num_classes:
             raise KdcacheError(f"teacher has {self.teacher['num_classes']} classes, the dataset {self.num_classes}")
+        mix_block = self.recipe.get("mix_block", 0)
+        if (self.recipe.get("mixup", 0) or self.recipe.get("cutmix", 0)) and self.unit_size % mix_block \
+                and self.unit_size < self.num_samples:
+            # a pair must never straddle two work units: they may be written by different processes
+            raise KdcacheError(f"--unit-size {self.unit_size} must be a multiple of --mix-block {mix_block} "
+                               "when the recipe mixes")
 
     def identity(self) -> Dict[str, object]:
         """Flattened fields that must be equal for two runs to share a cache (error messages name them)."""
@@ -87,19 +110,57 @@ class CacheSpec:
 
 
 def _codecs(dtype: str):
-    # measured on top-k logits (shared/notes/zarr_wds.md): byte shuffle suits floats, bitshuffle suits small ints
+    # measured on top-k logits (shared/notes/zarr_wds.md): byte shuffle suits floats, bitshuffle suits small ints;
+    # uint16 logp (not "int...") gets byte shuffle: 17.5 bytes per 10 values against 17.8 with bitshuffle
     shuffle = "bitshuffle" if dtype.startswith("int") else "shuffle"
     return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
 
 
 def _array_layout(spec: CacheSpec) -> Dict[str, dict]:
     n, k, rows, unit = spec.num_samples, spec.topk, spec.chunk_rows, spec.unit_size
+    p = spec.param_columns
     return {
-        "values": dict(shape=(n, k), dtype=spec.values_dtype, chunks=(rows, k), shards=(unit, k), fill_value=np.nan),
+        "logp": dict(shape=(n, k), dtype=spec.values_dtype, chunks=(rows, k), shards=(unit, k),
+                     fill_value=LOGP_MAX if spec.values_dtype == "uint16" else np.nan),
         "indices": dict(shape=(n, k), dtype=spec.indices_dtype, chunks=(rows, k), shards=(unit, k), fill_value=-1),
-        "lse": dict(shape=(n,), dtype="float32", chunks=(rows,), shards=(unit,), fill_value=np.nan),
-        "params": dict(shape=(n, 5), dtype="float32", chunks=(rows, 5), shards=(unit, 5), fill_value=np.nan),
+        "log_tail": dict(shape=(n,), dtype="float32", chunks=(rows,), shards=(unit,), fill_value=np.nan),
+        # stored column by column (zarr's transpose codec): constant and small-integer columns then compress
+        # to almost nothing (measured 36 -> 29 B per 16-column row)
+        "params": dict(shape=(n, p), dtype="float32", chunks=(rows, p), shards=(unit, p), fill_value=np.nan,
+                       filters=[TransposeCodec(order=(1, 0))]),
     }
+
+
+def logp_encoding(values_dtype: str) -> dict:
+    """The root attribute that tells a reader how to decode the stored `logp`."""
+    if values_dtype == "uint16":
+        return {"dtype": "uint16", "scale": LOGP_SCALE, "max": LOGP_MAX}
+    return {"dtype": values_dtype}
+
+
+def encode_logp(logp: np.ndarray, values_dtype: str) -> np.ndarray:
+    """Log-probabilities -> their stored form."""
+    if values_dtype != "uint16":
+        return np.asarray(logp, dtype=values_dtype)
+    q = np.rint(-np.asarray(logp, np.float64) * LOGP_SCALE)
+    # NaN (a broken teacher) stores as the fill value; its log_tail is NaN too, which verify reports
+    return np.clip(np.nan_to_num(q, nan=LOGP_MAX), 0, LOGP_MAX).astype(np.uint16)
+
+
+def decode_logp(stored: np.ndarray, encoding: dict) -> np.ndarray:
+    """Stored `logp` -> float32 log-probabilities (exact: the scale is a power of two)."""
+    if stored.dtype == np.uint16:
+        return stored.astype(np.float32) * np.float32(-1.0 / encoding["scale"])
+    return stored.astype(np.float32, copy=False)
+
+
+def renderer_record(spec: CacheSpec) -> dict:
+    """What made the pixels: the renderer version, the libraries' versions and the parameter columns."""
+    from kdcache.augment.params import ParamLayout
+    from kdcache.augment.recipe import ViewRecipe
+    from kdcache.augment.render import RENDERER_VERSION, library_versions
+    return {"version": RENDERER_VERSION, "libraries": library_versions(),
+            "param_columns": ParamLayout.of(ViewRecipe.from_dict(spec.recipe)).columns()}
 
 
 def seed_group_name(seed: int) -> str:
@@ -114,6 +175,7 @@ class TeacherCache:
         attrs = dict(group.attrs)
         self.attrs = attrs
         self.spec = CacheSpec(**attrs["spec"])
+        self.version = int(attrs["format_version"])
         self.ledger = Ledger(self.path)
 
     # ---- opening -------------------------------------------------------------------------------
@@ -125,8 +187,7 @@ class TeacherCache:
         group = zarr.open_group(LocalStore(path, read_only=(mode == "r")), mode="r" if mode == "r" else "r+")
         if group.attrs.get("format") != FORMAT:
             raise KdcacheError(f"{path}: zarr group is not a {FORMAT} (format={group.attrs.get('format')!r})")
-        if group.attrs.get("format_version") != FORMAT_VERSION:
-            raise KdcacheError(f"{path}: cache format version {group.attrs.get('format_version')} is not {FORMAT_VERSION}")
+        _check_readable(path, group.attrs.get("format_version"))
         return cls(path, group, read_only=(mode == "r"))
 
     @classmethod
@@ -139,14 +200,18 @@ class TeacherCache:
             raise KdcacheError(f"{path}: exists and is not a kdcache cache")
         group = zarr.open_group(LocalStore(path), mode="a")
         if group.attrs.get("format") == FORMAT:
-            if group.attrs.get("format_version") != FORMAT_VERSION:
-                raise KdcacheError(f"{path}: cache format version {group.attrs.get('format_version')} is not {FORMAT_VERSION}")
+            version = group.attrs.get("format_version")
+            _check_readable(path, version)
+            if version != FORMAT_VERSION:  # v1 is read (converted per slab), never extended: one layout per cache
+                raise KdcacheError(f"{path}: cache format version {version} is read by this kdcache but not written "
+                                   f"(it writes version {FORMAT_VERSION}); dump into a new --out")
             check_compatible(path, CacheSpec(**group.attrs["spec"]), spec)
         else:  # new cache (or one whose creation never got this far): the identity is written first,
             # in one write of zarr.json (zarr's attrs.update() would rewrite it once per key: a kill -9 between
             # two of those writes left a cache with a format but no spec)
             group.update_attributes({"format": FORMAT, "format_version": FORMAT_VERSION, "spec": asdict(spec),
-                                     "tail_rule": TAIL_RULE, "kdcache_version": __version__,
+                                     "tail_rule": TAIL_RULE, "logp_encoding": logp_encoding(spec.values_dtype),
+                                     "kdcache_version": __version__, "renderer": renderer_record(spec),
                                      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                                      "seeds": [], "seeds_complete": [], "seed_summary": {}})
         layout = _array_layout(spec)
@@ -176,7 +241,11 @@ class TeacherCache:
             sg = self.group[name]
         except KeyError:
             raise KdcacheError(f"{self.path}: seed {seed} is not in this cache (seeds {self.seeds})") from None
-        return {a: sg[a] for a in ARRAYS}
+        return {a: sg[a] for a in self.array_names}
+
+    @property
+    def array_names(self):
+        return ARRAYS if self.version >= 2 else V1_ARRAYS
 
     def missing_blocks(self, seed: int) -> List[int]:
         done = self.ledger.done_blocks(seed)
@@ -204,15 +273,19 @@ class TeacherCache:
             if (self.path / "seeds").is_dir() else 0
 
     def raw_bytes_per_view(self) -> int:
-        s = self.spec
-        return s.topk * (np.dtype(s.values_dtype).itemsize + np.dtype(s.indices_dtype).itemsize) + 4 + 5 * 4
+        """Uncompressed bytes of one view's rows, from the arrays themselves (their columns vary by version)."""
+        if self.seeds:
+            shapes = [(a.shape, a.dtype) for a in self.arrays(self.seeds[0]).values()]
+        else:
+            shapes = [(kw["shape"], kw["dtype"]) for kw in _array_layout(self.spec).values()]
+        return sum(int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype in shapes)
 
     def summary(self) -> dict:
         complete = self.complete_seeds()
         views = len(complete) * self.spec.num_samples
         on_disk = self.bytes_on_disk()
         return {
-            "kind": "cache", "path": str(self.path), "format_version": FORMAT_VERSION,
+            "kind": "cache", "path": str(self.path), "format_version": self.version,
             "num_samples": self.spec.num_samples, "num_classes": self.spec.num_classes, "topk": self.spec.topk,
             "seeds": self.seeds, "seeds_complete": complete,
             "seeds_in_progress": {str(s): self.spec.num_blocks - len(self.missing_blocks(s))
@@ -223,6 +296,7 @@ class TeacherCache:
             "split_fingerprint": self.spec.dataset["split_fingerprint"],
             "recipe": self.spec.recipe, "global_seed": self.spec.global_seed,
             "values_dtype": self.spec.values_dtype, "indices_dtype": self.spec.indices_dtype,
+            "logp_encoding": self.attrs.get("logp_encoding"), "tail_rule": self.attrs.get("tail_rule"),
             "unit_size": self.spec.unit_size,
             "bytes_on_disk": on_disk,
             "bytes_per_view": (on_disk / views) if views else None,
@@ -230,6 +304,16 @@ class TeacherCache:
             "seed_summary": {str(s): self.seed_summary(s) for s in complete},
             "kdcache_version": self.attrs.get("kdcache_version"), "created": self.attrs.get("created"),
         }
+
+
+def _check_readable(path: Path, version) -> None:
+    if version in READ_VERSIONS:
+        return
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise KdcacheError(f"{path}: cache format version {version} is newer than this kdcache reads "
+                           f"(versions {', '.join(map(str, READ_VERSIONS))}); use a newer kdcache")
+    raise KdcacheError(f"{path}: cache format version {version!r} is not one this kdcache reads "
+                       f"(versions {', '.join(map(str, READ_VERSIONS))})")
 
 
 def check_compatible(path: Path, existing: CacheSpec, wanted: CacheSpec) -> None:

@@ -7,16 +7,29 @@ from typing import Dict, NamedTuple, Optional
 
 import numpy as np
 
-from kdcache.cache.schema import TeacherCache
+from kdcache.cache.schema import TeacherCache, decode_logp
 from kdcache.errors import KdcacheError
 
 
 class Slab(NamedTuple):
+    """One seed's rows in memory, the same for every format version (docs/cache-format.md)."""
     seed: int
-    values: np.ndarray    # (N, k) float16/float32
-    indices: np.ndarray   # (N, k) int16/int32
-    lse: np.ndarray       # (N,) float32
-    params: np.ndarray    # (N, 5) float32
+    logp: np.ndarray      # (N, k) float32 top-k log-probabilities, descending
+    indices: np.ndarray   # (N, k) int16/int32 their classes
+    log_tail: np.ndarray  # (N,) float32 log of the mass of the other C - k classes (-inf when k = C)
+    params: np.ndarray    # (N, P) float32 view parameters
+
+
+def v1_to_logp(values: np.ndarray, lse: np.ndarray, num_classes: int):
+    """Format 1 rows (top-k logits, log-sum-exp) -> (logp, log_tail) whose v2 rebuild equals the v1 rule
+    ("uniform-logit-tail-v1": tail mass max(1 - sum p, 1e-12)). NaN rows stay NaN."""
+    logp = values.astype(np.float64) - lse.astype(np.float64)[:, None]
+    if values.shape[1] == num_classes:
+        log_tail = np.full(len(lse), -np.inf)
+        log_tail[np.isnan(lse)] = np.nan
+    else:
+        log_tail = np.log(np.maximum(1.0 - np.exp(logp).sum(1), 1e-12))
+    return logp.astype(np.float32), log_tail.astype(np.float32)
 
 
 def read_slab(cache: TeacherCache, seed: int, require_complete: bool = True) -> Slab:
@@ -27,7 +40,12 @@ def read_slab(cache: TeacherCache, seed: int, require_complete: bool = True) -> 
                                f"{cache.spec.num_blocks} units missing, e.g. block {missing[0]}); "
                                "finish it with dump-teacher first")
     arrays = cache.arrays(seed)
-    return Slab(seed, *(arrays[name][...] for name in ("values", "indices", "lse", "params")))
+    indices, params = arrays["indices"][...], arrays["params"][...]
+    if cache.version == 1:
+        logp, log_tail = v1_to_logp(arrays["values"][...], arrays["lse"][...], cache.spec.num_classes)
+    else:
+        logp, log_tail = decode_logp(arrays["logp"][...], cache.attrs["logp_encoding"]), arrays["log_tail"][...]
+    return Slab(seed, logp, indices, log_tail, params)
 
 
 class SlabPrefetcher:

@@ -1,37 +1,34 @@
-"""Teacher distributions rebuilt from a cache row: top-k logits, their classes, and the log-sum-exp.
+"""Teacher distributions rebuilt from a cache row: top-k log-probabilities, their classes, the tail mass.
 
-Rule "uniform-logit-tail-v1" (docs/cache-format.md): the k stored classes keep their logits; each of the
-C - k other classes gets the same logit
+Rule "uniform-tail-v2" (docs/cache-format.md): the k stored classes keep their log-probabilities; each
+of the C - k other classes gets the same one,
 
-    z_tail = lse + log(r / (C - k)),   r = max(1 - sum_j exp(v_j - lse), 1e-12)
+    z_tail = log_tail - log(C - k)
 
-so at temperature 1 the stored classes have exactly their teacher probabilities and the remaining
-mass r is spread evenly over the other classes (FKD's "marginal smoothing", ml-dr's "smooth"). A
-tempered target is softmax(z / T) of these logits. With k = C the rebuild is exact at any T.
+so at temperature 1 the stored classes have their teacher probabilities and the tail mass is spread
+evenly over the other classes (FKD's "marginal smoothing", ml-dr's "smooth"). A tempered target is
+softmax(z / T) of these log-probabilities. With k = C the rebuild is exact at any T.
 """
+
+import math
 
 import torch
 
-TAIL_FLOOR = 1e-12
 
-
-def dense_logits(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B, k) logits, (B, k) class indices, (B,) log-sum-exp -> (B, C) float32 logits."""
-    values = values.float()
-    lse = lse.float()
-    k = values.shape[1]
+def dense_logits(logp: torch.Tensor, indices: torch.Tensor, log_tail: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, k) log-probabilities, (B, k) class indices, (B,) log tail mass -> (B, C) float32 log-probabilities
+    (usable as logits: softmax is shift-invariant)."""
+    logp = logp.float()
+    k = logp.shape[1]
     if k == num_classes:
-        out = torch.empty(values.shape[0], num_classes, dtype=torch.float32, device=values.device)
-        return out.scatter_(1, indices.long(), values)
-    stored = torch.exp(values - lse[:, None]).sum(1)
-    tail = torch.clamp(1.0 - stored, min=TAIL_FLOOR)
-    z_tail = lse + torch.log(tail / (num_classes - k))
+        out = torch.empty(logp.shape[0], num_classes, dtype=torch.float32, device=logp.device)
+        return out.scatter_(1, indices.long(), logp)
+    z_tail = log_tail.float() - math.log(num_classes - k)
     out = z_tail[:, None].expand(-1, num_classes).contiguous()
-    return out.scatter_(1, indices.long(), values)
+    return out.scatter_(1, indices.long(), logp)
 
 
-def stored_bins(values: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """(B, k + 1) probabilities: the k stored classes, then the remaining mass (what the cache holds exactly)."""
-    p = torch.exp(values.float() - lse.float()[:, None])
-    rest = torch.clamp(1.0 - p.sum(1, keepdim=True), min=0.0)
-    return torch.cat([p, rest], 1)
+def stored_log_bins(logp: torch.Tensor, log_tail: torch.Tensor) -> torch.Tensor:
+    """(B, k + 1) log-probabilities of what the cache holds exactly: the k stored classes, then the tail mass
+    (-inf when k = C)."""
+    return torch.cat([logp, log_tail[:, None]], 1)

@@ -4,7 +4,9 @@ from a cache row with the documented top-k rule (kdcache.cache.targets.dense_log
     vanilla KD   KL(teacher || student) at temperature T, times T^2, batch mean (Hinton et al. 2015;
                  VanillaKD, Hao et al. 2023; the same expression as timm's LogitDistillationTask)
     DKD          decoupled KD (Zhao et al. 2022): alpha * TCKD + beta * NCKD
-    hard labels  CE with label smoothing, or BCE (timm's BinaryCrossEntropy, as in VanillaKD's recipe)
+    hard labels  CE with label smoothing, or BCE (timm's BinaryCrossEntropy, as in VanillaKD's recipe);
+                 for a mixed view the target is timm's mixup_target (smoothing included), with timm's
+                 SoftTargetCrossEntropy for CE and BinaryCrossEntropy's soft-target path for BCE
 """
 
 from dataclasses import dataclass
@@ -12,7 +14,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from kdcache.errors import KdcacheError
 
@@ -67,13 +69,17 @@ class StudentLoss(torch.nn.Module):
         self.cfg = cfg
         if cfg.hard_loss == "ce":
             self.hard = LabelSmoothingCrossEntropy(cfg.smoothing) if cfg.smoothing > 0 else torch.nn.CrossEntropyLoss()
+            self.soft_hard = SoftTargetCrossEntropy()
         elif cfg.hard_loss == "bce":
             self.hard = BinaryCrossEntropy(smoothing=cfg.smoothing)
+            self.soft_hard = self.hard   # a target of the logits' shape is used as it is (smoothing is in it)
         else:
-            self.hard = None
+            self.hard = self.soft_hard = None
 
     def forward(self, student_logits: torch.Tensor, labels: torch.Tensor,
-                teacher_logits: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                teacher_logits: Optional[torch.Tensor] = None,
+                hard_target: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """hard_target: (B, C) soft label target of mixed views (smoothing included), else labels are used."""
         cfg = self.cfg
         parts = {}
         total = student_logits.new_zeros((), dtype=torch.float32)
@@ -84,7 +90,10 @@ class StudentLoss(torch.nn.Module):
                 parts["kd_loss"] = dkd(student_logits, teacher_logits, labels, cfg.dkd_alpha, cfg.dkd_beta, cfg.temperature)
             total = total + cfg.kd_weight * parts["kd_loss"]
         if self.hard is not None:
-            parts["hard_loss"] = self.hard(student_logits.float(), labels)
+            if hard_target is not None:
+                parts["hard_loss"] = self.soft_hard(student_logits.float(), hard_target)
+            else:
+                parts["hard_loss"] = self.hard(student_logits.float(), labels)
             total = total + cfg.hard_weight * parts["hard_loss"]
         parts["loss"] = total
         return parts

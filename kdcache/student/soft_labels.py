@@ -1,15 +1,27 @@
-"""Where each epoch's views and teacher logits come from, for the three training modes.
+"""Where each pass's views and teacher targets come from, for the three training modes.
 
     CachedTeacher   views and soft labels read from a dump-teacher cache: one slab per seed, read whole,
-                    the next epoch's slab prefetched in the background; per batch only an index gather
+                    the next pass's slab prefetched in the background; per batch only an index gather
     OnlineTeacher   the teacher runs in the loop on the very views the student sees (the baseline)
     NoTeacher       plain supervised training on the same views
 
-Which stored seed an epoch uses (cache mode, "cycle"): s = seeds[e mod S] with the cache's complete
-seeds in ascending order; with "per-sample", every sample draws one of the S seeds at random each epoch
-(as apple/ml-dr draws among its stored augmentations), from a generator seeded by (global seed, epoch).
+An epoch is R passes (R = the recipe's aug_repeats, at least 1); pass r of epoch e has the pass index
+t = e·R + r. Which stored seed a pass uses (cache mode, "cycle"): s = seeds[t mod S] with the cache's
+complete seeds in ascending order; with "per-sample", every sample draws one of the S seeds at random
+each pass (as apple/ml-dr draws among its stored augmentations), from a generator seeded by
+(order seed, t). none/online: s = view_seeds[t mod len(view_seeds)].
+
+With repeated augmentation (R > 1) a pass shows 1/R of the samples, the same subset in the R passes of an
+epoch (timm's RepeatAugSampler shows N/R samples R times each per epoch): the subset is whole mixing
+blocks (or single samples without mixing) chosen by (order seed, e), so the R appearances of a sample
+are R different views.
+
+Mixing: a cache made with mixing holds the teacher's answer to the mixed view (function matching), so
+the target is the cached row. `--mix-labels` takes an RRC-only cache and a mixing recipe: the loader
+mixes the views, and the target is lambda·p_i + (1 - lambda)·p_j of the cached distributions (FKD/ReLabel).
 """
 
+import dataclasses
 import time
 import warnings
 from typing import List, Optional
@@ -17,7 +29,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from kdcache.augment.params import view_params
+from kdcache.augment.mixing import MIX_COLUMNS, draw_mixing
+from kdcache.augment.params import ParamLayout, partner_indices, view_params
 from kdcache.augment.recipe import ViewRecipe
 from kdcache.cache.schema import TeacherCache
 from kdcache.cache.slabs import SlabPrefetcher, read_slab
@@ -26,27 +39,65 @@ from kdcache.errors import KdcacheError
 from kdcache.models import Normalize, forward_u8
 
 
-class EpochViews:
-    """The epoch's view parameters (N, 5) and the seed each sample's view came from."""
+@dataclasses.dataclass
+class PassViews:
+    """One pass: view parameters (N, P), the seed(s) they came from, the samples shown (None: all)."""
+    params: np.ndarray
+    seeds: object
+    active: Optional[np.ndarray] = None
 
-    def __init__(self, params: np.ndarray, seeds):
-        self.params, self.seeds = params, seeds
+
+def repeat_subset(num_samples: int, repeats: int, block: int, order_seed: int, epoch: int) -> Optional[np.ndarray]:
+    """Samples shown by the R passes of epoch e: whole blocks, at least N / R samples."""
+    if repeats <= 1:
+        return None
+    rng = np.random.default_rng([order_seed, epoch, 0x4E9E])
+    starts = rng.permutation(np.arange(0, num_samples, block))
+    sizes = np.minimum(starts + block, num_samples) - starts
+    take = int(np.searchsorted(np.cumsum(sizes), num_samples // repeats)) + 1
+    chosen = starts[:take]
+    return np.sort(np.concatenate([np.arange(a, min(a + block, num_samples)) for a in chosen]))
+
+
+class MixTargets:
+    """Partner index and own weight lambda of every sample in a pass (from the parameter rows), on the device."""
+
+    def __init__(self, params: np.ndarray, layout: ParamLayout, device: torch.device):
+        o = layout.mix_offset
+        n = len(params)
+        self.partner = torch.from_numpy(np.arange(n) + params[:, o + 1].astype(np.int64)).to(device)
+        self.lam = torch.from_numpy(params[:, o + 2].astype(np.float32)).to(device)
+
+    def hard_target(self, labels_all: torch.Tensor, rows: torch.Tensor, num_classes: int, smoothing: float):
+        """timm's mixup_target for each sample with its own partner: lambda·y_i + (1 - lambda)·y_j, smoothed."""
+        from timm.data.mixup import one_hot
+        off = smoothing / num_classes
+        on = 1.0 - smoothing + off
+        y1 = one_hot(labels_all[rows], num_classes, on, off)
+        y2 = one_hot(labels_all[self.partner[rows]], num_classes, on, off)
+        lam = self.lam[rows][:, None]
+        return y1 * lam + y2 * (1.0 - lam)
 
 
 class NoTeacher:
     uses_teacher = False
 
-    def __init__(self, recipe: ViewRecipe, global_seed: int, view_seeds: List[int], sizes: np.ndarray):
+    def __init__(self, recipe: ViewRecipe, global_seed: int, view_seeds: List[int], sizes: np.ndarray,
+                 order_seed: int = 0):
         self.recipe, self.global_seed, self.view_seeds, self.sizes = recipe, global_seed, view_seeds, sizes
+        self.order_seed = order_seed
+        self.layout = ParamLayout.of(recipe)
         self.teacher_seconds = 0.0
 
-    def seed_for_epoch(self, epoch: int) -> int:
-        return self.view_seeds[epoch % len(self.view_seeds)]
+    def seed_for_pass(self, t: int) -> int:
+        return self.view_seeds[t % len(self.view_seeds)]
 
-    def begin_epoch(self, epoch: int) -> EpochViews:
-        s = self.seed_for_epoch(epoch)
+    def begin_pass(self, epoch: int, r: int) -> PassViews:
+        s = self.seed_for_pass(epoch * self.recipe.repeats + r)
         n = len(self.sizes)
-        return EpochViews(view_params(self.recipe, self.global_seed, s, np.arange(n), self.sizes[:, 0], self.sizes[:, 1]), s)
+        params = view_params(self.recipe, self.global_seed, s, np.arange(n), self.sizes[:, 0], self.sizes[:, 1], n)
+        return PassViews(params, s, repeat_subset(n, self.recipe.repeats, self.recipe.mix_block if self.recipe.mixing else 1,
+                                                  self.order_seed, epoch))
 
 
 class OnlineTeacher(NoTeacher):
@@ -90,12 +141,28 @@ class OnlineTeacher(NoTeacher):
         self._cpu_seconds, self._events = value, []
 
 
+def mix_labels_recipe(cache_recipe: ViewRecipe, mix: dict) -> ViewRecipe:
+    """The recipe a --mix-labels student trains on: the cache's views plus the given mixing settings."""
+    if cache_recipe.mixing:
+        raise KdcacheError("--mix-labels needs a cache dumped without mixing; this cache's views are mixed "
+                           "already (train from it without --mix-labels: that is function matching)")
+    recipe = dataclasses.replace(cache_recipe, **mix)
+    if not recipe.mixing:
+        raise KdcacheError("--mix-labels needs a mixing recipe: give --mixup and/or --cutmix")
+    return recipe
+
+
 class CachedTeacher:
     uses_teacher = True
 
-    def __init__(self, cache: TeacherCache, device: torch.device, global_seed: int, seed_choice: str = "cycle",
-                 seeds: Optional[List[int]] = None, epochs: Optional[int] = None):
-        self.cache, self.device, self.global_seed = cache, device, global_seed
+    def __init__(self, cache: TeacherCache, device: torch.device, order_seed: int, seed_choice: str = "cycle",
+                 seeds: Optional[List[int]] = None, epochs: Optional[int] = None,
+                 mix_recipe: Optional[ViewRecipe] = None):
+        self.cache, self.device, self.order_seed = cache, device, order_seed
+        self.cache_recipe = ViewRecipe.from_dict(cache.spec.recipe)
+        self.recipe = mix_recipe or self.cache_recipe        # the views the student sees
+        self.mix_labels = mix_recipe is not None
+        self.layout = ParamLayout.of(self.recipe)
         complete = cache.complete_seeds()
         if seeds is not None:
             missing = sorted(set(seeds) - set(complete))
@@ -106,49 +173,82 @@ class CachedTeacher:
             raise KdcacheError(f"{cache.path}: no complete seed; run dump-teacher first")
         if seed_choice not in ("cycle", "per-sample"):
             raise KdcacheError(f"--seed-choice must be cycle or per-sample, got {seed_choice!r}")
+        if seed_choice == "per-sample" and self.recipe.mixing:
+            raise KdcacheError("--seed-choice per-sample cannot be used with a mixing recipe: partners are drawn per "
+                               "seed, so a pair must come from one seed (use cycle)")
         self.seeds, self.seed_choice, self.epochs = complete, seed_choice, epochs
         self.num_classes = cache.spec.num_classes
-        if epochs and seed_choice == "cycle" and epochs > len(complete):
-            warnings.warn(f"{epochs} epochs over {len(complete)} cached seeds: each view is replayed "
-                          f"{epochs / len(complete):.1f} times on average (dump more seeds to see new views)")
+        passes = (epochs or 0) * self.recipe.repeats
+        if passes and seed_choice == "cycle" and passes > len(complete):
+            warnings.warn(f"{passes} passes over {len(complete)} cached seeds: each view is replayed "
+                          f"{passes / len(complete):.1f} times on average (dump more seeds to see new views)")
         self.prefetcher = SlabPrefetcher(cache)
         self.teacher_seconds = 0.0
         self._labels = None
-        self._slab = None   # the slab in use (cycle): kept while the next epoch replays the same seed
+        self._mix = None
+        self._slab = None   # the slab in use (cycle): kept while the next pass replays the same seed
         self._all = None    # per-sample: every seed's rows stacked, {name: (S, N, ...)}
 
-    def seed_for_epoch(self, epoch: int) -> int:
-        return self.seeds[epoch % len(self.seeds)]
+    def seed_for_pass(self, t: int) -> int:
+        return self.seeds[t % len(self.seeds)]
 
-    def _to_device(self, values, indices, lse):
+    def _to_device(self, logp, indices, log_tail):
         dev = self.device
-        return (torch.from_numpy(np.ascontiguousarray(values)).to(dev),
+        return (torch.from_numpy(np.ascontiguousarray(logp)).to(dev),
                 torch.from_numpy(np.ascontiguousarray(indices).astype(np.int64)).to(dev),
-                torch.from_numpy(np.ascontiguousarray(lse)).to(dev))
+                torch.from_numpy(np.ascontiguousarray(log_tail)).to(dev))
 
-    def begin_epoch(self, epoch: int) -> EpochViews:
+    def _with_mixing(self, params: np.ndarray, seed: int) -> np.ndarray:
+        """--mix-labels: the cached rows plus mixing columns drawn for this seed (the loader mixes)."""
+        n = len(params)
+        idx = np.arange(n)
+        partner = partner_indices(self.recipe, self.cache.spec.global_seed, seed, idx, n)
+        mix = draw_mixing(self.cache.spec.global_seed, seed, idx, partner, self.recipe)
+        out = np.empty((n, self.layout.width), np.float32)
+        out[:, :params.shape[1]] = params
+        out[:, self.layout.mix_offset:self.layout.mix_offset + MIX_COLUMNS] = mix
+        return out
+
+    def begin_pass(self, epoch: int, r: int) -> PassViews:
+        t = epoch * self.recipe.repeats + r
+        n = self.cache.spec.num_samples
+        active = repeat_subset(n, self.recipe.repeats, self.recipe.mix_block if self.recipe.mixing else 1,
+                               self.order_seed, epoch)
         if self.seed_choice == "cycle":
-            s = self.seed_for_epoch(epoch)
+            s = self.seed_for_pass(t)
             if self._slab is None or self._slab.seed != s:
-                following = self.seed_for_epoch(epoch + 1)
-                last = self.epochs is not None and epoch + 1 >= self.epochs
+                following = self.seed_for_pass(t + 1)
+                last = self.epochs is not None and t + 1 >= self.epochs * self.recipe.repeats
                 self._slab = self.prefetcher.get(s, next_seed=None if last or following == s else following)
-                self._labels = self._to_device(self._slab.values, self._slab.indices, self._slab.lse)
-            return EpochViews(self._slab.params, s)
+                self._labels = self._to_device(self._slab.logp, self._slab.indices, self._slab.log_tail)
+            params = self._with_mixing(self._slab.params, s) if self.mix_labels else self._slab.params
+            self._mix = MixTargets(params, self.layout, self.device) if self.layout.mixing else None
+            return PassViews(params, s, active)
         if self._all is None:  # every seed's slab in memory, stacked once: S x N rows
             slabs = [read_slab(self.cache, s) for s in self.seeds]
             self._all = {name: np.stack([getattr(sl, name) for sl in slabs])
-                         for name in ("values", "indices", "lse", "params")}
-        n = self.cache.spec.num_samples
-        rng = np.random.default_rng([self.global_seed, epoch, 0x5EED])
+                         for name in ("logp", "indices", "log_tail", "params")}
+        rng = np.random.default_rng([self.order_seed, t, 0x5EED])
         pick = rng.integers(0, len(self.seeds), n)
         rows = np.arange(n)
         picked = {name: stacked[pick, rows] for name, stacked in self._all.items()}
-        self._labels = self._to_device(picked["values"], picked["indices"], picked["lse"])
-        return EpochViews(picked["params"], np.asarray(self.seeds)[pick])
+        self._labels = self._to_device(picked["logp"], picked["indices"], picked["log_tail"])
+        self._mix = None
+        return PassViews(picked["params"], np.asarray(self.seeds)[pick], active)
+
+    @property
+    def mix(self) -> Optional[MixTargets]:
+        return self._mix
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        values, idx, lse = self._labels
+        logp, idx, log_tail = self._labels
         rows = indices.to(self.device, non_blocking=True)
-        return dense_logits(values[rows], idx[rows], lse[rows], self.num_classes)
+        own = dense_logits(logp[rows], idx[rows], log_tail[rows], self.num_classes)
+        if not self.mix_labels:
+            return own
+        # FKD/ReLabel: the lambda-mix of the two cached distributions, as log-probabilities
+        j = self._mix.partner[rows]
+        other = dense_logits(logp[j], idx[j], log_tail[j], self.num_classes)
+        lam = self._mix.lam[rows][:, None].clamp(1e-12, 1.0)
+        return torch.logaddexp(own + lam.log(), other + (1.0 - lam).clamp_min(1e-12).log())

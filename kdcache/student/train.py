@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from kdcache.augment.params import ParamLayout
 from kdcache.augment.recipe import ViewRecipe
 from kdcache.cache.schema import TeacherCache
 from kdcache.data.dataset import PreparedDataset
@@ -27,10 +28,10 @@ from kdcache.files import write_text_atomic
 from kdcache.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Normalize, build_model, create_timm_model
 from kdcache.student import checkpoint as ckpt
 from kdcache.student.evaluate import evaluate
-from kdcache.student.loader import ReplayLoader, eval_loader
+from kdcache.augment.loader import ReplayLoader, eval_loader
 from kdcache.student.losses import LossConfig, StudentLoss
 from kdcache.student.report import MetricsLog, plot_curves
-from kdcache.student.soft_labels import CachedTeacher, NoTeacher, OnlineTeacher
+from kdcache.student.soft_labels import CachedTeacher, MixTargets, NoTeacher, OnlineTeacher, mix_labels_recipe
 
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "adamw": 1e-3, "lamb": 5e-3}  # at batch size 256
 
@@ -61,10 +62,13 @@ class TrainConfig:
     compile: bool = False
     workers: Optional[int] = None
     device: str = "auto"
-    seed: int = 0                              # init, sample order, views (global seed)
-    view_seeds: Optional[List[int]] = None     # none/online: seeds cycled over epochs (default: one per epoch)
+    seed: int = 0                              # the student's initialisation and sample order
+    view_global_seed: Optional[int] = None     # views: cache mode takes the cache's; none/online default 0 (the dump's default)
+    view_seeds: Optional[List[int]] = None     # augmentation seeds cycled over passes (none/online default: one per pass)
     seed_choice: str = "cycle"                 # cache: cycle | per-sample
-    recipe: Optional[dict] = None              # none/online: ViewRecipe fields (default: dataset view size)
+    recipe: Optional[dict] = None              # none/online: ViewRecipe fields (default: dataset view size);
+                                               # cache + mix_labels: the mixing settings to add
+    mix_labels: bool = False                   # cache: mix the views in the loader and the cached targets by lambda
     loss: dict = field(default_factory=dict)   # LossConfig fields
     eval_every: int = 1
     crop_pct: float = 0.875
@@ -82,6 +86,10 @@ class TrainConfig:
                                "(or --teacher-module, or --random-teacher)")
         if self.epochs < 1:
             raise KdcacheError(f"--epochs must be positive, got {self.epochs}")
+        if self.batch_size < 1:
+            raise KdcacheError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.mix_labels and self.mode != "cache":
+            raise KdcacheError("--mix-labels mixes cached soft labels: it needs --cache (online/none mix through the recipe)")
 
 
 def _loss_config(cfg: TrainConfig) -> LossConfig:
@@ -91,6 +99,18 @@ def _loss_config(cfg: TrainConfig) -> LossConfig:
     elif lc.kd_loss == "none":
         raise KdcacheError(f"--kd-loss none contradicts mode {cfg.mode}")
     return lc
+
+
+def _passes(source, loader: ReplayLoader, epoch: int, passes: int, layout: ParamLayout, device):
+    """The batches of one epoch: R passes, each with its own views (repeated augmentation), and the
+    pass's mixing weights when the recipe mixes."""
+    for r in range(passes):
+        views = source.begin_pass(epoch, r)
+        loader.set_views(views.params, views.active)
+        loader.loader.next_epoch = epoch * passes + r   # the order is a function of (seed, pass): resumable
+        mix = MixTargets(views.params, layout, device) if layout.mixing else None
+        for images, labels, indices in loader:
+            yield images, labels, indices, views, mix
 
 
 def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -108,7 +128,6 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
     loss_cfg = _loss_config(cfg)
 
     # --- the source of views and soft labels ---------------------------------------------------
-    view_seeds = cfg.view_seeds or list(range(cfg.epochs))
     if cfg.mode == "cache":
         cache = TeacherCache.open(cfg.cache)
         if cache.spec.dataset["split_fingerprint"] != train_split.fingerprint:
@@ -116,12 +135,21 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
                                f"but {cfg.data} train is {train_split.fingerprint[:16]} (another dataset or another prepare)")
         if cache.spec.num_classes != ds.num_classes:
             raise KdcacheError(f"{cfg.cache}: {cache.spec.num_classes} teacher classes, the dataset has {ds.num_classes}")
-        recipe = ViewRecipe.from_dict(cache.spec.recipe)
-        source = CachedTeacher(cache, device, cfg.seed, cfg.seed_choice, seeds=cfg.view_seeds, epochs=cfg.epochs)
+        if cfg.view_global_seed is not None and cfg.view_global_seed != cache.spec.global_seed:
+            raise KdcacheError(f"--view-global-seed {cfg.view_global_seed} contradicts the cache's global seed "
+                               f"{cache.spec.global_seed}: cached views come from the cache")
+        mix_recipe = None
+        if cfg.mix_labels:
+            mix_recipe = mix_labels_recipe(ViewRecipe.from_dict(cache.spec.recipe), cfg.recipe or {})
+        source = CachedTeacher(cache, device, cfg.seed, cfg.seed_choice, seeds=cfg.view_seeds, epochs=cfg.epochs,
+                               mix_recipe=mix_recipe)
+        recipe = source.recipe
         teacher_info = cache.spec.teacher
     else:
         recipe = ViewRecipe.from_dict(cfg.recipe) if cfg.recipe else ViewRecipe(size=ds.view_size)
-        common = dict(recipe=recipe, global_seed=cfg.seed, view_seeds=view_seeds, sizes=train_split.sizes)
+        view_seeds = cfg.view_seeds or list(range(cfg.epochs * recipe.repeats))
+        common = dict(recipe=recipe, global_seed=cfg.view_global_seed or 0, view_seeds=view_seeds,
+                      sizes=train_split.sizes, order_seed=cfg.seed)
         teacher_info = None
         if cfg.mode == "online":
             tmodel, teacher_info = build_model(ModelSpec(**cfg.teacher), ds.num_classes, what="teacher")
@@ -139,9 +167,13 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.opt, 0.1) * cfg.batch_size * ctx.world_size / 256
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    layout = ParamLayout.of(recipe)
     loader = ReplayLoader(train_split.beton_path, train_split.num_samples, recipe.size, cfg.batch_size, cfg.workers,
-                          order="random", seed=cfg.seed, drop_last=True, distributed=ctx.enabled)
-    steps_per_epoch = len(loader)
+                          order="random", seed=cfg.seed, drop_last=True, distributed=ctx.enabled, layout=layout,
+                          repeats=recipe.repeats)
+    passes = recipe.repeats
+    steps_per_epoch = len(loader) * passes
+    labels_all = torch.from_numpy(train_split.labels).to(device)
     if steps_per_epoch == 0:
         raise KdcacheError(f"--batch-size {cfg.batch_size} exceeds the {train_split.num_samples} training samples")
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
@@ -181,25 +213,25 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
     # --- the loop --------------------------------------------------------------------------------
     t_run = time.time()
     for epoch in range(start_epoch, cfg.epochs):
-        views = source.begin_epoch(epoch)
-        loader.set_views(views.params)
-        loader.loader.next_epoch = epoch       # FFCV's RANDOM order is a function of (seed, epoch): resumable
         train_model.train()
         source.teacher_seconds = 0.0
         t0 = time.time()
         seen = 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, leave=False,
                    disable=not (cfg.progress and ctx.is_coordinator) or None, mininterval=1.0)
-        for images, labels, indices in loader:
+        for images, labels, indices, views, mix in _passes(source, loader, epoch, passes, layout, device):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             teacher_logits = source.logits(images, indices) if source.uses_teacher else None
+            hard_target = None
+            if mix is not None:  # the hard-label term of a mixed view: timm's mixup_target with the same lambda
+                hard_target = mix.hard_target(labels_all, indices.to(device), ds.num_classes, loss_cfg.smoothing)
             x = normalize(images)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = train_model(x)
-            parts = criterion(logits.float(), labels, teacher_logits)
+            parts = criterion(logits.float(), labels, teacher_logits, hard_target)
             loss = parts["loss"]
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -234,7 +266,8 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_time = time.time() - t0
-        record = {"kind": "epoch", "epoch": epoch, "seconds": epoch_time, "seed": int(views.seeds) if np.isscalar(views.seeds) else "per-sample",
+        record = {"kind": "epoch", "epoch": epoch, "seconds": epoch_time,
+                  "seed": int(views.seeds) if np.isscalar(views.seeds) else "per-sample",
                   "teacher_seconds": source.teacher_seconds, "img_per_s": seen * ctx.world_size / epoch_time}
         if ctx.is_coordinator and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             ev = evaluate(model, val, normalize, device, amp_dtype)

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdcache.augment.params import view_params
+from kdcache.augment.params import ParamLayout, view_params
 from kdcache.augment.recipe import ViewRecipe
 from kdcache.augment.render import SampleBuffers, render_samples
-from kdcache.cache.schema import CacheSpec, TeacherCache, check_compatible
+from kdcache.cache.schema import CacheSpec, TeacherCache, check_compatible, encode_logp
 from kdcache.data.dataset import PreparedDataset
 from kdcache.dist import init_from_env, resolve_amp, resolve_device
 from kdcache.errors import KdcacheError
@@ -46,7 +46,7 @@ class DumpConfig:
     amp: str = "auto"                       # bf16 | fp16 | off | auto (bf16 on CUDA, off on CPU)
     compile: bool = False
     workers: Optional[int] = None           # render threads (default: usable cores)
-    values_dtype: str = "float16"
+    values_dtype: str = "uint16"            # top-k log-probabilities: uint16 fixed point or float32
     unit_size: int = 32768
     claim_ttl: float = 3600.0
     progress: bool = True
@@ -54,7 +54,7 @@ class DumpConfig:
 
 
 class TeacherRunner:
-    """uint8 NHWC views -> (top-k logits, top-k indices, log-sum-exp), on the chosen device."""
+    """uint8 NHWC views -> (top-k log-probabilities, top-k indices, log tail mass), on the chosen device."""
 
     def __init__(self, model, info: dict, device: torch.device, amp: str, compile_model: bool, topk: int):
         self.device, self.topk = device, topk
@@ -71,9 +71,17 @@ class TeacherRunner:
     @torch.inference_mode()
     def topk_outputs(self, views_nhwc: np.ndarray):
         logits = self.logits(views_nhwc)
-        lse = torch.logsumexp(logits, dim=1)
         values, indices = logits.topk(self.topk, dim=1, sorted=True)
-        return values.cpu().numpy(), indices.cpu().numpy(), lse.cpu().numpy()
+        # float64 from the full fp32 logits: the tail mass is summed over its own classes, never taken as
+        # 1 - sum(top-k) (at p_top = 0.99 that difference loses most of its digits)
+        full = logits.double()
+        lse = torch.logsumexp(full, dim=1, keepdim=True)
+        logp = values.double() - lse
+        if self.topk < logits.shape[1]:
+            log_tail = torch.logsumexp(full.scatter(1, indices, -torch.inf), dim=1) - lse[:, 0]
+        else:  # no other classes: tail mass 0
+            log_tail = torch.full_like(lse[:, 0], -torch.inf)
+        return logp.float().cpu().numpy(), indices.cpu().numpy(), log_tail.float().cpu().numpy()
 
 
 def _dataset_identity(ds: PreparedDataset, split_name: str) -> dict:
@@ -114,6 +122,7 @@ def _produce(cache: TeacherCache, split, recipe: ViewRecipe, cfg: DumpConfig, bl
     spec = cache.spec
     reader = split.jpeg_reader()
     scratch = SampleBuffers()
+    layout = ParamLayout.of(recipe)
     ring = OutputRing(RING_SLOTS, pinned=pinned)
     try:
         for block in blocks:
@@ -127,9 +136,12 @@ def _produce(cache: TeacherCache, split, recipe: ViewRecipe, cfg: DumpConfig, bl
             a, b = spec.block_bounds(block)
             idx = np.arange(a, b)
             heights, widths = split.sizes[a:b, 0], split.sizes[a:b, 1]
-            params = np.stack([view_params(recipe, cfg.global_seed, s, idx, heights, widths) for s in seeds], 1)
+            params = np.stack([view_params(recipe, cfg.global_seed, s, idx, heights, widths, spec.num_samples)
+                               for s in seeds], 1)
             out_q.put(("block", block, seeds, params))
             per_chunk = max(1, cfg.batch_size // len(seeds))
+            if recipe.mixing:  # whole mixing blocks per chunk: both partners of every pair are rendered together
+                per_chunk = max(1, per_chunk // recipe.mix_block) * recipe.mix_block
             for c0 in range(a, b, per_chunk):
                 if stop.is_set():
                     return
@@ -137,7 +149,7 @@ def _produce(cache: TeacherCache, split, recipe: ViewRecipe, cfg: DumpConfig, bl
                 jpegs = [reader[i] for i in range(c0, c1)]
                 out = ring.next((c1 - c0, len(seeds), recipe.size, recipe.size, 3))
                 images = render_samples(jpegs, heights[c0 - a:c1 - a], widths[c0 - a:c1 - a], params[c0 - a:c1 - a],
-                                        recipe.size, what=f"{split.name} sample {c0} +", out=out, buffers=scratch)
+                                        recipe.size, layout, what=f"{split.name} sample {c0} +", out=out, buffers=scratch)
                 out_q.put(("chunk", block, c0, c1, images))
             out_q.put(("end", block))
     except BaseException as exc:  # handed to the main thread, which raises it
@@ -147,12 +159,12 @@ def _produce(cache: TeacherCache, split, recipe: ViewRecipe, cfg: DumpConfig, bl
         reader.close()
 
 
-def _write_unit(cache: TeacherCache, seed: int, block: int, values, indices, lse, params) -> None:
+def _write_unit(cache: TeacherCache, seed: int, block: int, logp, indices, log_tail, params) -> None:
     a, b = cache.spec.block_bounds(block)
     arrays = cache.arrays(seed)
-    arrays["values"][a:b] = values.astype(cache.spec.values_dtype)
+    arrays["logp"][a:b] = encode_logp(logp, cache.spec.values_dtype)
     arrays["indices"][a:b] = indices.astype(cache.spec.indices_dtype)
-    arrays["lse"][a:b] = lse.astype(np.float32)
+    arrays["log_tail"][a:b] = log_tail.astype(np.float32)
     arrays["params"][a:b] = params.astype(np.float32)
 
 
@@ -222,9 +234,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                 a, b = spec.block_bounds(block)
                 n, k = b - a, cfg.topk
                 state[block] = {"seeds": seeds, "params": params, "t0": time.time(),
-                                "values": np.empty((len(seeds), n, k), np.float32),
+                                "logp": np.empty((len(seeds), n, k), np.float32),
                                 "indices": np.empty((len(seeds), n, k), np.int64),
-                                "lse": np.empty((len(seeds), n), np.float32),
+                                "log_tail": np.empty((len(seeds), n), np.float32),
                                 "correct": np.zeros(len(seeds), np.int64)}
             elif kind == "chunk":
                 _, block, c0, c1, images = item
@@ -232,16 +244,16 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                 a = spec.block_bounds(block)[0]
                 nv = len(st["seeds"])
                 t = time.perf_counter()
-                values, indices, lse = runner.topk_outputs(images.reshape(-1, *images.shape[2:]))
+                logp, indices, log_tail = runner.topk_outputs(images.reshape(-1, *images.shape[2:]))
                 t_forward += time.perf_counter() - t
                 rows = slice(c0 - a, c1 - a)
-                st["values"][:, rows] = values.reshape(c1 - c0, nv, -1).transpose(1, 0, 2)
+                st["logp"][:, rows] = logp.reshape(c1 - c0, nv, -1).transpose(1, 0, 2)
                 st["indices"][:, rows] = indices.reshape(c1 - c0, nv, -1).transpose(1, 0, 2)
-                st["lse"][:, rows] = lse.reshape(c1 - c0, nv).T
+                st["log_tail"][:, rows] = log_tail.reshape(c1 - c0, nv).T
                 st["correct"] += (st["indices"][:, rows, 0] == labels[c0:c1][None, :]).sum(1)
-                views_done += values.shape[0]
+                views_done += logp.shape[0]
                 samples_done += c1 - c0
-                bar.update(values.shape[0])
+                bar.update(logp.shape[0])
                 elapsed = time.time() - t_loop
                 bar.set_postfix_str(f"{samples_done / elapsed:.0f} img/s", refresh=False)
             elif kind == "end":
@@ -249,9 +261,11 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                 st = state.pop(block)
                 a, b = spec.block_bounds(block)
                 for j, s in enumerate(st["seeds"]):
-                    _write_unit(cache, s, block, st["values"][j], st["indices"][j], st["lse"][j], st["params"][:, j])
+                    _write_unit(cache, s, block, st["logp"][j], st["indices"][j], st["log_tail"][j], st["params"][:, j])
+                    # device and amp: how precise the unit's logits are (verify --replay picks its thresholds by them)
                     cache.ledger.mark_done(s, block, {"views": b - a, "correct": int(st["correct"][j]),
-                                                      "run": run, "rank": ctx.rank})
+                                                      "run": run, "rank": ctx.rank,
+                                                      "device": device.type, "amp": runner.amp})
                 log["units"].append({"block": block, "seeds": st["seeds"], "samples": b - a,
                                      "seconds": round(time.time() - st["t0"], 3)})
     except BaseException:
