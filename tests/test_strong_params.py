@@ -60,8 +60,9 @@ def test_mixing_draws_follow_timm():
     cut = mode == MODE_CUTMIX
     assert abs(cut[applied].mean() - 0.5) < 0.03
     mix_lam = lam[mode == MODE_MIXUP]
-    assert stats.kstest(mix_lam, stats.beta(0.2, 0.2).cdf).pvalue > 1e-3
-    box = p[lower][cut, o + 3:o + 7] * 224
+    reference = np.round(stats.beta(0.2, 0.2).rvs(20000, random_state=np.random.default_rng(1)) * 65536) / 65536
+    assert stats.ks_2samp(mix_lam, reference).pvalue > 1e-3      # lambda is stored on a 2^-16 grid
+    box = p[lower][cut, o + 3:o + 7]
     area = box[:, 2] * box[:, 3]
     assert np.allclose(lam[cut], 1 - area / 224 ** 2, atol=1e-6)
     # centred boxes are uncut: side int(224 * sqrt(1 - lam_drawn)) (even-rounded halves, as timm)
@@ -80,7 +81,7 @@ def test_erasing_draws_follow_timm():
     counts = ours[:, 0]
     assert abs((counts > 0).mean() - 0.5) < 0.02
     assert abs((counts == 2).sum() / (counts > 0).sum() - 0.5) < 0.03
-    h, w = ours[:, 4] * size, ours[:, 5] * size
+    h, w = ours[:, 4], ours[:, 5]
     ok = (counts > 0) & (h > 0)
     ours_area = (h * w)[ok] / size ** 2
     # timm: record the boxes it erases on a zero image with const fill... via the box sizes of a ones tensor
@@ -108,3 +109,19 @@ def test_recipe_refuses_bad_settings_by_name():
     assert ViewRecipe.from_dict({"size": 32, "scale": [0.08, 1], "ratio": [0.75, 1.3333], "hflip": 0.5, "aa": None,
                                  "mixup": 0.0, "cutmix": 0.0, "mixup_prob": 1.0, "mixup_switch_prob": 0.5,
                                  "aug_repeats": 0, "version": 1}).mixing is False     # a v1 recipe still reads
+
+
+def test_crop_grid_gives_the_exact_integer_crop():
+    """Strong-recipe rows keep crop fractions on a 2^-13 grid (compact on disk): the renderer's integer box is
+    the same as from the exact fractions, for every canonical size below 8192."""
+    from kdcache.augment.render import crop_box
+    rng = np.random.default_rng(0)
+    n = 5000
+    H, W = rng.integers(8, 8192, n), rng.integers(8, 8192, n)
+    exact = view_params(ViewRecipe(size=32), 0, 1, np.arange(n), H, W)
+    grid = view_params(ViewRecipe(size=32, aa="rand-m9"), 0, 1, np.arange(n), H, W, n)
+    assert not np.array_equal(exact[:, :4], grid[:, :4])
+    for i in range(n):
+        assert crop_box(int(H[i]), int(W[i]), grid[i]) == crop_box(int(H[i]), int(W[i]), exact[i])
+    with pytest.raises(KdcacheError, match="8192"):
+        view_params(ViewRecipe(size=32, aa="rand-m9"), 0, 1, np.arange(2), [100, 9000], [100, 100], 2)

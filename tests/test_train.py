@@ -93,16 +93,16 @@ def test_per_sample_seed_choice_replays_stored_views(teacher_setup):
     _, cache_path = teacher_setup
     cache = TeacherCache.open(cache_path)
     slabs = {s: read_slab(cache, s) for s in cache.seeds}
-    src = CachedTeacher(cache, torch.device("cpu"), global_seed=0, seed_choice="per-sample")
-    views = src.begin_epoch(4)
+    src = CachedTeacher(cache, torch.device("cpu"), order_seed=0, seed_choice="per-sample")
+    views = src.begin_pass(4, 0)
     assert set(np.unique(views.seeds)) == {0, 1, 2}
     for i in range(0, cache.spec.num_samples, 7):
         s = int(views.seeds[i])
         assert np.array_equal(views.params[i], slabs[s].params[i])
         logits = src.logits(None, torch.tensor([i]))
         assert torch.allclose(logits[0, torch.from_numpy(slabs[s].indices[i].astype(np.int64))], torch.from_numpy(slabs[s].logp[i]))
-    again = src.begin_epoch(4)
-    assert np.array_equal(again.seeds, views.seeds) and not np.array_equal(src.begin_epoch(5).seeds, views.seeds)
+    again = src.begin_pass(4, 0)
+    assert np.array_equal(again.seeds, views.seeds) and not np.array_equal(src.begin_pass(5, 0).seeds, views.seeds)
 
 
 def test_cycle_reads_each_slab_once_and_prefetches_only_what_comes_next(teacher_setup, monkeypatch):
@@ -114,17 +114,17 @@ def test_cycle_reads_each_slab_once_and_prefetches_only_what_comes_next(teacher_
     monkeypatch.setattr(slabs_module, "read_slab", lambda c, s, **kw: reads.append(s) or real_read(c, s, **kw))
     stored = {s: real_read(cache, s) for s in cache.seeds}
     # One stored seed replayed for three epochs: read once, not once per epoch.
-    with pytest.warns(UserWarning, match="3 epochs over 1 cached seeds"):
-        src = CachedTeacher(cache, torch.device("cpu"), global_seed=0, seeds=[1], epochs=3)
+    with pytest.warns(UserWarning, match="3 passes over 1 cached seeds"):
+        src = CachedTeacher(cache, torch.device("cpu"), order_seed=0, seeds=[1], epochs=3)
     for epoch in range(3):
-        views = src.begin_epoch(epoch)
+        views = src.begin_pass(epoch, 0)
         assert views.seeds == 1 and np.array_equal(views.params, stored[1].params)
     assert reads == [1]
     # Three seeds over three epochs: each read once (the next one prefetched), nothing read after the last.
     reads.clear()
-    src = CachedTeacher(cache, torch.device("cpu"), global_seed=0, epochs=3)
+    src = CachedTeacher(cache, torch.device("cpu"), order_seed=0, epochs=3)
     for epoch in range(3):
-        views = src.begin_epoch(epoch)
+        views = src.begin_pass(epoch, 0)
         assert views.seeds == epoch and np.array_equal(views.params, stored[epoch].params)
         i = 5
         logits = src.logits(None, torch.tensor([i]))

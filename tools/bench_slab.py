@@ -4,7 +4,11 @@ A student's epoch reads one seed whole (log-probabilities, indices, tail mass an
 <= 0.25 s per seed. Also times plain zarr reads of logp + indices alone, the floor. The arrays are written
 with kdcache's real schema (kdcache.cache.schema) and realistic-looking top-k logits; no teacher runs.
 
-    python tools/bench_slab.py [--dir /tmp/slab-bench] [--samples 1281167] [--topk 10] [--seeds 2]
+    python tools/bench_slab.py [--dir /tmp/slab-bench] [--samples 1281167] [--topk 10] [--seeds 2] [--recipe a2]
+
+--recipe a2 fills the view parameters with the real rows of VanillaKD's A2 augmentation (RandAugment
+rand-m7-mstd0.5, mixup 0.1, cutmix 1.0) for ImageNet-like image sizes, so the bytes per view on disk are
+those of such a cache; the default fills RandomResizedCrop rows. Bytes are reported per array.
 """
 
 import argparse
@@ -41,6 +45,7 @@ def main():
     p.add_argument("--unit-size", type=int, default=None, help="default: kdcache's CacheSpec default")
     p.add_argument("--chunk-rows", type=int, default=None, help="default: kdcache's CacheSpec default")
     p.add_argument("--values-dtype", default="uint16", choices=["uint16", "float32"])
+    p.add_argument("--recipe", default="rrc", choices=["rrc", "a2"])
     p.add_argument("--keep", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -49,18 +54,22 @@ def main():
     from kdcache.cache.schema import CacheSpec, TeacherCache, encode_logp
     from kdcache.cache.slabs import read_slab
 
+    from kdcache.augment import ViewRecipe, view_params
     path = Path(args.dir)
     shutil.rmtree(path, ignore_errors=True)
     n, k = args.samples, args.topk
+    recipe = ViewRecipe(size=224, **(dict(aa="rand-m7-mstd0.5", mixup=0.1, cutmix=1.0) if args.recipe == "a2" else {}))
     spec = CacheSpec(teacher={"name": "simulated", "sha256": "0" * 64, "num_classes": args.classes,
                               "mean": [0.5] * 3, "std": [0.5] * 3},
                      dataset={"fingerprint": "simulated", "split": "train", "split_fingerprint": "simulated",
                               "num_samples": n, "num_classes": args.classes, "view_size": 224, "path": ""},
-                     recipe={"size": 224}, global_seed=0, topk=k, values_dtype=args.values_dtype,
+                     recipe=recipe.to_dict(), global_seed=0, topk=k, values_dtype=args.values_dtype,
                      **{k_: v for k_, v in (("unit_size", args.unit_size), ("chunk_rows", args.chunk_rows)) if v})
     seeds = list(range(args.seeds))
     cache = TeacherCache.create_or_open(path, spec, seeds)
     rng = np.random.default_rng(0)
+    heights = rng.integers(200, 501, n)      # ImageNet-like canonical sizes (most are near 375 x 500)
+    widths = rng.integers(200, 501, n)
     t = time.time()
     for s in seeds:
         arrays = cache.arrays(s)
@@ -73,7 +82,7 @@ def main():
             arrays["logp"][a:e] = encode_logp(logp, spec.values_dtype)
             arrays["indices"][a:e] = rng.integers(0, args.classes, (m, k)).astype(np.int16)
             arrays["log_tail"][a:e] = np.log1p(-np.minimum(np.exp(logp).sum(1), 0.999)).astype(np.float32)
-            arrays["params"][a:e] = rng.uniform(0, 1, (m, arrays["params"].shape[1])).astype(np.float32)
+            arrays["params"][a:e] = view_params(recipe, 0, s, np.arange(a, e), heights[a:e], widths[a:e], n)
             cache.ledger.mark_done(s, b, {"views": m, "correct": 0, "run": "bench", "rank": 0})
     write_s = time.time() - t
     cache.refresh_summary()
@@ -95,7 +104,11 @@ def main():
             g["logp"][...], g["indices"][...]
             plain.append(time.perf_counter() - t)
     assert slab.logp.shape == (n, k) and np.isfinite(slab.log_tail).all()
+    per_array = {name: sum(f.stat().st_size for f in (path / "seeds").glob(f"*/{name}/**/*") if f.is_file()
+                           and f.name != "zarr.json") / (n * args.seeds)
+                 for name in ("logp", "indices", "log_tail", "params")}
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cpus",
+              "recipe": args.recipe, "param_columns": int(slab.params.shape[1]), "bytes_per_view": per_array,
               "unit_size": spec.unit_size, "chunk_rows": spec.chunk_rows,
               "samples": n, "topk": k, "values_dtype": spec.values_dtype, "seeds": args.seeds, "write_s": write_s,
               "bytes_on_disk": TeacherCache.open(path).bytes_on_disk(),
@@ -104,6 +117,8 @@ def main():
     print(f"unit size {spec.unit_size}, chunk rows {spec.chunk_rows}")
     print(f"simulated cache: {n} samples, k={k}, {args.seeds} seeds, {result['bytes_on_disk'] / 2**20:.0f} MiB on disk "
           f"(written in {write_s:.1f} s)")
+    print(f"bytes per view on disk ({args.recipe} recipe, {slab.params.shape[1]} parameter columns): "
+          + ", ".join(f"{name} {b:.1f}" for name, b in per_array.items()) + f"; total {sum(per_array.values()):.1f}")
     print(f"slab per seed (logp, indices, log_tail, params; completeness check included): median "
           f"{result['slab_s_median']:.3f} s over {len(full)} reads (goal <= 0.25 s)"
           + (f"; cold page cache {cold:.3f} s" if cold is not None else "; page cache could not be dropped here"))

@@ -3,8 +3,8 @@
 Draws follow timm's `_erase`: with probability reprob, count = randint(1, recount) boxes; each box tries
 10 times: area uniform in [0.02, 1/3] of the view divided by count, log-aspect uniform in
 log([0.3, 1/0.3]), h = round(sqrt(area·aspect)), w = round(sqrt(area/aspect)), accepted if w < W and
-h < H, then top = randint(0, H-h), left = randint(0, W-w). Boxes are stored as fractions of the view
-side (exact: pixel / size).
+h < H, then top = randint(0, H-h), left = randint(0, W-w). Boxes are stored in pixels of the view
+(small integers in float32 compress to about a byte on disk; fractions j/size cost four).
 
 timm erases the normalised tensor with N(0, 1) values ("pixel": per pixel, "rand": per box and channel,
 "const": 0). kdcache's views are uint8 (the teacher scores the stored uint8 view, the student replays
@@ -64,7 +64,7 @@ def draw_erasing(keys: np.ndarray, reprob: float, recount: int, size: int) -> np
             done = pending[ok]
             top = np.floor(uniform(k[ok], stream + 2) * (size - h[ok] + 1))
             left = np.floor(uniform(k[ok], stream + 3) * (size - w[ok] + 1))
-            out[done, col:col + 4] = np.stack([top, left, h[ok], w[ok]], 1) / size
+            out[done, col:col + 4] = np.stack([top, left, h[ok], w[ok]], 1)
             pending = pending[~ok]
         # a box whose 10 attempts all failed stays empty (h = w = 0), as timm erases nothing then
     return out
@@ -100,12 +100,12 @@ def apply_erasing(image, row, mode):
     count = int(row[0])
     seed = np.uint64(int(row[1]))
     for b in range(count):
-        h = int(math.floor(np.float64(row[4 + 4 * b]) * size_h + 0.5))
-        w = int(math.floor(np.float64(row[5 + 4 * b]) * size_w + 0.5))
+        h = min(int(row[4 + 4 * b]), size_h)
+        w = min(int(row[5 + 4 * b]), size_w)
         if h <= 0 or w <= 0:
             continue
-        top = int(math.floor(np.float64(row[2 + 4 * b]) * size_h + 0.5))
-        left = int(math.floor(np.float64(row[3 + 4 * b]) * size_w + 0.5))
+        top = int(row[2 + 4 * b])
+        left = int(row[3 + 4 * b])
         top = min(max(top, 0), size_h - h)
         left = min(max(left, 0), size_w - w)
         c0 = fill_value(noise_normal(seed, b, 0, 0) if mode == 1 else 0.0, 0)

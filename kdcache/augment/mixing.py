@@ -23,7 +23,8 @@ from kdcache.augment.rng import uniform, view_keys
 
 STREAM_PAIR = 200
 STREAM_MIX_APPLY, STREAM_MIX_SWITCH, STREAM_MIX_LAMBDA, STREAM_BOX_Y, STREAM_BOX_X = 201, 202, 203, 204, 205
-MIX_COLUMNS = 7              # [mode, partner offset, lambda, top, left, h, w]
+MIX_COLUMNS = 7              # [mode, partner offset, lambda, top, left, h, w] (box in view pixels)
+LAMBDA_GRID = 65536          # mixup's lambda is a multiple of 1/65536: compresses, and far below a grey level
 MODE_NONE, MODE_MIXUP, MODE_CUTMIX = 0, 1, 2
 
 
@@ -65,7 +66,7 @@ def draw_mixing(global_seed: int, aug_seed: int, indices: np.ndarray, partner: n
     lam = np.ones(n)
     a = apply & (alpha > 0)
     lam[a] = betaincinv(alpha[a], alpha[a], u[a])
-    lam = lam.astype(np.float32).astype(np.float64)     # the stored float32 value is the truth
+    lam = np.round(lam * LAMBDA_GRID) / LAMBDA_GRID       # the stored value is the truth
     size = recipe.size
     out[:, 0] = np.where(a, np.where(cut, MODE_CUTMIX, MODE_MIXUP), MODE_NONE)
     out[:, 1] = partner - indices
@@ -77,7 +78,7 @@ def draw_mixing(global_seed: int, aug_seed: int, indices: np.ndarray, partner: n
         cx = np.floor(uniform(keys[c], STREAM_BOX_X) * size).astype(np.int64)
         y0, y1 = np.clip(cy - cut_side // 2, 0, size), np.clip(cy + cut_side // 2, 0, size)
         x0, x1 = np.clip(cx - cut_side // 2, 0, size), np.clip(cx + cut_side // 2, 0, size)
-        out[c, 3:7] = np.stack([y0, x0, y1 - y0, x1 - x0], 1) / size
+        out[c, 3:7] = np.stack([y0, x0, y1 - y0, x1 - x0], 1)
         out[c, 2] = 1.0 - ((y1 - y0) * (x1 - x0)) / float(size * size)       # correct_lam
     return out
 
@@ -99,10 +100,10 @@ def mix_pair(a, b, row):
                     b[y, x, c] = np.uint8(np.rint(vb * lam + va * rest))
     elif mode == MODE_CUTMIX:
         size_h, size_w = a.shape[0], a.shape[1]
-        h = int(math.floor(np.float64(row[5]) * size_h + 0.5))
-        w = int(math.floor(np.float64(row[6]) * size_w + 0.5))
-        top = min(max(int(math.floor(np.float64(row[3]) * size_h + 0.5)), 0), size_h - h)
-        left = min(max(int(math.floor(np.float64(row[4]) * size_w + 0.5)), 0), size_w - w)
+        h = min(max(int(row[5]), 0), size_h)
+        w = min(max(int(row[6]), 0), size_w)
+        top = min(max(int(row[3]), 0), size_h - h)
+        left = min(max(int(row[4]), 0), size_w - w)
         for y in range(top, top + h):
             for x in range(left, left + w):
                 for c in range(a.shape[2]):

@@ -8,7 +8,7 @@ The row's columns (ParamLayout; docs/views.md and docs/cache-format.md give the 
     erasing, 2 + 4 * recount               [count, noise seed, (top, left, h, w)...]   when recipe.reprob
     mixing, 7                              [mode, partner - i, lambda, top, left, h, w] when mixing
 
-Boxes after the crop are fractions of the view side. A recipe without the stronger augmentations has
+Boxes after the crop (erasing, cutmix) are in pixels of the view. A recipe without the stronger augmentations has
 exactly the 5 columns of format v1. The crop follows torchvision's RandomResizedCrop.get_params exactly,
 in pixels of the canonical image (area and log-aspect drawn uniformly, integer rounding, 10 attempts,
 centre-crop fallback); only the random source differs (counter-based instead of torch's generator).
@@ -137,6 +137,21 @@ def partner_indices(recipe: ViewRecipe, global_seed: int, aug_seed: int, indices
     return out
 
 
+CROP_GRID = 8192
+
+
+def _crop_grid(layout: "ParamLayout", heights: np.ndarray, widths: np.ndarray) -> float:
+    """Format-2 rows store the crop fractions on a 2^-13 grid: for sides below 8192 pixels, round(f·H) gives
+    back the same integer (the grid's error is at most 2^-14 < 0.5 / H), and a float32 with 13 significant
+    bits compresses to half on disk. RRC-only rows keep format 1's exact fractions (no grid)."""
+    if layout.width == CROP_COLUMNS:
+        return None
+    if max(heights.max(initial=0), widths.max(initial=0)) >= CROP_GRID:
+        raise KdcacheError(f"canonical images must be below {CROP_GRID} pixels a side for this recipe's parameter "
+                           "encoding; prepare with a smaller --max-side")
+    return CROP_GRID
+
+
 def view_params(recipe: ViewRecipe, global_seed: int, aug_seed: int, indices, heights, widths,
                 num_samples: Optional[int] = None) -> np.ndarray:
     """float32 (n, ParamLayout.of(recipe).width) parameters of views (indices[j], aug_seed).
@@ -156,10 +171,9 @@ def view_params(recipe: ViewRecipe, global_seed: int, aug_seed: int, indices, he
     out = np.empty((len(indices), layout.width), np.float32)
     H = heights.astype(np.float64)
     W = widths.astype(np.float64)
-    out[:, 0] = top / H
-    out[:, 1] = left / W
-    out[:, 2] = h / H
-    out[:, 3] = w / W
+    grid = _crop_grid(layout, H, W)
+    for col, value in enumerate((top / H, left / W, h / H, w / W)):
+        out[:, col] = value if grid is None else np.round(value * grid) / grid
     out[:, 4] = uniform(keys, STREAM_FLIP) < recipe.hflip
     if layout.ra_layers:
         ra = draw_rand_augment(keys, parse_rand_augment(recipe.aa))

@@ -45,6 +45,7 @@ STREAM_RAND_AUGMENT = 128  # layer l, draw t: 128 + 8 l + t (0 op, 1 apply, 2-3 
 FILL = (124, 116, 104)     # timm train's img_mean for ImageNet: round(255 * IMAGENET_DEFAULT_MEAN)
 TRANSLATE_PCT = 0.45       # timm's default translate_pct (fraction of the side)
 _LEVEL_DENOM = 10.0
+ARG_GRID = 4096            # stored arguments are multiples of 1/ARG_GRID
 _MSTD_UNIFORM = 100.0      # timm: mstd above this means uniform(0, M)
 
 
@@ -181,6 +182,9 @@ def draw_rand_augment(keys: np.ndarray, spec: RandAugmentSpec) -> np.ndarray:
         applied = (spec.prob >= 1.0) | (uniform(keys, stream + 1) <= spec.prob)
         negate = uniform(keys, stream + 4) > 0.5  # timm's _randomly_negate
         arg = level_to_arg(op, _magnitudes(keys, stream, spec), negate, spec.increasing)
+        # continuous arguments on a 2^-12 grid (integer ones are unchanged): a float32 with few mantissa bits
+        # compresses to about half on disk, and 1/4096 of a degree or of the image side is far below a pixel
+        arg = np.round(arg * ARG_GRID) / ARG_GRID
         out[:, layer, 0] = np.where(applied, op, -1)
         out[:, layer, 1] = np.where(applied, arg, 0.0)
     return out
