@@ -30,6 +30,9 @@ def _add_prepare(sub) -> None:
     f.add_argument("--root", default=None, help="folder with the IDX files (default /usr/share/datasets/fashion-mnist)")
     i = sources.add_parser("imagefolder", parents=[common], help="ROOT/train/<class>/*, ROOT/val/<class>/*")
     i.add_argument("root", help="folder holding train/ and val/")
+    i.add_argument("--shuffle-seed", type=int, default=None,
+                   help="train order: a permutation of the class-sorted listing (needed for mixing recipes, "
+                        "which pair consecutive samples; default: class order)")
     w = sources.add_parser("wds", parents=[common], help="timm-style shards, e.g. 'imagenet1k-train-{0000..1023}.tar'")
     w.add_argument("pattern", help="train shards: brace pattern or glob")
     w.add_argument("--val", default=None, help="validation shards: brace pattern or glob")
@@ -43,7 +46,7 @@ def _cmd_prepare(args) -> int:
     if args.source == "fashion-mnist":
         src = sources.fashion_mnist(args.root or sources.FASHION_MNIST_DIR, limit=args.limit)
     elif args.source == "imagefolder":
-        src = sources.imagefolder(args.root, limit=args.limit)
+        src = sources.imagefolder(args.root, limit=args.limit, shuffle_seed=args.shuffle_seed)
     else:
         src = sources.wds(args.pattern, val_pattern=args.val, num_classes=args.num_classes, limit=args.limit)
     max_side = args.max_side if args.max_side is not None else src.max_side

@@ -48,9 +48,10 @@ def render_text(info: dict) -> str:
                  + (f"({info['values_dtype']} logits, {info['indices_dtype']} indices) + log-sum-exp"
                     if info["format_version"] == 1 else
                     f"log-probabilities ({_logp_text(info['logp_encoding'])}, {info['indices_dtype']} indices) + tail mass")
-                 + f" + params; recipe size {info['recipe']['size']}, scale {info['recipe']['scale']}, "
-                 f"ratio {[round(r, 4) for r in info['recipe']['ratio']]}, hflip {info['recipe']['hflip']}; "
-                 f"global seed {info['global_seed']}",
+                 + f" + {info['param_columns']} view parameters; global seed {info['global_seed']}",
+                 f"recipe    {info['recipe_summary']}"
+                 + (f"; renderer {info['renderer']['version']} ({', '.join(f'{k} {v}' for k, v in info['renderer']['libraries'].items())})"
+                    if info.get("renderer") else ""),
                  f"seeds     complete {info['seeds_complete']}"
                  + (f"; in progress (blocks done of {info['num_blocks_per_seed']}): {info['seeds_in_progress']}"
                     if info["seeds_in_progress"] else ""),

@@ -16,7 +16,6 @@ import shutil
 import sys
 import time
 import tomllib
-import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -206,9 +205,6 @@ class Pipeline:
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        planned = self.recipe.get("planned")
-        if planned:
-            warnings.warn(f"recipe lists augmentations that views do not carry yet ({planned}); they are not in effect")
         self.prepare()
         self.teacher()
         self.dump()

@@ -119,3 +119,23 @@ def test_students_train_on_mixed_views(a2_cache, fmnist_small, tmp_path, random_
     proc = kdcache("train-student", "--data", data, "--cache", a2_cache, "--epochs", 1, "--out", tmp_path / "y",
                    *COMMON[:2], "--batch-size", 63, check=False)
     assert proc.returncode == 2 and "even batch size" in proc.stderr
+
+
+def test_verify_names_changed_render_libraries(a2_cache):
+    from kdcache.augment.render import library_versions
+    from kdcache.teacher.verify import render_report, renderer_comparison
+    cache = TeacherCache.open(a2_cache)
+    assert cache.attrs["renderer"]["libraries"] == library_versions()
+    assert renderer_comparison(cache)["libraries_differ"] == {}
+
+    class Older:
+        attrs = {"renderer": {"version": 1, "libraries": dict(library_versions(), opencv="4.6.0")}}
+    diff = renderer_comparison(Older())
+    assert diff["libraries_differ"] == {"opencv": ["4.6.0", library_versions()["opencv"]]}
+    report = {"cache": "c", "ok": True, "seeds": [0], "seeds_complete": [0], "problems": [],
+              "replay": {"views": 1, "device": "cpu", "dump_precision": ["cpu/off"], "precision": "fp32",
+                         "top1_agreement": 1.0, "replay_kl_mean": 0, "replay_kl_max": 0, "tail_mass_error_mean": 0,
+                         "tail_mass_error_max": 0, "max_abs_logp_error": 0, "topk_kl_mean": 0, "topk_kl_max": 0,
+                         "thresholds": {"min_agreement": 0.999, "max_kl": 1e-4, "max_tail_error": 1e-3},
+                         "renderer": diff}}
+    assert "opencv 4.6.0 -> " in render_report(report)

@@ -194,3 +194,15 @@ def test_cli_error_is_clear_and_exit_code_two(tmp_path):
     assert proc.returncode == 2 and "missing/train: not a directory" in proc.stderr
     proc = run_cli("info", tmp_path, check=False)
     assert proc.returncode == 2 and "neither a prepared dataset" in proc.stderr
+
+
+def test_imagefolder_shuffle_seed_permutes_the_train_order(tmp_path):
+    """Mixing pairs consecutive samples: --shuffle-seed gives ImageFolder a class-mixed canonical order."""
+    from conftest import make_imagefolder
+    from kdcache.data import sources
+    root = make_imagefolder(tmp_path / "src", per_class=6)
+    plain = [s.label for s in sources.imagefolder(str(root)).splits["train"]()]
+    shuffled = [s.label for s in sources.imagefolder(str(root), shuffle_seed=1).splits["train"]()]
+    again = [s.key for s in sources.imagefolder(str(root), shuffle_seed=1).splits["train"]()]
+    assert plain == sorted(plain) and sorted(shuffled) == plain and shuffled != plain
+    assert again == [s.key for s in sources.imagefolder(str(root), shuffle_seed=1).splits["train"]()]

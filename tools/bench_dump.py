@@ -10,6 +10,9 @@ The whole train split of --data is dumped (prepare one with --limit for a quick 
     kdcache prepare fashion-mnist --limit 4096 --out data/fm4096
     python tools/bench_dump.py --data data/fm4096 --teacher resnet10t                   # CPU, 32 px
     python tools/bench_dump.py --data data/synthetic-imagenet --teacher resnet50 --device cuda --batch-size 256
+    python tools/bench_dump.py --data data/fm4096 --a2        # VanillaKD's A2 views: RandAugment + mixup/cutmix
+
+Bytes per view at k = 10 with 1000 classes (a teacher this benchmark cannot have offline): tools/bench_slab.py.
 """
 
 import argparse
@@ -38,10 +41,11 @@ def main():
     p.add_argument("--compile", action="store_true")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--skip-bytes", action="store_true", help="skip part 3 (bytes per view)")
+    p.add_argument("--a2", action="store_true", help="A2 views: RandAugment rand-m7-mstd0.5, mixup 0.1, cutmix 1.0")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    from kdcache.augment import ViewRecipe, view_params
+    from kdcache.augment import ParamLayout, ViewRecipe, view_params
     from kdcache.augment.render import SampleBuffers, render_samples
     from kdcache.cache.schema import TeacherCache
     from kdcache.data.dataset import PreparedDataset
@@ -52,14 +56,15 @@ def main():
     ds = PreparedDataset.open(args.data)
     split = ds.split("train")
     device = resolve_device(args.device, DistContext())
-    recipe = ViewRecipe(size=ds.view_size)
+    recipe = ViewRecipe(size=ds.view_size, **(dict(aa="rand-m7-mstd0.5", mixup=0.1, cutmix=1.0, mix_block=64)
+                                              if args.a2 else {}))
     tmp = Path(tempfile.mkdtemp(prefix="bench_dump_"))
     sub = ds
     n = split.num_samples
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cpus",
                "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
                "teacher": args.teacher, "size": recipe.size, "batch_size": args.batch_size, "samples": n,
-               "seeds": args.seeds}
+               "seeds": args.seeds, "recipe": recipe.summary()}
 
     spec = ModelSpec(name=args.teacher, random_init=True)
     model, info = build_model(spec, sub.num_classes, what="teacher")
@@ -68,9 +73,11 @@ def main():
 
     # 1a. bare forward on pre-rendered views (the same views the dump renders)
     idx = np.arange(min(n, max(64, 32 * args.batch_size // args.seeds)))
-    params = np.stack([view_params(recipe, 0, s, idx, split.sizes[idx, 0], split.sizes[idx, 1]) for s in range(args.seeds)], 1)
+    params = np.stack([view_params(recipe, 0, s, idx, split.sizes[idx, 0], split.sizes[idx, 1], n)
+                       for s in range(args.seeds)], 1)
     reader = split.jpeg_reader()
-    views = render_samples([reader[i] for i in idx], split.sizes[idx, 0], split.sizes[idx, 1], params, recipe.size)
+    layout = ParamLayout.of(recipe)
+    views = render_samples([reader[i] for i in idx], split.sizes[idx, 0], split.sizes[idx, 1], params, recipe.size, layout)
     views = views.reshape(-1, recipe.size, recipe.size, 3)
     batches = [views[j:j + args.batch_size] for j in range(0, len(views) - args.batch_size + 1, args.batch_size)]
     for b in batches[:2]:
@@ -105,12 +112,14 @@ def main():
     jpegs = [reader[i] for i in range(m)]
     scratch = SampleBuffers()
     for S in (1, 4, 16):
-        prm = np.stack([view_params(recipe, 0, s, np.arange(m), split.sizes[:m, 0], split.sizes[:m, 1]) for s in range(S)], 1)
+        prm = np.stack([view_params(recipe, 0, s, np.arange(m), split.sizes[:m, 0], split.sizes[:m, 1], n)
+                        for s in range(S)], 1)
         out = np.empty((m, S, recipe.size, recipe.size, 3), np.uint8)
         best = float("inf")
         for _ in range(4):
             t = time.perf_counter()
-            render_samples(jpegs, split.sizes[:m, 0], split.sizes[:m, 1], prm, recipe.size, out=out, buffers=scratch)
+            render_samples(jpegs, split.sizes[:m, 0], split.sizes[:m, 1], prm, recipe.size, layout, out=out,
+                           buffers=scratch, mix=False)
             best = min(best, time.perf_counter() - t)
         per_view[S] = best / (m * S) * 1e6
     results["decode_render_us_per_view"] = per_view
@@ -126,7 +135,7 @@ def main():
     results["bytes_per_view"] = bpv
     shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\ndump-teacher benchmark: {args.teacher} at {recipe.size}px, batch {args.batch_size}, "
+    print(f"\ndump-teacher benchmark: {args.teacher} at {recipe.size}px ({recipe.summary()}), batch {args.batch_size}, "
           f"{results['device']}, amp {results['amp']}, {n} samples x {args.seeds} seeds")
     print(f"| | views/s |\n|---|---|\n| bare teacher forward (pre-rendered) | {bare:,.0f} |\n"
           f"| dump-teacher (read, decode, render, forward, write) | {dumped['views_per_s']:,.0f} |")

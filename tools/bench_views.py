@@ -3,11 +3,14 @@
   (a) kdcache's FFCV replay loader (stored view parameters, kdcache.augment.loader.ReplayLoader),
   (b) stock FFCV (RandomResizedCropRGBImageDecoder + RandomHorizontalFlip): the limit for (a),
   (c) a torchvision DataLoader (PIL decode + RandomResizedCrop + RandomHorizontalFlip),
+  (d) with --a2: the replay loader with VanillaKD's A2 augmentation (RandAugment rand-m7-mstd0.5, mixup 0.1,
+      cutmix 1.0, pairs in one batch): the cost of RandAugment and mixing over (a) (goal (d)/(a) >= 0.80),
 on the same prepared data, output size, batch size and worker count. Epochs of (a), (b), (c) are
 interleaved so that machine noise hits all three alike; the first epoch of each (JIT) is not timed.
 
     python tools/bench_views.py --data data/fashion-mnist            # prepared dataset
     python tools/bench_views.py                                      # prepares Fashion-MNIST in a temp dir
+    python tools/bench_views.py --data D --a2                        # adds (d)
 """
 
 import argparse
@@ -36,14 +39,15 @@ def param_rate(n: int, repeats: int = 3) -> float:
 
 
 def replay_epochs(split, recipe, args):
-    from kdcache.augment import view_params
+    from kdcache.augment import ParamLayout, view_params
     from kdcache.augment.loader import ReplayLoader
     loader = ReplayLoader(split.beton_path, split.num_samples, recipe.size, args.batch_size, args.workers,
-                          order="random", seed=0, indices=args.indices)
+                          order="random", seed=0, indices=args.indices, layout=ParamLayout.of(recipe))
     everyone = np.arange(split.num_samples)
     epoch = 0
     while True:  # parameters are generated outside the timed epoch (their rate is measured separately)
-        loader.set_views(view_params(recipe, 0, epoch, everyone, split.sizes[:, 0], split.sizes[:, 1]))
+        loader.set_views(view_params(recipe, 0, epoch, everyone, split.sizes[:, 0], split.sizes[:, 1],
+                                     split.num_samples))
         yield loader
         epoch += 1
 
@@ -110,6 +114,7 @@ def main():
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per loader (after one warm-up)")
     p.add_argument("--limit", type=int, default=None, help="use the first N training samples")
     p.add_argument("--param-samples", type=int, default=1_281_167)
+    p.add_argument("--a2", action="store_true", help="also time the replay loader with the A2 augmentation (d)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
 
@@ -130,6 +135,10 @@ def main():
 
     makers = {"a_kdcache_replay": replay_epochs, "b_ffcv_stock": stock_ffcv_epochs, "c_torchvision": torchvision_epochs}
     streams = {name: make(split, recipe, args) for name, make in makers.items()}
+    if args.a2:
+        a2 = ViewRecipe(size=recipe.size, aa="rand-m7-mstd0.5", mixup=0.1, cutmix=1.0)
+        makers["d_kdcache_replay_a2"] = replay_epochs
+        streams["d_kdcache_replay_a2"] = replay_epochs(split, a2, args)
     rates = {name: [] for name in makers}
     for name, stream in streams.items():  # warm-up: JIT compilation, worker start-up, page cache
         time_epoch(next(stream))
@@ -147,6 +156,8 @@ def main():
         "stock_over_torchvision": med["b_ffcv_stock"] / med["c_torchvision"],
         "replay_over_torchvision": med["a_kdcache_replay"] / med["c_torchvision"],
     }
+    if args.a2:
+        result["a2_over_replay"] = med["d_kdcache_replay_a2"] / med["a_kdcache_replay"]
     print(f"\nloader throughput, {result['samples']} samples, {recipe.size}px, batch {args.batch_size}, "
           f"{args.workers} workers, median of {args.epochs} epochs:")
     print("| loader | img/s |\n|---|---|")
@@ -155,6 +166,8 @@ def main():
     print(f"\nreplay / stock FFCV = {result['replay_over_stock']:.2f} (goal >= 0.9)")
     print(f"stock FFCV / torchvision = {result['stock_over_torchvision']:.1f}")
     print(f"replay / torchvision = {result['replay_over_torchvision']:.1f}")
+    if args.a2:
+        print(f"replay with A2 (RandAugment + mixing) / replay = {result['a2_over_replay']:.2f} (goal >= 0.80)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -84,15 +84,17 @@ class PairedOrder:
 class ReplayLoader:
     """Replays stored views: call `set_views(params)` with the epoch's (N, P) parameters, then iterate.
 
-    With a mixing layout or `repeats` > 1 the order is PairedOrder (partners in one batch; an even
-    batch size is required); otherwise FFCV's own order."""
+    With a mixing layout, `repeats` > 1 or `subsets` (set_views(params, active) chooses the samples of each
+    pass) the order is PairedOrder (partners in one batch; an even batch size is required); otherwise
+    FFCV's own order."""
 
     def __init__(self, beton: Path, num_samples: int, size: int, batch_size: int, workers: Optional[int] = None,
                  order: str = "random", seed: int = 0, indices: Optional[Sequence[int]] = None,
                  drop_last: bool = True, distributed: bool = False, os_cache: bool = True,
-                 batches_ahead: int = 3, layout: Optional[ParamLayout] = None, repeats: int = 1):
+                 batches_ahead: int = 3, layout: Optional[ParamLayout] = None, repeats: int = 1,
+                 subsets: bool = False):
         self.decoder = ReplayViewDecoder(num_samples, size, layout)
-        paired = self.decoder.layout.mixing or repeats > 1
+        paired = self.decoder.layout.mixing or repeats > 1 or subsets
         if paired and batch_size % 2:
             raise KdcacheError(f"--batch-size {batch_size}: a mixing recipe needs an even batch size (pairs share a batch)")
         self.loader = Loader(

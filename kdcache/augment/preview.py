@@ -44,23 +44,29 @@ def teacher_side_views(split: PreparedSplit, indices: Sequence[int], params_by_s
     return out
 
 
-def ffcv_side_views(split: PreparedSplit, indices: Sequence[int], params_by_seed: dict, recipe: ViewRecipe) -> dict:
-    """{(i, s): view} replayed by the student's FFCV loader, one pass per seed (partners loaded alongside)."""
+def replay_loader(split: PreparedSplit, recipe: ViewRecipe, batch_size: int = 64):
+    """One student-side loader for any views of this split (each pass loads only the samples it is given).
+    Reuse it: every FFCV pipeline built in a process compiles anew, and numba 0.68 has hung a Loader whose
+    process had built and dropped many (docs/views.md)."""
     from kdcache.augment.loader import ReplayLoader
+    return ReplayLoader(split.beton_path, split.num_samples, recipe.size, batch_size=batch_size, drop_last=False,
+                        layout=ParamLayout.of(recipe), subsets=True)
+
+
+def ffcv_side_views(split: PreparedSplit, indices: Sequence[int], params_by_seed: dict, recipe: ViewRecipe,
+                    loader=None) -> dict:
+    """{(i, s): view} replayed by the student's FFCV loader, one pass per seed over the samples asked for
+    and their partners. `loader`: a replay_loader(split, recipe) to reuse."""
     layout = ParamLayout.of(recipe)
+    loader = loader or replay_loader(split, recipe)
     wanted = set(int(i) for i in indices)
-    for params in params_by_seed.values():
-        wanted |= {_partner(params, layout, i) for i in indices}
-    wanted = sorted(wanted)
-    batch = len(wanted) + len(wanted) % 2
-    loader = ReplayLoader(split.beton_path, split.num_samples, recipe.size, batch_size=batch, order="sequential",
-                          indices=wanted, drop_last=False, layout=layout)
     out = {}
     for s, params in params_by_seed.items():
-        loader.set_views(params)
+        active = np.array(sorted(wanted | {_partner(params, layout, i) for i in wanted}))
+        loader.set_views(params, active)
         for images, _, idx in loader:
             for image, i in zip(images.permute(0, 2, 3, 1).numpy(), idx.tolist()):
-                if i in indices:
+                if i in wanted:
                     out[(i, s)] = image.copy()
     return out
 

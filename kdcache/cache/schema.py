@@ -154,6 +154,11 @@ def decode_logp(stored: np.ndarray, encoding: dict) -> np.ndarray:
     return stored.astype(np.float32, copy=False)
 
 
+def _recipe_summary(recipe: dict) -> str:
+    from kdcache.augment.recipe import ViewRecipe
+    return ViewRecipe.from_dict(recipe).summary()
+
+
 def renderer_record(spec: CacheSpec) -> dict:
     """What made the pixels: the renderer version, the libraries' versions and the parameter columns."""
     from kdcache.augment.params import ParamLayout
@@ -295,6 +300,8 @@ class TeacherCache:
             "dataset_fingerprint": self.spec.dataset["fingerprint"],
             "split_fingerprint": self.spec.dataset["split_fingerprint"],
             "recipe": self.spec.recipe, "global_seed": self.spec.global_seed,
+            "recipe_summary": _recipe_summary(self.spec.recipe), "param_columns": self.spec.param_columns,
+            "renderer": self.attrs.get("renderer"),
             "values_dtype": self.spec.values_dtype, "indices_dtype": self.spec.indices_dtype,
             "logp_encoding": self.attrs.get("logp_encoding"), "tail_rule": self.attrs.get("tail_rule"),
             "unit_size": self.spec.unit_size,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
+import numpy as np
 from braceexpand import braceexpand
 
 from kdcache.data.idx import read_idx
@@ -84,7 +85,11 @@ def _key_from_name(name: str) -> str:
     return name.replace(".", "_").replace("/", "_")
 
 
-def imagefolder(root: str, limit: Optional[int] = None, view_size: int = 224) -> Source:
+def imagefolder(root: str, limit: Optional[int] = None, view_size: int = 224,
+                shuffle_seed: Optional[int] = None) -> Source:
+    """shuffle_seed: the train split's canonical order is a permutation of the class-sorted listing. Mixing
+    recipes pair samples inside blocks of consecutive indices, so a class-sorted order would pair a class
+    with itself (docs/views.md)."""
     root = Path(root)
     train_dir = root / "train"
     if not train_dir.is_dir():
@@ -105,10 +110,19 @@ def imagefolder(root: str, limit: Optional[int] = None, view_size: int = 224) ->
                                         origin=str(path), payload=path)
         return gen
 
-    splits = {"train": _limited(split_iter(train_dir), limit)}
+    train = split_iter(train_dir)
+    if shuffle_seed is not None:
+        listed = train
+
+        def train():  # the listing is file names only: holding it whole is cheap even for ImageNet
+            items = list(listed())
+            for j in np.random.default_rng(shuffle_seed).permutation(len(items)):
+                yield items[j]
+    splits = {"train": _limited(train, limit)}
     if (root / "val").is_dir():
         splits["val"] = _limited(split_iter(root / "val"), limit)
-    return Source(kind="imagefolder", description={"kind": "imagefolder", "root": str(root.resolve()), "limit": limit},
+    return Source(kind="imagefolder", description={"kind": "imagefolder", "root": str(root.resolve()), "limit": limit,
+                                                   **({"shuffle_seed": shuffle_seed} if shuffle_seed is not None else {})},
                   splits=splits, num_classes=len(classes), class_names=classes, view_size=view_size)
 
 

@@ -77,7 +77,7 @@ def _check_rows(slab, rows: np.ndarray, num_classes: int, exact_tail: bool) -> l
 
 def _replay(cache: TeacherCache, seeds: list, n: int, checkpoint: Optional[str], data: Optional[Path],
             device: str, seed: int) -> dict:
-    from kdcache.augment.preview import ffcv_side_views
+    from kdcache.augment.preview import ffcv_side_views, replay_loader
     spec = cache.spec
     ds = PreparedDataset.open(data or spec.dataset["path"])
     split = ds.split(spec.dataset["split"])
@@ -94,12 +94,13 @@ def _replay(cache: TeacherCache, seeds: list, n: int, checkpoint: Optional[str],
     rng = np.random.default_rng(seed)
     picks = sorted(zip(rng.choice(seeds, n).tolist(), rng.choice(spec.num_samples, n, replace=True).tolist()))
     recipe = ViewRecipe.from_dict(spec.recipe)
+    loader = replay_loader(split, recipe)
     fresh_logits, cached = [], []
     for s in sorted({s for s, _ in picks}):
         slab = read_slab(cache, s)
         rows = [i for t, i in picks if t == s]
         # the student-side FFCV replay of the stored parameters (mixed views with their partners)
-        images = ffcv_side_views(split, sorted(set(rows)), {s: slab.params}, recipe)
+        images = ffcv_side_views(split, sorted(set(rows)), {s: slab.params}, recipe, loader)
         x = torch.from_numpy(np.stack([images[(i, s)] for i in rows])).permute(0, 3, 1, 2).to(dev)
         with torch.inference_mode():
             fresh_logits.append(forward_u8(model, normalize, x).cpu())
@@ -162,6 +163,7 @@ def verify(path, replay: int = 0, checkpoint: Optional[str] = None, data: Option
         if not complete:
             raise KdcacheError(f"{cache.path}: no complete seed to replay")
         r = report["replay"] = _replay(cache, sorted(complete), replay, checkpoint, data, device, seed)
+        r["renderer"] = renderer_comparison(cache)
         given = {"min_agreement": min_agreement, "max_kl": max_kl, "max_tail_error": max_tail_error}
         t = r["thresholds"] = {key: given[key] if given[key] is not None else default
                                for key, default in THRESHOLDS[r["precision"]].items()}
@@ -176,6 +178,19 @@ def verify(path, replay: int = 0, checkpoint: Optional[str] = None, data: Option
                             f"above {t['max_tail_error']:g}")
     report["ok"] = not problems
     return report
+
+
+def renderer_comparison(cache: TeacherCache) -> dict:
+    """The renderer and libraries that made the cache against those replaying it now: a difference is
+    reported (the replay's numbers then say whether the pixels still agree); a renderer version this
+    kdcache cannot render was refused when the recipe was read."""
+    from kdcache.augment.render import RENDERER_VERSION, library_versions
+    made = cache.attrs.get("renderer") or {"version": 1, "libraries": None}   # format 1 recorded neither
+    now = library_versions()
+    differ = {k: [made["libraries"].get(k), v] for k, v in now.items()
+              if made["libraries"] is not None and made["libraries"].get(k) != v}
+    return {"cache_version": made["version"], "current_version": RENDERER_VERSION, "cache_libraries": made["libraries"],
+            "current_libraries": now, "libraries_differ": differ}
 
 
 def render_report(r: dict) -> str:
@@ -193,4 +208,10 @@ def render_report(r: dict) -> str:
                   f"max {p['tail_mass_error_max']:.2e}; max |log-prob error| {p['max_abs_logp_error']:.2e}",
                   f"    top-k loss KL(fresh || rebuild), reported only: mean {p['topk_kl_mean']:.2e}, "
                   f"max {p['topk_kl_max']:.2e}"]
+        rend = p.get("renderer")
+        if rend and (rend["libraries_differ"] or rend["cache_libraries"] is None):
+            what = (", ".join(f"{k} {a} -> {b}" for k, a, b in ((k, *v) for k, v in rend["libraries_differ"].items()))
+                    or "not recorded (format 1)")
+            lines.append(f"    renderer {rend['cache_version']}: the libraries that made this cache differ from the "
+                         f"current ones ({what}); the replay above re-rendered every view with the current ones")
     return "\n".join(lines)
