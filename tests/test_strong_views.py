@@ -94,3 +94,11 @@ def test_mixing_changes_pixels_as_documented(fmnist_small):
             assert abs(lam - (1 - h * w / 32 ** 2)) < 1e-6     # lambda corrected to the box's true area
             checked[mode] += 1
     assert checked[MODE_MIXUP] > 20 and checked[MODE_CUTMIX] > 20
+
+
+def test_preview_shows_strong_views_identical_on_both_sides(fmnist_small, tmp_path):
+    from conftest import kdcache
+    out = tmp_path / "strong.png"
+    proc = kdcache("preview", fmnist_small.root, "--samples", 6, "--seeds", 3, "--aa", "rand-m9-mstd0.5",
+                   "--reprob", 0.5, "--mixup", 0.5, "--cutmix", 1.0, "--mix-block", 16, "--out", out)
+    assert "18/18 views identical" in proc.stdout and out.is_file()

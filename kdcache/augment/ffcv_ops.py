@@ -52,7 +52,8 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
         nbytes = self.table.nbytes
         layout = self.layout.as_array()
         mix_offset = int(layout[4])
-        renderer = make_renderer()  # this pipeline's own compiled copies (see kdcache.augment.render)
+        # this pipeline's own compiled copies (see kdcache.augment.render), with only the steps it uses
+        renderer = make_renderer(self.layout.ra_layers > 0, self.layout.erase_boxes > 0)
         decode_into, render_into, mix_pair = renderer.decode_into, renderer.render_into, renderer.mix_pair
 
         def decode(batch_indices, my_storage, metadata, storage_state):

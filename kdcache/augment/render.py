@@ -77,18 +77,31 @@ class Renderer(NamedTuple):
 STRICT = dict(fastmath=False, error_model="python")
 
 
-def make_renderer() -> Renderer:
-    """Fresh compiled copies of the renderer (see the module docstring for why never shared)."""
+def _no_rand_augment(image, ops):
+    return None
+
+
+def _no_erasing(image, row, mode):
+    return None
+
+
+def make_renderer(rand_augment: bool = True, erasing_boxes: bool = True) -> Renderer:
+    """Fresh compiled copies of the renderer (see the module docstring for why never shared). Without
+    rand_augment / erasing_boxes those steps are no-ops that compile in no time (RandAugment's kernels take
+    5-8 s to compile: a loader of a recipe without them does not pay for them)."""
     strict = numba.njit(**STRICT)
     imdecode_c = strict(imdecode)
     resize_crop_c = strict(resize_crop)
     crop_box_c = strict(crop_box)
     flip_c = strict(flip_horizontal)
-    rand_augment_c = compile_rand_augment()
-    splitmix_c = strict(erasing._splitmix)
-    noise_c = strict(_with_globals(erasing.noise_normal, _splitmix=splitmix_c))
-    fill_c = strict(erasing.fill_value)
-    erase_c = strict(_with_globals(erasing.apply_erasing, noise_normal=noise_c, fill_value=fill_c))
+    rand_augment_c = compile_rand_augment() if rand_augment else strict(_no_rand_augment)
+    if erasing_boxes:
+        splitmix_c = strict(erasing._splitmix)
+        noise_c = strict(_with_globals(erasing.noise_normal, _splitmix=splitmix_c))
+        fill_c = strict(erasing.fill_value)
+        erase_c = strict(_with_globals(erasing.apply_erasing, noise_normal=noise_c, fill_value=fill_c))
+    else:
+        erase_c = strict(_no_erasing)
     mix_c = strict(mixing.mix_pair)
 
     @strict
@@ -149,14 +162,15 @@ def _with_globals(fn, **names):
     return types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
-_teacher_side = None
+_teacher_side = {}
 
 
-def _renderer() -> Renderer:
-    global _teacher_side
-    if _teacher_side is None:
-        _teacher_side = make_renderer()
-    return _teacher_side
+def _renderer(layout: np.ndarray = None) -> Renderer:
+    """The teacher side's renderer for this layout's steps (compiled once per process and kind)."""
+    kind = (False, False) if layout is None else (bool(layout[1] > 0), bool(layout[2] >= 0))
+    if kind not in _teacher_side:
+        _teacher_side[kind] = make_renderer(*kind)
+    return _teacher_side[kind]
 
 
 def decode_jpeg(jpeg: bytes, height: int, width: int, what: str = "image") -> np.ndarray:
@@ -201,7 +215,7 @@ def render_samples(jpegs, heights, widths, params: np.ndarray, size: int, layout
         out = np.empty((n, params.shape[1], size, size, 3), np.uint8)
     status = np.zeros(n, np.int64)
     layout = _layout_array(layout, params)
-    renderer = _renderer()
+    renderer = _renderer(layout)
     renderer.render_samples(data, offsets, lengths, heights, widths, params, layout, temp, out, status)
     if status.any():
         raise ValueError(f"{what} {int(np.flatnonzero(status)[0])} of this batch: JPEG decode failed")
@@ -215,7 +229,8 @@ def render_views(image: np.ndarray, params: np.ndarray, size: int, layout: np.nd
     params = np.ascontiguousarray(params, dtype=np.float32)
     params = params.reshape(-1, params.shape[-1])
     out = np.empty((len(params), size, size, 3), np.uint8)
-    _renderer().render_many(np.ascontiguousarray(image), params, _layout_array(layout, params), out)
+    layout = _layout_array(layout, params)
+    _renderer(layout).render_many(np.ascontiguousarray(image), params, layout, out)
     return out
 
 
@@ -233,4 +248,5 @@ def _layout_array(layout, params: np.ndarray) -> np.ndarray:
 
 def mix_views(a: np.ndarray, b: np.ndarray, params_a: np.ndarray, layout: np.ndarray) -> None:
     """Mix two rendered views of a pair in place (a is the view whose parameter row is given)."""
-    _renderer().mix_pair(a, b, np.ascontiguousarray(params_a, dtype=np.float32), _layout_array(layout, params_a))
+    layout = _layout_array(layout, params_a)
+    _renderer(layout).mix_pair(a, b, np.ascontiguousarray(params_a, dtype=np.float32), layout)
