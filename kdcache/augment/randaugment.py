@@ -538,8 +538,7 @@ def rotate(image, degrees, scratch):
 
 def apply_rand_augment(image, ops):
     """Apply the layers of one view in order, in place: image uint8 (H, W, 3), ops (L, 2) [op id, argument]."""
-    scratch = np.empty_like(image)
-    for layer in range(ops.shape[0]):
+    for layer in range(ops.shape[0]):  # scratch only for the ops that need it: most views need none
         op = int(ops[layer, 0])
         arg = np.float32(ops[layer, 1])
         if op < 0:
@@ -551,7 +550,7 @@ def apply_rand_augment(image, ops):
         elif op == INVERT:
             invert(image)
         elif op == ROTATE:
-            rotate(image, float(arg), scratch)
+            rotate(image, float(arg), np.empty_like(image))
         elif op == POSTERIZE:
             posterize(image, int(arg))
         elif op == SOLARIZE:
@@ -565,9 +564,9 @@ def apply_rand_augment(image, ops):
         elif op == BRIGHTNESS:
             brightness(image, arg)
         elif op == SHARPNESS:
-            sharpness(image, arg, scratch)
+            sharpness(image, arg, np.empty_like(image))
         else:
-            scratch[:] = image
+            scratch = image.copy()
             h, w = image.shape[0], image.shape[1]
             v = float(arg)
             if op == SHEAR_X:
