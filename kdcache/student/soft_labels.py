@@ -179,9 +179,10 @@ class CachedTeacher:
         self.seeds, self.seed_choice, self.epochs = complete, seed_choice, epochs
         self.num_classes = cache.spec.num_classes
         passes = (epochs or 0) * self.recipe.repeats
-        if passes and seed_choice == "cycle" and passes > len(complete):
-            warnings.warn(f"{passes} passes over {len(complete)} cached seeds: each view is replayed "
-                          f"{passes / len(complete):.1f} times on average (dump more seeds to see new views)")
+        # a pass shows 1/R of the samples, so a stored view is shown epochs / S times on average
+        if epochs and seed_choice == "cycle" and epochs > len(complete):
+            warnings.warn(f"{passes} passes over {len(complete)} cached seeds: each stored view is shown "
+                          f"{epochs / len(complete):.1f} times on average (dump more seeds to see new views)")
         self.prefetcher = SlabPrefetcher(cache)
         self.teacher_seconds = 0.0
         self._labels = None
