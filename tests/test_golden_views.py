@@ -10,7 +10,6 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from kdcache.augment import ParamLayout, ViewRecipe
 from kdcache.augment.randaugment import OP_NAMES

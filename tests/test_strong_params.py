@@ -1,7 +1,6 @@
 """Parameters of the strong augmentations: pure functions of (recipe, global seed, s, i), with timm's
 distributions (erasing boxes, mixing lambda and boxes) and mutual pairs inside blocks."""
 
-import math
 
 import numpy as np
 import pytest

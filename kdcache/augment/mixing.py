@@ -14,7 +14,6 @@ rint(lam·a + (1-lam)·b) in float32 for a and rint(lam·b + (1-lam)·a) for b; 
 lambda is each sample's own weight for both partners.
 """
 
-import math
 
 import numpy as np
 from scipy.special import betaincinv

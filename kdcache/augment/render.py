@@ -12,7 +12,6 @@ overload table inside the loader thread, and the Loader then hangs (reproduced w
 one process). Same source, same flags (fastmath off): the same machine code in both stages.
 """
 
-import math
 from typing import NamedTuple
 
 import numba
