@@ -102,3 +102,28 @@ def test_preview_shows_strong_views_identical_on_both_sides(fmnist_small, tmp_pa
     proc = kdcache("preview", fmnist_small.root, "--samples", 6, "--seeds", 3, "--aa", "rand-m9-mstd0.5",
                    "--reprob", 0.5, "--mixup", 0.5, "--cutmix", 1.0, "--mix-block", 16, "--out", out)
     assert "18/18 views identical" in proc.stdout and out.is_file()
+
+
+def test_paired_order_keeps_pairs_adjacent_and_on_one_rank():
+    """The student's sample order under DDP: each rank gets whole pairs, adjacent at positions 2k, 2k+1."""
+    from types import SimpleNamespace
+    from kdcache.augment.loader import PairedOrder
+    recipe = ViewRecipe(size=32, mixup=1.0, mix_block=16)
+    layout = ParamLayout.of(recipe)
+    n = 203
+    params = view_params(recipe, 0, 5, np.arange(n), np.full(n, 28), np.full(n, 28), n)
+    decoder = SimpleNamespace(table=params, layout=layout)
+    partner = np.arange(n) + params[:, layout.mix_offset + 1].astype(int)
+    orders = []
+    for rank in (0, 1):
+        order = object.__new__(PairedOrder)
+        order.decoder, order.seed, order.length = decoder, 0, None
+        order.allowed = order.active = np.arange(n)
+        order.rank, order.world = rank, 2
+        o = order.sample_order(epoch=3)
+        pairs = o[:len(o) // 2 * 2].reshape(-1, 2)
+        paired = pairs[partner[pairs[:, 0]] != pairs[:, 0]]
+        assert np.array_equal(partner[paired[:, 0]], paired[:, 1])
+        orders.append(o)
+    assert not set(orders[0]) & set(orders[1])
+    assert len(set(orders[0]) | set(orders[1])) >= n - 3          # at most an odd pair (2) and a single left out
