@@ -15,6 +15,7 @@ is never silently left unmixed.
 import numba
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
+from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.utils import cast_int_to_byte_ptr
 
@@ -39,6 +40,12 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
             raise ValueError("view parameters contain NaN or inf")
         self.table[...] = params
 
+    def declare_state_and_memory(self, previous_state):
+        """The parent's output and decode buffers, plus a view-sized scratch image per sample for RandAugment
+        (allocated once by FFCV, not per op)."""
+        state, (output, decoded) = super().declare_state_and_memory(previous_state)
+        return state, (output, decoded, AllocationQuery(output.shape, output.dtype))
+
     @property
     def get_crop_generator(self):  # abstract in the parent; the crop comes from the table instead
         return None
@@ -57,7 +64,7 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
         decode_into, render_into, mix_pair = renderer.decode_into, renderer.render_into, renderer.mix_pair
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
+            destination, temp_storage, scratch_storage = my_storage
             table = numba.carray(cast_int_to_byte_ptr(address), (nbytes,)).view(np.float32).reshape((rows, columns))
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
@@ -71,7 +78,7 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
                     image = temp.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     image = image_data.reshape(height, width, 3)
-                render_into(image, table[source_ix], layout, destination[dst_ix])
+                render_into(image, table[source_ix], layout, destination[dst_ix], scratch_storage[dst_ix])
             if mix_offset >= 0:
                 n = len(batch_indices)
                 for dst_ix in my_range(n):

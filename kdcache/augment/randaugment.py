@@ -538,7 +538,13 @@ def rotate(image, degrees, scratch):
 
 def apply_rand_augment(image, ops):
     """Apply the layers of one view in order, in place: image uint8 (H, W, 3), ops (L, 2) [op id, argument]."""
-    for layer in range(ops.shape[0]):  # scratch only for the ops that need it: most views need none
+    apply_rand_augment_into(image, ops, np.empty_like(image))
+
+
+def apply_rand_augment_into(image, ops, scratch):
+    """apply_rand_augment with a caller's scratch image of the same shape: the renderers keep one per sample,
+    since a fresh 150 kB array per geometric op costs page faults that many threads contend on."""
+    for layer in range(ops.shape[0]):
         op = int(ops[layer, 0])
         arg = np.float32(ops[layer, 1])
         if op < 0:
@@ -550,7 +556,7 @@ def apply_rand_augment(image, ops):
         elif op == INVERT:
             invert(image)
         elif op == ROTATE:
-            rotate(image, float(arg), np.empty_like(image))
+            rotate(image, float(arg), scratch)
         elif op == POSTERIZE:
             posterize(image, int(arg))
         elif op == SOLARIZE:
@@ -564,9 +570,9 @@ def apply_rand_augment(image, ops):
         elif op == BRIGHTNESS:
             brightness(image, arg)
         elif op == SHARPNESS:
-            sharpness(image, arg, np.empty_like(image))
+            sharpness(image, arg, scratch)
         else:
-            scratch = image.copy()
+            scratch[:] = image
             h, w = image.shape[0], image.shape[1]
             v = float(arg)
             if op == SHEAR_X:
@@ -582,10 +588,10 @@ def apply_rand_augment(image, ops):
 # Every function apply_rand_augment reaches; compile_rand_augment compiles each afresh.
 _KERNELS = (apply_lut, histograms, autocontrast, equalize, invert, posterize, solarize, solarize_add, blend, grey,
             color, contrast, brightness, smooth, sharpness, affine, _two_product, round15, _two_sum, _dd_add,
-            _dd_mul, _dd_series, cos_sin, rotate, apply_rand_augment)
+            _dd_mul, _dd_series, cos_sin, rotate, apply_rand_augment_into, apply_rand_augment)
 
 
-def compile_rand_augment():
+def compile_rand_augment(with_scratch: bool = False):
     """A freshly compiled apply_rand_augment (image, ops) with its own compiled helpers. Each FFCV pipeline
     needs its own dispatchers (see kdcache/augment/render.py); no fastmath, so every copy computes the same
     bytes. The helpers' global names are rebound to their compiled copies (numba resolves globals when it
@@ -595,4 +601,4 @@ def compile_rand_augment():
         copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
         # flags set explicitly: a callee inherits unset flags from its caller, and FFCV's decoders are fastmath
         scope[fn.__name__] = numba.njit(fastmath=False, error_model="python")(copy)
-    return scope["apply_rand_augment"]
+    return scope["apply_rand_augment_into" if with_scratch else "apply_rand_augment"]

@@ -62,7 +62,7 @@ def flip_horizontal(image):
 
 class Renderer(NamedTuple):
     decode_into: object   # (jpeg u8[:], height, width, out u8[h, w, 3]) -> turbojpeg status (0 = ok)
-    render_into: object   # (image u8[h, w, 3], params f32[P], layout i64[5], out u8[S, S, 3]) -> None
+    render_into: object   # (image u8[h, w, 3], params f32[P], layout i64[5], out u8[S, S, 3], scratch like out) -> None
     render_many: object   # (image, params f32[V, P], layout, out u8[V, S, S, 3]) -> None
     render_samples: object  # parallel over samples: decode each once, render all its views (teacher side)
     mix_pair: object      # (view a, view b, params of a (f32[P]), layout) -> None: a pair's mixing, in place
@@ -76,7 +76,7 @@ class Renderer(NamedTuple):
 STRICT = dict(fastmath=False, error_model="python")
 
 
-def _no_rand_augment(image, ops):
+def _no_rand_augment(image, ops, scratch):
     return None
 
 
@@ -93,7 +93,7 @@ def make_renderer(rand_augment: bool = True, erasing_boxes: bool = True) -> Rend
     resize_crop_c = strict(resize_crop)
     crop_box_c = strict(crop_box)
     flip_c = strict(flip_horizontal)
-    rand_augment_c = compile_rand_augment() if rand_augment else strict(_no_rand_augment)
+    rand_augment_c = compile_rand_augment(with_scratch=True) if rand_augment else strict(_no_rand_augment)
     if erasing_boxes:
         splitmix_c = strict(erasing._splitmix)
         noise_c = strict(_with_globals(erasing.noise_normal, _splitmix=splitmix_c))
@@ -108,20 +108,21 @@ def make_renderer(rand_augment: bool = True, erasing_boxes: bool = True) -> Rend
         return imdecode_c(jpeg, out, height, width, height, width, 0, 0, 1, 1, False, False)
 
     @strict
-    def render_into(image, params, layout, out):
+    def render_into(image, params, layout, out, scratch):
         top, left, h, w = crop_box_c(image.shape[0], image.shape[1], params)
         resize_crop_c(image, top, top + h, left, left + w, out)
         if params[4] > 0.5:
             flip_c(out)
         if layout[1] > 0:
-            rand_augment_c(out, params[layout[0]:layout[0] + 2 * layout[1]].reshape((layout[1], 2)))
+            rand_augment_c(out, params[layout[0]:layout[0] + 2 * layout[1]].reshape((layout[1], 2)), scratch)
         if layout[2] >= 0:
             erase_c(out, params[layout[2]:], layout[3])
 
     @strict
     def render_many(image, params, layout, out):
+        scratch = np.empty_like(out[0])
         for v in range(params.shape[0]):
-            render_into(image, params[v], layout, out[v])
+            render_into(image, params[v], layout, out[v], scratch)
 
     @strict
     def mix_pair(a, b, params, layout):
@@ -140,14 +141,15 @@ def make_renderer(rand_augment: bool = True, erasing_boxes: bool = True) -> Rend
                 mix_pair(views[j, v], views[j + offset, v], params[j, v], layout)
 
     @numba.njit(parallel=True, **STRICT)
-    def render_samples(data, offsets, lengths, heights, widths, params, layout, temp, out, status):
-        """data: concatenated JPEGs; params (n, V, P); temp (n, >= max h*w*3); out (n, V, S, S, 3)."""
+    def render_samples(data, offsets, lengths, heights, widths, params, layout, temp, scratch, out, status):
+        """data: concatenated JPEGs; params (n, V, P); temp (n, >= max h*w*3); scratch (n, S, S, 3);
+        out (n, V, S, S, 3)."""
         for j in numba.prange(offsets.shape[0]):
             h, w = heights[j], widths[j]
             image = temp[j, :h * w * 3].reshape((h, w, 3))
             status[j] = decode_into(data[offsets[j]:offsets[j] + lengths[j]], np.uint32(h), np.uint32(w), image)
             for v in range(params.shape[1]):
-                render_into(image, params[j, v], layout, out[j, v])
+                render_into(image, params[j, v], layout, out[j, v], scratch[j])
 
     return Renderer(decode_into, render_into, render_many, render_samples, mix_pair, mix_chunk)
 
@@ -188,12 +190,18 @@ class SampleBuffers:
 
     def __init__(self):
         self.temp = np.empty((0, 0), np.uint8)
+        self.views = np.empty((0, 0, 0, 3), np.uint8)
 
     def scratch(self, n: int, pixels: int) -> np.ndarray:
         if self.temp.shape[0] < n or self.temp.shape[1] < pixels * 3:
             self.temp = np.empty((max(n, self.temp.shape[0]), max(pixels * 3, self.temp.shape[1])), np.uint8)
         return self.temp
 
+    def view_scratch(self, n: int, size: int) -> np.ndarray:
+        """One view-sized scratch image per sample (RandAugment's geometric ops)."""
+        if self.views.shape[0] < n or self.views.shape[1] != size:
+            self.views = np.empty((max(n, self.views.shape[0]), size, size, 3), np.uint8)
+        return self.views
 
 def render_samples(jpegs, heights, widths, params: np.ndarray, size: int, layout: np.ndarray = None, what: str = "sample",
                    out: np.ndarray = None, buffers: SampleBuffers = None, mix: bool = True) -> np.ndarray:
@@ -208,14 +216,16 @@ def render_samples(jpegs, heights, widths, params: np.ndarray, size: int, layout
     heights = np.asarray(heights, np.int64)
     widths = np.asarray(widths, np.int64)
     pixels = int((heights * widths).max(initial=1))
-    temp = (buffers or SampleBuffers()).scratch(n, pixels)
+    buffers = buffers or SampleBuffers()
+    temp = buffers.scratch(n, pixels)
+    views_scratch = buffers.view_scratch(n, size)
     params = np.ascontiguousarray(params, dtype=np.float32)
     if out is None:
         out = np.empty((n, params.shape[1], size, size, 3), np.uint8)
     status = np.zeros(n, np.int64)
     layout = _layout_array(layout, params)
     renderer = _renderer(layout)
-    renderer.render_samples(data, offsets, lengths, heights, widths, params, layout, temp, out, status)
+    renderer.render_samples(data, offsets, lengths, heights, widths, params, layout, temp, views_scratch, out, status)
     if status.any():
         raise ValueError(f"{what} {int(np.flatnonzero(status)[0])} of this batch: JPEG decode failed")
     if mix:
