@@ -108,7 +108,9 @@ def _passes(source, loader: ReplayLoader, epoch: int, passes: int, layout: Param
         views = source.begin_pass(epoch, r)
         loader.set_views(views.params, views.active)
         loader.loader.next_epoch = epoch * passes + r   # the order is a function of (seed, pass): resumable
-        mix = MixTargets(views.params, layout, device) if layout.mixing else None
+        mix = getattr(source, "mix", None)        # a cached source has them already for this pass
+        if mix is None and layout.mixing:
+            mix = MixTargets(views.params, layout, device)
         for images, labels, indices in loader:
             yield images, labels, indices, views, mix
 
