@@ -27,24 +27,15 @@ LAMBDA_GRID = 65536          # mixup's lambda is a multiple of 1/65536: compress
 MODE_NONE, MODE_MIXUP, MODE_CUTMIX = 0, 1, 2
 
 
-def partners(global_seed: int, aug_seed: int, start: int, stop: int, mix_block: int, num_samples: int) -> np.ndarray:
-    """Partner index of every sample in [start, stop) of a split of num_samples; blocks are
-    [b·mix_block, min((b+1)·mix_block, num_samples)) whatever start and stop are."""
-    out = np.empty(stop - start, np.int64)
-    first = (start // mix_block) * mix_block
-    for b0 in range(first, stop, mix_block):
-        b1 = min(b0 + mix_block, num_samples)
-        idx = np.arange(b0, b1)
-        order = idx[np.argsort(uniform(view_keys(global_seed, aug_seed, idx), STREAM_PAIR), kind="stable")]
-        partner = np.empty(len(idx), np.int64)
-        m = len(order) // 2 * 2
-        partner[order[0:m:2] - b0] = order[1:m:2]
-        partner[order[1:m:2] - b0] = order[0:m:2]
-        if m < len(order):
-            partner[order[-1] - b0] = order[-1]
-        lo, hi = max(start, b0), min(stop, b1)
-        out[lo - start:hi - start] = partner[lo - b0:hi - b0]
-    return out
+def block_partners(global_seed: int, aug_seed: int, b0: int, b1: int) -> np.ndarray:
+    """Partner index of every sample of the block [b0, b1) (itself for the odd one out)."""
+    idx = np.arange(b0, b1)
+    order = idx[np.argsort(uniform(view_keys(global_seed, aug_seed, idx), STREAM_PAIR), kind="stable")]
+    partner = idx.copy()
+    m = len(order) // 2 * 2
+    partner[order[0:m:2] - b0] = order[1:m:2]
+    partner[order[1:m:2] - b0] = order[0:m:2]
+    return partner
 
 
 def draw_mixing(global_seed: int, aug_seed: int, indices: np.ndarray, partner: np.ndarray, recipe) -> np.ndarray:

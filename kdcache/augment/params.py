@@ -131,7 +131,7 @@ def partner_indices(recipe: ViewRecipe, global_seed: int, aug_seed: int, indices
     for b in np.unique(blocks):
         b0 = int(b) * m
         b1 = min(b0 + m, num_samples)
-        table = mixing.partners(global_seed, aug_seed, b0, b1, m, num_samples)
+        table = mixing.block_partners(global_seed, aug_seed, b0, b1)
         sel = blocks == b
         out[sel] = table[indices[sel] - b0]
     return out
