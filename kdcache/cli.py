@@ -61,7 +61,7 @@ def _cmd_prepare(args) -> int:
 
 def _cmd_info(args) -> int:
     from kdcache.info import describe, render_text
-    info = describe(Path(args.path))
+    info = describe(args.path)
     print(json.dumps(info, indent=1) if args.json else render_text(info))
     return 0
 
@@ -111,7 +111,11 @@ def _add_dump(sub) -> None:
     from kdcache.augment.recipe import add_recipe_args
     p = sub.add_parser("dump-teacher", help="run the teacher once over views (i, s) and store top-k in a Zarr cache")
     p.add_argument("--data", required=True, type=Path, help="prepared dataset (its train split is dumped)")
-    p.add_argument("--out", required=True, type=Path, help="cache directory (created, or extended/resumed)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", default=None, help="the cache: a directory or s3:// URL (created, or extended/resumed)")
+    where.add_argument("--cache-root", default=None,
+                       help="a directory or s3:// URL holding many caches: the cache of this teacher, data and recipe "
+                            "is found there (extended/resumed) or created (kdcache ls ROOT lists them)")
     p.add_argument("--seeds", required=True, type=parse_seeds, help="augmentation seeds A:B (B excluded)")
     p.add_argument("--topk", type=int, default=10, help="teacher outputs kept per view (default 10)")
     _add_teacher_args(p)
@@ -123,9 +127,13 @@ def _add_dump(sub) -> None:
     p.add_argument("--workers", type=int, default=None, help="render threads (default: usable cores)")
     p.add_argument("--values-dtype", default="uint16", choices=["uint16", "float32"],
                    help="top-k log-probabilities as uint16 fixed point (step 1/2048, default) or float32")
-    p.add_argument("--unit-size", type=int, default=32768,
-                   help="samples per work unit = Zarr shard (default 32768; smaller for more parallel ranks)")
-    p.add_argument("--claim-ttl", type=float, default=3600.0, help="seconds after which another host's unit claim is stale")
+    p.add_argument("--unit-size", type=int, default=None,
+                   help="samples per work unit = Zarr shard (default: the existing cache's, else 32768; smaller for "
+                        "more parallel writers)")
+    p.add_argument("--seeds-per-pass", type=int, default=32,
+                   help="seeds rendered per decode of a block and claimed together (default 32)")
+    p.add_argument("--claim-ttl", type=float, default=300.0,
+                   help="seconds without a heartbeat after which another writer's unit claim is stale (default 300)")
     p.add_argument("--no-progress", action="store_true")
     add_recipe_args(p)
 
@@ -139,7 +147,7 @@ def _cmd_dump(args) -> int:
                      recipe=recipe_from_args(args, ds.view_size), global_seed=args.seed, batch_size=args.batch_size,
                      device=args.device, amp=args.amp, compile=args.compile, workers=args.workers,
                      values_dtype=args.values_dtype, unit_size=args.unit_size, claim_ttl=args.claim_ttl,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, cache_root=args.cache_root, seeds_per_pass=args.seeds_per_pass)
     s = dump_teacher(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         missing = sorted(set(args.seeds) - set(s["seeds_complete"]))
@@ -169,7 +177,7 @@ def _ranges(seeds) -> str:
 
 def _add_verify(sub) -> None:
     p = sub.add_parser("verify", help="check a cache: completeness, fill values, ranges; --replay re-runs the teacher")
-    p.add_argument("cache", type=Path)
+    p.add_argument("cache", help="cache directory or s3:// URL")
     p.add_argument("--replay", type=int, default=0, metavar="N", help="re-render N random views and re-run the teacher")
     p.add_argument("--teacher-checkpoint", default=None, help="weights to replay with (default: the recorded checkpoint)")
     p.add_argument("--data", type=Path, default=None, help="prepared dataset (default: the recorded path)")
@@ -204,7 +212,12 @@ def _add_train(sub) -> None:
     p.add_argument("--model", help="timm model name of the student")
     p.add_argument("--epochs", type=int)
     p.add_argument("--out", type=Path, help="run directory")
-    p.add_argument("--cache", type=Path, default=None, help="teacher cache (cached KD)")
+    p.add_argument("--cache", default=None, help="teacher cache (cached KD): a directory or s3:// URL")
+    p.add_argument("--cache-root", default=None,
+                   help="cached KD from the cache for --data found under this root (kdcache ls ROOT)")
+    p.add_argument("--cache-id", default=None, help="with --cache-root: the cache's id, when several match")
+    p.add_argument("--teacher-sha256", default=None,
+                   help="with --cache-root: the teacher's weights hash (a prefix will do), when several match")
     p.add_argument("--kd", choices=["online", "none"], default=None,
                    help="online: the teacher runs in the loop on the same views; none: plain supervised training")
     _add_teacher_args(p)
@@ -259,6 +272,13 @@ def _train_config(args):
     missing = [n for n in ("data", "model", "epochs", "out") if getattr(args, n) is None]
     if missing:
         raise KdcacheError("train-student needs " + ", ".join("--" + m for m in missing))
+    if args.cache_root:
+        if args.cache:
+            raise KdcacheError("--cache and --cache-root are exclusive")
+        from kdcache.cache.catalog import find_cache
+        from kdcache.data.dataset import PreparedDataset
+        split = PreparedDataset.open(args.data).split("train")
+        args.cache = find_cache(args.cache_root, split.fingerprint, args.cache_id, args.teacher_sha256).path
     if args.cache and args.kd:
         raise KdcacheError("--cache and --kd are exclusive (cached KD uses the cache's teacher)")
     mode = "cache" if args.cache else args.kd
@@ -355,6 +375,43 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _add_sharing(sub) -> None:
+    p = sub.add_parser("ls", help="list the caches under a cache root (directory or s3:// URL)")
+    p.add_argument("root", help="cache root")
+    p.add_argument("--json", action="store_true", help='machine-readable: {"caches": [{"id", "path", "seeds_complete", ...}]}')
+    p = sub.add_parser("copy", help="copy a cache between stores (finished units only, checksummed, resumable)")
+    p.add_argument("src", help="source cache (directory or s3:// URL)")
+    p.add_argument("dst", help="destination cache, or with --root the cache root to put it under")
+    p.add_argument("--root", action="store_true", help="DST is a cache root: the copy goes to DST/<cache id>")
+    p.add_argument("--seeds", type=parse_seeds, default=None, help="copy only these seeds A:B (default: all)")
+    p.add_argument("--workers", type=int, default=8, help="units copied at once (default 8)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _cmd_ls(args) -> int:
+    from kdcache.cache.catalog import describe, list_caches, render_ls
+    entries = [describe(c) for c in list_caches(args.root)]
+    print(json.dumps({"root": str(args.root), "caches": entries}, indent=1) if args.json else render_ls(entries))
+    return 0
+
+
+def _cmd_copy(args) -> int:
+    from kdcache.cache.catalog import cache_id, seed_ranges
+    from kdcache.cache.copy import copy_cache
+    from kdcache.cache.location import Location
+    from kdcache.cache.schema import TeacherCache
+    dst = args.dst
+    if args.root:
+        dst = str(Location.of(args.dst).child(cache_id(TeacherCache.open(args.src).spec)))
+    s = copy_cache(args.src, dst, seeds=args.seeds, workers=args.workers, progress=not args.no_progress)
+    print(f"copy: {s['units_copied']} units ({s['bytes_copied'] / 2**20:.1f} MiB) copied, {s['units_already_there']} "
+          f"already there, in {s['seconds']:.1f} s; seeds complete at the destination {seed_ranges(s['seeds_complete'])} "
+          f"-> {s['destination']}")
+    for line in s["damaged"]:
+        print(f"kdcache: error: {s['source']}: {line}: not copied", file=sys.stderr)
+    return 1 if s["damaged"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kdcache.augment.recipe import add_recipe_args
     parser = argparse.ArgumentParser(prog="kdcache", description="kdcache: the teacher once over augmented views; students replay them with cached soft labels.")
@@ -365,8 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sub)
     _add_train(sub)
     _add_run(sub)
+    _add_sharing(sub)
     p = sub.add_parser("info", help="describe a prepared dataset or a teacher cache")
-    p.add_argument("path", type=Path, help="dataset or cache directory")
+    p.add_argument("path", help="dataset or cache directory (or a cache's s3:// URL)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("preview", help="teacher-side and FFCV-side views of the same (i, s), side by side")
     p.add_argument("data", type=Path, help="prepared dataset directory")
@@ -379,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview, "dump-teacher": _cmd_dump,
+COMMANDS = {"ls": _cmd_ls, "copy": _cmd_copy, "prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview, "dump-teacher": _cmd_dump,
             "verify": _cmd_verify, "train-student": _cmd_train, "run": _cmd_run}
 
 

@@ -6,12 +6,14 @@ from kdcache.data.dataset import MANIFEST, PreparedDataset
 from kdcache.errors import KdcacheError
 
 
-def describe(path: Path) -> dict:
-    if (path / MANIFEST).is_file():
-        return PreparedDataset.open(path).summary()
-    if (path / "zarr.json").is_file():
+def describe(path) -> dict:
+    from kdcache.cache.location import Location
+    loc = Location.of(path)
+    if loc.is_local and (loc.path / MANIFEST).is_file():
+        return PreparedDataset.open(loc.path).summary()
+    if loc.exists("zarr.json"):
         from kdcache.cache.schema import TeacherCache
-        return TeacherCache.open(path).summary()
+        return TeacherCache.open(loc).summary()
     raise KdcacheError(f"{path}: neither a prepared dataset nor a kdcache cache")
 
 

@@ -27,6 +27,13 @@ def fmnist_small(tmp_path_factory):
     return prepare(sources.fashion_mnist(limit=400), out, shard_size=150, workers=2)
 
 
+@pytest.fixture(scope="session")
+def fm2000(tmp_path_factory):
+    """The first 2000 train samples of the real Fashion-MNIST (8 work units of 256)."""
+    _require_fashion_mnist()
+    return prepare(sources.fashion_mnist(limit=2000), tmp_path_factory.mktemp("fm2000") / "ds", workers=2)
+
+
 def random_photo(rng, height, width, mode="RGB") -> Image.Image:
     """A smooth random image (JPEG-friendly, with structure so crops differ)."""
     yy, xx = np.mgrid[0:height, 0:width]
@@ -127,3 +134,47 @@ def exact_cache(fmnist_small, random_teacher, tmp_path_factory):
     """random_teacher over seeds 0:3 of fmnist_small, float32 and k = C: a lossless cache."""
     return dump_random_teacher(fmnist_small.root, tmp_path_factory.mktemp("exact") / "cache", random_teacher[2], "0:3",
                                "--values-dtype", "float32", "--topk", 10)
+
+
+def reseal_markers(cache_path) -> None:
+    """Re-record every unit marker's object checksums after a test changed the arrays on purpose: stands for
+    a writer that stored wrong values consistently (what verify's row and replay checks are for), as
+    opposed to damage after the fact (which the checksums catch)."""
+    import json
+    from kdcache.cache.integrity import unit_records
+    from kdcache.cache.schema import TeacherCache
+    cache = TeacherCache.open(cache_path)
+    for seed, blocks in cache.ledger.done_units().items():
+        for block in blocks:
+            key = Path(cache_path) / cache.ledger.marker_key(seed, block)
+            marker = json.loads(key.read_text())
+            marker["objects"] = unit_records(cache, seed, block)
+            key.write_text(json.dumps(marker))
+
+
+@pytest.fixture(scope="session")
+def s3_root():
+    """An S3-compatible server on loopback (moto's server mode, a test dependency) with one bucket; the
+    standard AWS_* variables point this process and its children at it. Yields the bucket's URL."""
+    import logging
+    import socket
+    from moto.server import ThreadedMotoServer
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("kdcache-test")
+    yield "s3://kdcache-test"
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

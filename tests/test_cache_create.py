@@ -35,7 +35,17 @@ def _root_metadata_writes(tmp_path, monkeypatch):
 
 def test_a_kill_at_any_metadata_write_leaves_a_cache_the_next_run_opens(tmp_path, monkeypatch):
     writes = _root_metadata_writes(tmp_path, monkeypatch)
-    assert writes >= 2 + 2 * 4  # the group, its identity, then per seed a group and four arrays
+    assert writes >= 2 * 4  # per seed four arrays (and their groups); the root's identity is one exclusive create
+    # killed before the root's identity is created: nothing but an empty directory, which the next run fills
+    from kdcache.cache.location import LocalLocation
+
+    def dying_create(self, key, data):
+        raise Killed()
+    monkeypatch.setattr(LocalLocation, "create", dying_create)
+    with pytest.raises(Killed):
+        TeacherCache.create_or_open(tmp_path / "killed-root", _spec(), [0, 1])
+    monkeypatch.undo()
+    assert TeacherCache.create_or_open(tmp_path / "killed-root", _spec(), [0, 1]).seeds == [0, 1]
     real_set = LocalStore.set
     for kill_at in range(writes):
         path = tmp_path / f"killed-{kill_at}"

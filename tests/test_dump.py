@@ -14,7 +14,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import kdcache, run_cli
+from conftest import kdcache, reseal_markers, run_cli
 from kdcache.augment import ViewRecipe, view_params
 from kdcache.augment.render import decode_jpeg, render_views
 from kdcache.cache.schema import TeacherCache
@@ -37,12 +37,7 @@ def dump_cmd(data, out, seeds, *extra):
 
 def read_all(path):
     root = zarr.open_group(str(path), mode="r")
-    return {(s, a): root[f"seeds/{s:06d}/{a}"][...] for s in root.attrs["seeds"] for a in ARRAYS}
-
-
-@pytest.fixture(scope="session")
-def fm2000(tmp_path_factory):
-    return prepare(sources.fashion_mnist(limit=2000), tmp_path_factory.mktemp("fm2000") / "ds", workers=2)
+    return {(s, a): root[f"seeds/{s:06d}/{a}"][...] for s in sorted(int(k) for k in root["seeds"].group_keys()) for a in ARRAYS}
 
 
 @pytest.fixture(scope="session")
@@ -134,6 +129,9 @@ def test_kill9_then_rerun_equals_a_clean_run(clean_cache, fm2000, tmp_path):
     cmd = dump_cmd(fm2000.root, out, "0:6")
     total = 6 * 8
     at_create = _run_and_kill(cmd, out, lambda o: (o / "zarr.json").exists())
+    # while the first units are being computed and written (claimed, no marker yet)
+    in_unit = _run_and_kill(cmd, out, lambda o: any((o / "claims").rglob("*.json")) if (o / "claims").is_dir() else False)
+    assert in_unit < 3
     after_3 = _run_and_kill(cmd, out, lambda o: _markers(o) >= 3)
     after_half = _run_and_kill(cmd, out, lambda o: _markers(o) >= total // 2)
     assert at_create < 3 <= after_3 < total // 2 <= after_half < total, (at_create, after_3, after_half)
@@ -157,9 +155,14 @@ def test_two_torchrun_processes_give_the_same_cache(clean_cache, fm2000, tmp_pat
     assert ranks == {0, 1}
     units = [json.loads(p.read_text())["rank"] for p in (out / "units").glob("*/*.json")]
     assert sorted(set(units)) == [0, 1]
-    clean, ddp = read_all(clean_cache), read_all(out)
+    assert_close_caches(read_all(clean_cache), read_all(out))
+
+
+def assert_close_caches(clean, other):
+    """Equal up to what another forward batch or thread count changes: a uint16 step, exact ties, 1e-3."""
+    assert clean.keys() == other.keys()
     for (s, a), ref in clean.items():
-        got = ddp[(s, a)]
+        got = other[(s, a)]
         if a == "indices":  # identical except exact ties, which may break either way
             diff = np.flatnonzero((got != ref).any(1))
             vals = clean[(s, "logp")]
@@ -322,6 +325,7 @@ def test_verify_replay_fails_on_replay_errors_only_and_names_them(small_copy):
         logp, log_tail = g[f"seeds/{s:06d}/logp"], g[f"seeds/{s:06d}/log_tail"]
         logp[:, 0] = logp[:, 0] + 205
         log_tail[...] = log_tail[...] + np.log(2)
+    reseal_markers(out)
     proc = kdcache("verify", out, "--replay", 128, "--json", check=False)
     report = json.loads(proc.stdout)
     assert proc.returncode == 1 and not report["ok"]
@@ -342,5 +346,6 @@ def test_verify_finds_missing_units_and_bad_rows(small_copy):
     rows = values[0:256]
     rows[17] = np.nan
     values[0:256] = rows
+    reseal_markers(out)
     report = json.loads(kdcache("verify", out, "--json", check=False).stdout)
     assert any("seed 0: 1 rows of log_tail hold NaN/inf (first sample 17)" in p for p in report["problems"])

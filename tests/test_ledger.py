@@ -1,41 +1,110 @@
-"""The unit ledger of a cache: claims, completion markers, takeover of stale claims."""
+"""The unit ledger of a cache: claims, completion markers, takeover of stale claims, heartbeats."""
 
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
+import time
 
 from kdcache.cache.ledger import Ledger
+from kdcache.cache.location import Location
+
+
+def _ledger(path, ttl=300.0) -> Ledger:
+    return Ledger(Location.of(path), claim_ttl=ttl)
+
+
+def _claims(path, seed, block):
+    d = path / "claims" / f"{seed:06d}" / f"{block:06d}"
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
 
 
 def test_claim_is_exclusive_and_a_finished_unit_is_never_claimed_again(tmp_path):
-    ledger = Ledger(tmp_path)
+    ledger = _ledger(tmp_path)
     assert ledger.claim(0, 3, "run-a")
     assert ledger.claim(0, 3, "run-a"), "the holder may claim its own unit again"
+    assert not _ledger(tmp_path).claim(0, 3, "run-b"), "a live claim of this host's live process is respected"
     assert not ledger.is_done(0, 3)
-    ledger.mark_done(0, 3, {"views": 10})
-    assert ledger.is_done(0, 3) and ledger.done_blocks(0) == {3}
-    assert not (tmp_path / "claims" / "000000" / "000003.json").exists(), "marking done removes the claim"
+    assert ledger.mark_done(0, 3, {"views": 10})
+    assert ledger.is_done(0, 3) and ledger.done_blocks(0) == {3} and ledger.done_units() == {0: {3}}
+    assert _claims(tmp_path, 0, 3) == [], "marking done removes the claims"
     # The race the dump loop has: a unit checked as not done, then finished elsewhere before our claim.
     assert not ledger.claim(0, 3, "run-b")
-    assert not (tmp_path / "claims" / "000000" / "000003.json").exists(), "a refused claim leaves nothing"
+    assert _claims(tmp_path, 0, 3) == [], "a refused claim leaves nothing"
+    assert ledger.markers(0)[3]["views"] == 10
+    assert not ledger.mark_done(0, 3, {"views": 99}), "a marker is created once"
     assert ledger.markers(0)[3]["views"] == 10
 
 
-def test_live_claims_are_respected_and_dead_ones_taken_over(tmp_path):
-    ledger = Ledger(tmp_path)
-    claim = tmp_path / "claims" / "000001" / "000000.json"
-    claim.parent.mkdir(parents=True)
+def _write_claim(path, seed, block, gen, payload):
+    p = path / "claims" / f"{seed:06d}" / f"{block:06d}" / f"{gen:06d}.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(payload))
+
+
+def test_live_claims_are_respected_and_dead_or_stale_ones_taken_over(tmp_path):
+    ledger = _ledger(tmp_path)
     # Held by a live process of this host (our parent): refused.
-    claim.write_text(json.dumps({"run": "other", "host": ledger.host, "pid": os.getppid(), "time": 1e18}))
+    _write_claim(tmp_path, 1, 0, 0, {"run": "other", "host": ledger.host, "pid": os.getppid(), "time": time.time()})
     assert not ledger.claim(1, 0, "mine")
-    # Held by a process that has exited: taken over.
+    # Held by a process that has exited: taken over with the next generation.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    claim.write_text(json.dumps({"run": "other", "host": ledger.host, "pid": int(dead.stdout), "time": 1e18}))
-    assert ledger.claim(1, 0, "mine")
-    assert json.loads(claim.read_text())["run"] == "mine"
-    # Held elsewhere but older than the TTL: taken over too.
-    claim.write_text(json.dumps({"run": "old", "host": "elsewhere", "pid": 1, "time": 0.0}))
-    assert ledger.claim(1, 0, "mine-again")
+    _write_claim(tmp_path, 1, 0, 0, {"run": "other", "host": ledger.host, "pid": int(dead.stdout), "time": time.time()})
+    assert ledger.claim(1, 0, "mine") and ledger.holds(1, 0)
+    assert _claims(tmp_path, 1, 0) == ["000000.json", "000001.json"]
     ledger.release(1, 0)
-    assert not claim.exists()
+    assert not ledger.holds(1, 0) and _claims(tmp_path, 1, 0) == ["000000.json"]
+    # Held on another host, heartbeat older than the TTL: taken over too; a fresh heartbeat is respected.
+    _write_claim(tmp_path, 2, 0, 4, {"run": "old", "host": "elsewhere", "pid": 1, "time": time.time() - 301})
+    assert ledger.claim(2, 0, "mine") and "000005.json" in _claims(tmp_path, 2, 0)
+    _write_claim(tmp_path, 3, 0, 0, {"run": "busy", "host": "elsewhere", "pid": 1, "time": time.time() - 10})
+    assert not ledger.claim(3, 0, "mine")
+
+
+def _race_takeover(path, barrier, results):
+    ledger = _ledger(path)
+    barrier.wait()
+    results.put(ledger.claim(7, 0, f"taker-{os.getpid()}"))
+    time.sleep(0.5)  # keep the pid alive while the others look
+
+
+def test_exactly_one_of_many_takers_wins_a_stale_claim(tmp_path):
+    """The defect: a takeover that moved the stale claim aside let two takers both win."""
+    ctx = mp.get_context("fork")
+    for trial in range(5):
+        path = tmp_path / f"t{trial}"
+        _write_claim(path, 7, 0, 0, {"run": "dead", "host": "elsewhere", "pid": 1, "time": 0.0})
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_race_takeover, args=(path, barrier, results)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        wins = sum(results.get(timeout=30) for _ in procs)
+        for p in procs:
+            p.join()
+        assert wins == 1, f"trial {trial}: {wins} takers won"
+
+
+def test_a_heartbeat_keeps_a_long_unit_and_its_loss_is_noticed(tmp_path):
+    """The defect: without a heartbeat, a live writer whose unit takes longer than the TTL was taken over."""
+    holder = _ledger(tmp_path, ttl=1.0)
+    other = _ledger(tmp_path, ttl=1.0)
+    other.host = "another-host"  # so only the heartbeat, not a pid check, says the holder is alive
+    assert holder.claim(0, 0, "holder")
+    holder.start_heartbeat()
+    try:
+        time.sleep(2.5)  # longer than the TTL
+        assert not other.claim(0, 0, "other"), "a claim with a live heartbeat is not stale"
+        assert other.live_claims().keys() == {(0, 0)}
+    finally:
+        holder.stop_heartbeat()
+    time.sleep(1.5)  # the heartbeat stopped: the claim goes stale
+    assert other.claim(0, 0, "other")
+    holder.start_heartbeat()
+    try:
+        deadline = time.time() + 5
+        while holder.holds(0, 0) and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        holder.stop_heartbeat()
+    assert not holder.holds(0, 0) and (0, 0) in holder.lost, "the old holder notices it lost the unit"

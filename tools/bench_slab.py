@@ -52,6 +52,7 @@ def main():
 
     import zarr
     from kdcache.cache.schema import CacheSpec, TeacherCache, encode_logp
+    from kdcache.cache.integrity import unit_records
     from kdcache.cache.slabs import read_slab
 
     from kdcache.augment import ViewRecipe, view_params
@@ -83,9 +84,9 @@ def main():
             arrays["indices"][a:e] = rng.integers(0, args.classes, (m, k)).astype(np.int16)
             arrays["log_tail"][a:e] = np.log1p(-np.minimum(np.exp(logp).sum(1), 0.999)).astype(np.float32)
             arrays["params"][a:e] = view_params(recipe, 0, s, np.arange(a, e), heights[a:e], widths[a:e], n)
-            cache.ledger.mark_done(s, b, {"views": m, "correct": 0, "run": "bench", "rank": 0})
+            cache.ledger.mark_done(s, b, {"views": m, "correct": 0, "run": "bench", "rank": 0,
+                                          "objects": unit_records(cache, s, b)})  # checked on read, as in a dump
     write_s = time.time() - t
-    cache.refresh_summary()
 
     cold = None
     if drop_page_cache():

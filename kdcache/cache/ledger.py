@@ -1,35 +1,31 @@
-"""Completion markers and writer claims for work units (seed, block), as files created atomically.
+"""Completion markers and writer claims for work units (seed, block), kept beside the arrays.
 
-A file is written under a temporary name and hard-linked to its final name: os.link fails if the
-name exists, so exactly one creator wins and nobody ever sees a partial file (LocalStore's
-set_if_not_exists does the same). Markers are created after a unit's data is written; a unit without
-a marker is not done, whatever its arrays hold.
+    units/<seed>/<block>.json                 done: {"views", "correct", "run", "rank", "device", "amp",
+                                              "host", "time", "objects": {array: {"key", "bytes", "crc32c"}}}
+    claims/<seed>/<block>/<generation>.json   a writer's claim: {"run", "host", "pid", "time"}
 
-    CACHE/units/<seed>/<block>.json    done: {"views", "correct", "run", "rank", "device", "amp", "host", "time"}
-    CACHE/claims/<seed>/<block>.json   in progress: {"run", "host", "pid", "time"}
+Markers and claims are created with an exclusive create (kdcache.cache.location: link(2) locally, a
+conditional PUT on S3): exactly one creator wins, and nobody sees a partial object. A marker is created
+after its unit's shards are written and durable, and lists their sizes and CRC32C checksums; a unit
+without a marker is not done, whatever its arrays hold.
+
+A unit's current claim is its highest generation. Claiming creates generation g + 1 when generation g
+is absent, released or stale, so of several processes taking over one stale claim exactly one wins (each
+tries to create the same g + 1); a re-list after the create catches a taker that raced from an older
+listing. The holder's heartbeat thread rewrites its claim every claim_ttl / 6 seconds; a claim is stale
+when its heartbeat is older than claim_ttl (clocks of the hosts must agree to well within claim_ttl), or
+at once when it was made on this host by a process that no longer exists. A holder that finds a higher
+generation has lost the unit and does not write it.
 """
 
 import json
 import os
 import socket
+import threading
 import time
-import uuid
-from pathlib import Path
-from typing import Dict, Set
+from typing import Dict, Optional, Set, Tuple
 
-
-def atomic_create(path: Path, payload: dict) -> bool:
-    """Create `path` holding `payload` unless it exists. True if this call created it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(payload))
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink()
+from kdcache.cache.location import Location
 
 
 def _pid_alive(pid: int) -> bool:
@@ -42,70 +38,194 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _json(data: Optional[bytes]) -> Optional[dict]:
+    try:
+        return json.loads(data) if data else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+Unit = Tuple[int, int]
+
+
 class Ledger:
-    def __init__(self, root: Path, claim_ttl: float = 3600.0):
-        self.root = Path(root)
+    def __init__(self, location: Location, claim_ttl: float = 300.0):
+        self.loc = location
         self.claim_ttl = claim_ttl
         self.host = socket.gethostname()
+        self._held: Dict[Unit, Tuple[int, dict]] = {}   # unit -> (generation, payload)
+        self.lost: Set[Unit] = set()
+        self._lock = threading.Lock()
+        self._beat: Optional[threading.Thread] = None
+        self._stop = threading.Event()
 
-    def _marker(self, seed: int, block: int) -> Path:
-        return self.root / "units" / f"{seed:06d}" / f"{block:06d}.json"
+    # ---- keys ----------------------------------------------------------------------------------
+    @staticmethod
+    def marker_key(seed: int, block: int) -> str:
+        return f"units/{seed:06d}/{block:06d}.json"
 
-    def _claim(self, seed: int, block: int) -> Path:
-        return self.root / "claims" / f"{seed:06d}" / f"{block:06d}.json"
+    @staticmethod
+    def _claim_dir(seed: int, block: int) -> str:
+        return f"claims/{seed:06d}/{block:06d}"
 
+    # ---- completion ----------------------------------------------------------------------------
     def done_blocks(self, seed: int) -> Set[int]:
-        d = self.root / "units" / f"{seed:06d}"
-        return {int(p.stem) for p in d.glob("*.json")} if d.is_dir() else set()
+        return {int(n[:-5]) for n in self.loc.children(f"units/{seed:06d}") if n.endswith(".json")}
+
+    def done_units(self) -> Dict[int, Set[int]]:
+        """Every finished unit of the cache, from one listing: seed -> blocks."""
+        out: Dict[int, Set[int]] = {}
+        for key in self.loc.list("units"):
+            parts = key.split("/")
+            if len(parts) == 3 and parts[2].endswith(".json"):
+                out.setdefault(int(parts[1]), set()).add(int(parts[2][:-5]))
+        return out
 
     def is_done(self, seed: int, block: int) -> bool:
-        return self._marker(seed, block).exists()
+        return self.loc.exists(self.marker_key(seed, block))
 
     def markers(self, seed: int) -> Dict[int, dict]:
-        d = self.root / "units" / f"{seed:06d}"
-        return {int(p.stem): json.loads(p.read_text()) for p in d.glob("*.json")} if d.is_dir() else {}
+        keys = {b: self.marker_key(seed, b) for b in sorted(self.done_blocks(seed))}
+        got = self.loc.read_many(keys.values())
+        return {b: _json(got[k]) or {} for b, k in keys.items()}
 
-    def mark_done(self, seed: int, block: int, payload: dict) -> None:
+    def mark_done(self, seed: int, block: int, payload: dict) -> bool:
+        """Record the unit as finished (its shards must be durable already). False if it already was."""
         payload = dict(payload, host=self.host, time=time.time())
-        atomic_create(self._marker(seed, block), payload)
-        self._claim(seed, block).unlink(missing_ok=True)
+        created = self.loc.create(self.marker_key(seed, block), json.dumps(payload).encode())
+        with self._lock:
+            self._held.pop((seed, block), None)
+        for key in self.loc.list(self._claim_dir(seed, block)):  # the marker supersedes every claim
+            self.loc.delete(key)
+        return created
 
-    def _stale(self, claim: dict) -> bool:
+    # ---- claims --------------------------------------------------------------------------------
+    def _generations(self, seed: int, block: int) -> Dict[int, str]:
+        out = {}
+        for key in self.loc.list(self._claim_dir(seed, block)):
+            name = key.rsplit("/", 1)[-1]
+            if name.endswith(".json") and name[:-5].isdigit():
+                out[int(name[:-5])] = key
+        return out
+
+    def _stale(self, claim: Optional[dict]) -> bool:
+        if not claim:  # removed (released or finished) between the listing and the read, or unreadable
+            return True
         if claim.get("host") == self.host and not _pid_alive(int(claim.get("pid", -1))):
             return True
         return time.time() - float(claim.get("time", 0)) > self.claim_ttl
 
     def claim(self, seed: int, block: int, run: str) -> bool:
-        """Take unit (seed, block) for this process. False if it is done or another live writer holds it.
-        A stale claim (its process is gone, or older than claim_ttl) is taken over."""
-        if not self._acquire(seed, block, run):
-            return False
-        # The unit may have been finished (marker created, claim removed) between a caller's check and
-        # our claim: never compute and rewrite a finished unit.
+        """Take unit (seed, block) for this process. False if it is done or another live writer holds it."""
         if self.is_done(seed, block):
-            self.release(seed, block)
+            return False
+        gens = self._generations(seed, block)
+        current = max(gens) if gens else -1
+        if gens:
+            held = _json(self.loc.read_many([gens[current]])[gens[current]])
+            if held and held.get("run") == run and held.get("pid") == os.getpid():
+                return True
+            if not self._stale(held):
+                return False
+        mine = current + 1
+        payload = {"run": run, "host": self.host, "pid": os.getpid(), "time": time.time()}
+        key = f"{self._claim_dir(seed, block)}/{mine:06d}.json"
+        if not self.loc.create(key, json.dumps(payload).encode()):
+            return False  # another taker created this generation first
+        if max(self._generations(seed, block)) != mine or self.is_done(seed, block):
+            # a taker working from an older listing got a higher generation, or the unit was finished
+            # between our first check and our claim: never compute (and rewrite) it
+            self.loc.delete(key)
+            return False
+        with self._lock:
+            self._held[(seed, block)] = (mine, payload)
+            self.lost.discard((seed, block))
+        return True
+
+    def holds(self, seed: int, block: int) -> bool:
+        with self._lock:
+            return (seed, block) in self._held
+
+    def confirm(self, seed: int, block: int) -> bool:
+        """Do we still hold the unit, by the store itself (not only by the heartbeat's last look)?
+        Checked right before a unit is written."""
+        with self._lock:
+            held = self._held.get((seed, block))
+        if held is None:
+            return False
+        if self._superseded(seed, block, held[0]) or self.is_done(seed, block):
+            with self._lock:
+                self._held.pop((seed, block), None)
+                self.lost.add((seed, block))
             return False
         return True
 
-    def _acquire(self, seed: int, block: int, run: str) -> bool:
-        path = self._claim(seed, block)
-        payload = {"run": run, "host": self.host, "pid": os.getpid(), "time": time.time()}
-        if atomic_create(path, payload):
-            return True
-        try:
-            held = json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            held = {}
-        if held.get("run") == run and held.get("pid") == os.getpid():
-            return True
-        if held and not self._stale(held):
-            return False
-        # Take over: move the stale claim aside (rename is atomic; one taker wins), then create ours.
-        try:
-            os.rename(path, path.with_name(f".{path.name}.{uuid.uuid4().hex}.stale"))
-        except FileNotFoundError:
-            pass
-        return atomic_create(path, payload)
+    def _superseded(self, seed: int, block: int, gen: int) -> bool:
+        """Our claim is gone (the unit was finished by its taker, who deletes the claims) or a higher
+        generation exists (taken over)."""
+        gens = self._generations(seed, block)
+        return gen not in gens or max(gens) > gen
 
     def release(self, seed: int, block: int) -> None:
-        self._claim(seed, block).unlink(missing_ok=True)
+        with self._lock:
+            held = self._held.pop((seed, block), None)
+        if held is not None:  # deleting needs no space: release works on a full disk
+            self.loc.delete(f"{self._claim_dir(seed, block)}/{held[0]:06d}.json")
+
+    def release_all(self) -> None:
+        with self._lock:
+            units = list(self._held)
+        for seed, block in units:
+            try:
+                self.release(seed, block)
+            except OSError:
+                pass  # best effort while failing: the claim goes stale after claim_ttl anyway
+
+    def live_claims(self) -> Dict[Unit, dict]:
+        """Units some writer is working on now (for `kdcache ls`)."""
+        units: Dict[Unit, Dict[int, str]] = {}
+        for key in self.loc.list("claims"):
+            parts = key.split("/")
+            if len(parts) == 4 and parts[3].endswith(".json") and parts[3][:-5].isdigit():
+                units.setdefault((int(parts[1]), int(parts[2])), {})[int(parts[3][:-5])] = key
+        out = {}
+        for unit, gens in units.items():
+            claim = _json(self.loc.read_many([gens[max(gens)]])[gens[max(gens)]])
+            if not self._stale(claim):
+                out[unit] = claim
+        return out
+
+    # ---- heartbeat -----------------------------------------------------------------------------
+    @property
+    def heartbeat_interval(self) -> float:
+        return max(0.2, min(60.0, self.claim_ttl / 6))
+
+    def start_heartbeat(self) -> None:
+        if self._beat is None:
+            self._stop.clear()
+            self._beat = threading.Thread(target=self._heartbeat, daemon=True, name="kdcache-heartbeat")
+            self._beat.start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+            self._beat = None
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval):
+            with self._lock:
+                held = dict(self._held)
+            for (seed, block), (gen, payload) in held.items():
+                try:
+                    if self._superseded(seed, block, gen):  # taken over (our heartbeat lapsed): not ours to write
+                        with self._lock:
+                            if self._held.pop((seed, block), None) is not None:  # not finished by us meanwhile
+                                self.lost.add((seed, block))
+                        continue
+                    with self._lock:
+                        if (seed, block) in self._held:  # not released or finished meanwhile
+                            self.loc.write(f"{self._claim_dir(seed, block)}/{gen:06d}.json",
+                                           json.dumps(dict(payload, time=time.time())).encode())
+                except OSError:
+                    pass  # a full disk or a network error: retried at the next beat

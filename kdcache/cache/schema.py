@@ -16,7 +16,11 @@ Version 1 caches (values = top-k logits, lse) are read, not written (kdcache.cac
 """
 
 import datetime
+import getpass
+import json
 import math
+import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -24,10 +28,11 @@ from typing import Dict, List, Optional
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, TransposeCodec
-from zarr.storage import LocalStore
+from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from kdcache import __version__
 from kdcache.cache.ledger import Ledger
+from kdcache.cache.location import Location
 from kdcache.errors import KdcacheError
 
 FORMAT = "kdcache-teacher-cache"
@@ -173,128 +178,148 @@ def seed_group_name(seed: int) -> str:
 
 
 class TeacherCache:
-    def __init__(self, path: Path, group: zarr.Group, read_only: bool):
-        self.path = Path(path)
+    def __init__(self, location: Location, group: zarr.Group, read_only: bool):
+        self.location = location
         self.group = group
         self.read_only = read_only
         attrs = dict(group.attrs)
         self.attrs = attrs
         self.spec = CacheSpec(**attrs["spec"])
         self.version = int(attrs["format_version"])
-        self.ledger = Ledger(self.path)
+        self.ledger = Ledger(location)
+
+    @property
+    def path(self) -> str:
+        """Where the cache is, for messages: a local path or a URL."""
+        return self.location.url
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path, mode: str = "r") -> "TeacherCache":
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
-            raise KdcacheError(f"{path}: not a kdcache cache (no zarr.json)")
-        group = zarr.open_group(LocalStore(path, read_only=(mode == "r")), mode="r" if mode == "r" else "r+")
-        if group.attrs.get("format") != FORMAT:
-            raise KdcacheError(f"{path}: zarr group is not a {FORMAT} (format={group.attrs.get('format')!r})")
-        _check_readable(path, group.attrs.get("format_version"))
-        return cls(path, group, read_only=(mode == "r"))
+    def open(cls, where, mode: str = "r") -> "TeacherCache":
+        """Open for reading (mode "r": nothing is ever written, read-only mounts and credentials work)
+        or for writing units ("r+")."""
+        loc = Location.of(where)
+        try:
+            root = json.loads(loc.read("zarr.json"))
+        except FileNotFoundError:
+            raise KdcacheError(f"{loc}: not a kdcache cache (no zarr.json)") from None
+        except (OSError, ValueError) as exc:
+            raise KdcacheError(f"{loc}: cannot read zarr.json ({exc})") from exc
+        attrs = root.get("attributes", {})
+        if attrs.get("format") != FORMAT:
+            raise KdcacheError(f"{loc}: zarr group is not a {FORMAT} (format={attrs.get('format')!r})")
+        _check_readable(loc, attrs.get("format_version"))
+        group = zarr.open_group(loc.zarr_store(read_only=(mode == "r")), mode="r" if mode == "r" else "r+")
+        return cls(loc, group, read_only=(mode == "r"))
 
     @classmethod
-    def create_or_open(cls, path, spec: CacheSpec, seeds: List[int]) -> "TeacherCache":
-        """Coordinator only. Create the cache (or check that the existing one has the same identity)
-        and allocate the arrays of `seeds` at full shape. Safe to repeat after a crash at any point."""
+    def create_or_open(cls, where, spec: CacheSpec, seeds: List[int]) -> "TeacherCache":
+        """Create the cache (or check that the existing one has the same identity) and allocate the arrays
+        of `seeds` at full shape. Any number of processes may call it at once, and again after a crash at
+        any point: the identity is created exclusively, array creation is idempotent."""
         spec.validate()
-        path = Path(path)
-        if path.exists() and not (path / "zarr.json").is_file() and any(path.iterdir()):
-            raise KdcacheError(f"{path}: exists and is not a kdcache cache")
-        group = zarr.open_group(LocalStore(path), mode="a")
-        if group.attrs.get("format") == FORMAT:
-            version = group.attrs.get("format_version")
-            _check_readable(path, version)
-            if version != FORMAT_VERSION:  # v1 is read (converted per slab), never extended: one layout per cache
-                raise KdcacheError(f"{path}: cache format version {version} is read by this kdcache but not written "
-                                   f"(it writes version {FORMAT_VERSION}); dump into a new --out")
-            check_compatible(path, CacheSpec(**group.attrs["spec"]), spec)
-        else:  # new cache (or one whose creation never got this far): the identity is written first,
-            # in one write of zarr.json (zarr's attrs.update() would rewrite it once per key: a kill -9 between
-            # two of those writes left a cache with a format but no spec)
-            group.update_attributes({"format": FORMAT, "format_version": FORMAT_VERSION, "spec": asdict(spec),
-                                     "tail_rule": TAIL_RULE, "logp_encoding": logp_encoding(spec.values_dtype),
-                                     "kdcache_version": __version__, "renderer": renderer_record(spec),
-                                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                                     "seeds": [], "seeds_complete": [], "seed_summary": {}})
-        layout = _array_layout(spec)
+        loc = Location.of(where)
+        identity = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": asdict(spec),
+                    "tail_rule": TAIL_RULE, "logp_encoding": logp_encoding(spec.values_dtype),
+                    "kdcache_version": __version__, "renderer": renderer_record(spec),
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "created_by": _who()}
+        if not loc.exists("zarr.json"):
+            if loc.is_local and loc.path.exists() and any(loc.path.iterdir()):
+                raise KdcacheError(f"{loc}: exists and is not a kdcache cache")
+            # The root group's zarr.json holds the identity and is never rewritten: one exclusive create
+            # (two jobs creating one cache: one wins, the other checks the winner's identity)
+            doc = {"zarr_format": 3, "node_type": "group", "attributes": identity}
+            loc.create("zarr.json", json.dumps(doc, indent=2).encode())
+        cache = cls.open(loc, mode="r+")
+        if cache.version != FORMAT_VERSION:  # v1 is read (converted per slab), never extended: one layout per cache
+            raise KdcacheError(f"{loc}: cache format version {cache.version} is read by this kdcache but not written "
+                               f"(it writes version {FORMAT_VERSION}); dump into a new --out")
+        check_compatible(loc, cache.spec, spec)
+        cache.allocate(seeds)
+        return cache
+
+    def allocate(self, seeds: List[int]) -> None:
+        """Create the arrays of `seeds` that do not exist yet (idempotent under races: two processes
+        creating one array write the same metadata, and the loser's ContainsArrayError is expected)."""
+        layout = _array_layout(self.spec)
         for s in seeds:
-            sg = group.require_group(seed_group_name(s))
-            for name, kw in layout.items():
-                if name in sg.array_keys():
-                    arr = sg[name]
-                    if arr.shape != kw["shape"] or str(arr.dtype) != kw["dtype"]:
-                        raise KdcacheError(f"{path}/{seed_group_name(s)}/{name}: shape {arr.shape} {arr.dtype} "
-                                           f"differs from the expected {kw['shape']} {kw['dtype']}")
-                else:
-                    sg.create_array(name, compressors=_codecs(kw["dtype"]), dimension_names=None, **kw)
-        known = sorted(set(group.attrs.get("seeds", [])) | set(seeds))
-        if known != list(group.attrs.get("seeds", [])):
-            group.update_attributes({"seeds": known})
-        return cls(path, group, read_only=False)
+            name = seed_group_name(s)
+            present = set(self.location.children(name))
+            for array, kw in layout.items():
+                if array not in present:
+                    try:
+                        self.group.create_array(f"{name}/{array}", compressors=_codecs(kw["dtype"]),
+                                                dimension_names=None, **kw)
+                        continue
+                    except (ContainsArrayError, ContainsGroupError):
+                        pass  # created by another process meanwhile: checked below
+                arr = zarr.open_array(self.group.store, path=f"{name}/{array}", mode="r")
+                if arr.shape != kw["shape"] or str(arr.dtype) != kw["dtype"]:
+                    raise KdcacheError(f"{self.location}/{name}/{array}: shape {arr.shape} {arr.dtype} "
+                                       f"differs from the expected {kw['shape']} {kw['dtype']}")
 
     # ---- contents ------------------------------------------------------------------------------
     @property
     def seeds(self) -> List[int]:
-        return list(self.group.attrs.get("seeds", []))
+        """Seeds whose arrays exist, from the store itself (never from attributes another job could race)."""
+        return sorted(int(n) for n in self.location.children("seeds") if n.isdigit())
 
     def arrays(self, seed: int) -> Dict[str, zarr.Array]:
         name = seed_group_name(seed)
         try:
-            sg = self.group[name]
-        except KeyError:
+            return {a: zarr.open_array(self.group.store, path=f"{name}/{a}", mode="r" if self.read_only else "r+")
+                    for a in self.array_names}
+        except (FileNotFoundError, KeyError, ValueError, zarr.errors.NodeTypeValidationError):
             raise KdcacheError(f"{self.path}: seed {seed} is not in this cache (seeds {self.seeds})") from None
-        return {a: sg[a] for a in self.array_names}
+
+    def chunk_key(self, seed: int, array: zarr.Array, name: str, block: int) -> str:
+        """The store key of unit (seed, block)'s shard of one array."""
+        coords = (block,) + (0,) * (array.ndim - 1)
+        return f"{seed_group_name(seed)}/{name}/{array.metadata.encode_chunk_key(coords)}"
 
     @property
     def array_names(self):
         return ARRAYS if self.version >= 2 else V1_ARRAYS
 
-    def missing_blocks(self, seed: int) -> List[int]:
-        done = self.ledger.done_blocks(seed)
+    def missing_blocks(self, seed: int, done=None) -> List[int]:
+        done = self.ledger.done_blocks(seed) if done is None else done
         return [b for b in range(self.spec.num_blocks) if b not in done]
 
     def complete_seeds(self) -> List[int]:
-        return [s for s in self.seeds if not self.missing_blocks(s)]
+        done = self.ledger.done_units()
+        return [s for s in self.seeds if len(done.get(s, ())) >= self.spec.num_blocks]
 
     def seed_summary(self, seed: int) -> Optional[dict]:
         markers = self.ledger.markers(seed)
         if len(markers) < self.spec.num_blocks:
             return None
-        views = sum(m["views"] for m in markers.values())
-        return {"views": views, "teacher_top1": sum(m["correct"] for m in markers.values()) / max(views, 1)}
-
-    def refresh_summary(self) -> None:
-        """Coordinator only: record complete seeds and their summaries in the group attributes."""
-        complete = self.complete_seeds()
-        summary = {str(s): self.seed_summary(s) for s in complete}
-        self.group.update_attributes({"seeds_complete": complete, "seed_summary": summary})  # one write
-        self.attrs = dict(self.group.attrs)
+        views = sum(m.get("views", 0) for m in markers.values())
+        return {"views": views, "teacher_top1": sum(m.get("correct", 0) for m in markers.values()) / max(views, 1)}
 
     def bytes_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in (self.path / "seeds").rglob("*") if p.is_file()) \
-            if (self.path / "seeds").is_dir() else 0
+        return sum(self.location.sizes("seeds").values())
 
     def raw_bytes_per_view(self) -> int:
         """Uncompressed bytes of one view's rows, from the arrays themselves (their columns vary by version)."""
-        if self.seeds:
-            shapes = [(a.shape, a.dtype) for a in self.arrays(self.seeds[0]).values()]
+        seeds = self.seeds
+        if seeds:
+            shapes = [(a.shape, a.dtype) for a in self.arrays(seeds[0]).values()]
         else:
             shapes = [(kw["shape"], kw["dtype"]) for kw in _array_layout(self.spec).values()]
         return sum(int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype in shapes)
 
     def summary(self) -> dict:
-        complete = self.complete_seeds()
+        seeds = self.seeds
+        done = self.ledger.done_units()
+        complete = [s for s in seeds if len(done.get(s, ())) >= self.spec.num_blocks]
         views = len(complete) * self.spec.num_samples
         on_disk = self.bytes_on_disk()
         return {
-            "kind": "cache", "path": str(self.path), "format_version": self.version,
+            "kind": "cache", "path": self.path, "format_version": self.version,
             "num_samples": self.spec.num_samples, "num_classes": self.spec.num_classes, "topk": self.spec.topk,
-            "seeds": self.seeds, "seeds_complete": complete,
-            "seeds_in_progress": {str(s): self.spec.num_blocks - len(self.missing_blocks(s))
-                                  for s in self.seeds if s not in complete},
+            "seeds": seeds, "seeds_complete": complete,
+            "seeds_in_progress": {str(s): len(done.get(s, ())) for s in seeds if s not in complete},
             "num_blocks_per_seed": self.spec.num_blocks,
             "teacher": {k: self.spec.teacher.get(k) for k in ("name", "sha256", "num_classes", "checkpoint", "random_init")},
             "dataset_fingerprint": self.spec.dataset["fingerprint"],
@@ -310,10 +335,19 @@ class TeacherCache:
             "raw_bytes_per_view": self.raw_bytes_per_view(),
             "seed_summary": {str(s): self.seed_summary(s) for s in complete},
             "kdcache_version": self.attrs.get("kdcache_version"), "created": self.attrs.get("created"),
+            "created_by": self.attrs.get("created_by"),
         }
 
 
-def _check_readable(path: Path, version) -> None:
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def _check_readable(path, version) -> None:
     if version in READ_VERSIONS:
         return
     if isinstance(version, int) and version > FORMAT_VERSION:
@@ -323,7 +357,7 @@ def _check_readable(path: Path, version) -> None:
                        f"(versions {', '.join(map(str, READ_VERSIONS))})")
 
 
-def check_compatible(path: Path, existing: CacheSpec, wanted: CacheSpec) -> None:
+def check_compatible(path, existing: CacheSpec, wanted: CacheSpec) -> None:
     old, new = existing.identity(), wanted.identity()
     for key in old:
         if old[key] != new[key]:

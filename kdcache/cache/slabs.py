@@ -7,6 +7,7 @@ from typing import Dict, NamedTuple, Optional
 
 import numpy as np
 
+from kdcache.cache.integrity import read_units
 from kdcache.cache.schema import TeacherCache, decode_logp
 from kdcache.errors import KdcacheError
 
@@ -32,19 +33,22 @@ def v1_to_logp(values: np.ndarray, lse: np.ndarray, num_classes: int):
     return logp.astype(np.float32), log_tail.astype(np.float32)
 
 
-def read_slab(cache: TeacherCache, seed: int, require_complete: bool = True) -> Slab:
+def read_slab(cache: TeacherCache, seed: int, require_complete: bool = True, exclude=()) -> Slab:
+    """One seed's rows. Only finished units are read, each checked against its marker (a damaged one is
+    refused by name, kdcache.cache.integrity); rows of unfinished (or excluded) units hold fill values."""
+    markers = {b: m for b, m in cache.ledger.markers(seed).items() if b not in exclude}
     if require_complete:
-        missing = cache.missing_blocks(seed)
+        missing = cache.missing_blocks(seed, done=markers)
         if missing:
             raise KdcacheError(f"{cache.path}: seed {seed} is not complete ({len(missing)} of "
                                f"{cache.spec.num_blocks} units missing, e.g. block {missing[0]}); "
                                "finish it with dump-teacher first")
-    arrays = cache.arrays(seed)
-    indices, params = arrays["indices"][...], arrays["params"][...]
+    arrays = read_units(cache, seed, markers)
+    indices, params = arrays["indices"], arrays["params"]
     if cache.version == 1:
-        logp, log_tail = v1_to_logp(arrays["values"][...], arrays["lse"][...], cache.spec.num_classes)
+        logp, log_tail = v1_to_logp(arrays["values"], arrays["lse"], cache.spec.num_classes)
     else:
-        logp, log_tail = decode_logp(arrays["logp"][...], cache.attrs["logp_encoding"]), arrays["log_tail"][...]
+        logp, log_tail = decode_logp(arrays["logp"], cache.attrs["logp_encoding"]), arrays["log_tail"]
     return Slab(seed, logp, indices, log_tail, params)
 
 

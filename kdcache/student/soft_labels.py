@@ -33,6 +33,7 @@ from kdcache.augment.mixing import MIX_COLUMNS, draw_mixing
 from kdcache.augment.params import ParamLayout, partner_indices, view_params
 from kdcache.augment.recipe import ViewRecipe
 from kdcache.cache.schema import TeacherCache
+from kdcache.cache.integrity import check_sizes
 from kdcache.cache.slabs import SlabPrefetcher, read_slab
 from kdcache.cache.targets import dense_logits
 from kdcache.errors import KdcacheError
@@ -176,6 +177,7 @@ class CachedTeacher:
         if seed_choice == "per-sample" and self.recipe.mixing:
             raise KdcacheError("--seed-choice per-sample cannot be used with a mixing recipe: partners are drawn per "
                                "seed, so a pair must come from one seed (use cycle)")
+        check_sizes(cache, complete)  # a deleted or truncated shard stops training before it starts
         self.seeds, self.seed_choice, self.epochs = complete, seed_choice, epochs
         self.num_classes = cache.spec.num_classes
         passes = (epochs or 0) * self.recipe.repeats

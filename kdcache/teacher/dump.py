@@ -1,12 +1,16 @@
 """`kdcache dump-teacher`: run the teacher once over views (i, s) of the train split, store top-k.
 
 Work is split into units (seed, block of `unit_size` samples) = one Zarr shard per array. A process
-takes whole blocks (block b goes to rank b mod world size) and, for each block, every seed of the run
-that is not done yet: each image is decoded once and all its missing views are rendered from it. A
-unit's four shards are written whole, then its completion marker is created; re-running the same
-command skips finished units, so an interrupted dump resumes, with any world size.
+takes whole blocks (block b goes to rank b mod world size) and renders each block in passes of up to
+`seeds_per_pass` seeds: each image is decoded once per pass and all its views of the pass are rendered
+from it. A pass claims its units when it starts (kdcache.cache.ledger: exclusive claims with a live
+heartbeat), writes each unit's four shards whole, then creates its completion marker. Units another live
+writer holds are left to it; the process waits for them (taking them over if that writer dies) and ends
+when every unit it was asked for is finished, so any number of jobs can dump into one cache at once.
+Re-running the same command skips finished units: an interrupted dump resumes, with any world size.
 """
 
+import errno
 import json
 import os
 import queue
@@ -25,6 +29,8 @@ from tqdm import tqdm
 from kdcache.augment.params import ParamLayout, view_params
 from kdcache.augment.recipe import ViewRecipe
 from kdcache.augment.render import SampleBuffers, render_samples
+from kdcache.cache.integrity import unit_records
+from kdcache.cache.location import Location
 from kdcache.cache.schema import CacheSpec, TeacherCache, check_compatible, encode_logp
 from kdcache.data.dataset import PreparedDataset
 from kdcache.dist import init_from_env, resolve_amp, resolve_device
@@ -35,7 +41,7 @@ from kdcache.models import ModelSpec, Normalize, build_model, forward_u8
 @dataclass
 class DumpConfig:
     data: Path
-    out: Path
+    out: Optional[str]                      # the cache: a path or a URL (s3://...); or None with cache_root
     seeds: List[int]
     topk: int
     teacher: ModelSpec
@@ -47,10 +53,15 @@ class DumpConfig:
     compile: bool = False
     workers: Optional[int] = None           # render threads (default: usable cores)
     values_dtype: str = "uint16"            # top-k log-probabilities: uint16 fixed point or float32
-    unit_size: int = 32768
-    claim_ttl: float = 3600.0
+    unit_size: Optional[int] = None         # None: the existing cache's, or DEFAULT_UNIT_SIZE for a new one
+    claim_ttl: float = 300.0                # seconds without a heartbeat after which a claim is stale
     progress: bool = True
     split: str = "train"
+    cache_root: Optional[str] = None        # find or create the cache of this identity under a cache root
+    seeds_per_pass: int = 32                # seeds rendered per decode of a block (and claimed together)
+
+
+DEFAULT_UNIT_SIZE = 32768
 
 
 class TeacherRunner:
@@ -114,44 +125,59 @@ class OutputRing:
         return self.slots[j][:need].reshape(shape)
 
 
+def _passes(seeds: List[int], per_pass: int) -> List[List[int]]:
+    return [seeds[i:i + per_pass] for i in range(0, len(seeds), per_pass)]
+
+
 def _produce(cache: TeacherCache, split, recipe: ViewRecipe, cfg: DumpConfig, blocks: List[int], run: str,
              out_q: queue.Queue, stop: threading.Event, workers: int, pinned: bool):
-    """Producer thread: claim units, compute view parameters, read and render chunks of samples."""
+    """Producer thread: claim a pass's units, compute their view parameters, read and render chunks."""
     import numba
     numba.set_num_threads(workers)
-    spec = cache.spec
+    spec, ledger = cache.spec, cache.ledger
     reader = split.jpeg_reader()
     scratch = SampleBuffers()
     layout = ParamLayout.of(recipe)
     ring = OutputRing(RING_SLOTS, pinned=pinned)
+    pending = [(block, group) for block in blocks for group in _passes(cfg.seeds, cfg.seeds_per_pass)]
+    poll = min(5.0, max(0.2, cfg.claim_ttl / 10))
+    n_pass = 0
     try:
-        for block in blocks:
-            todo = [s for s in cfg.seeds if not cache.ledger.is_done(s, block)]
-            seeds = [s for s in todo if cache.ledger.claim(s, block, run)]
-            skipped = [s for s in todo if s not in seeds]
-            if skipped:
-                out_q.put(("held", block, skipped))
-            if not seeds:
-                continue
-            a, b = spec.block_bounds(block)
-            idx = np.arange(a, b)
-            heights, widths = split.sizes[a:b, 0], split.sizes[a:b, 1]
-            params = np.stack([view_params(recipe, cfg.global_seed, s, idx, heights, widths, spec.num_samples)
-                               for s in seeds], 1)
-            out_q.put(("block", block, seeds, params))
-            per_chunk = max(1, cfg.batch_size // len(seeds))
-            if recipe.mixing:  # whole mixing blocks per chunk: both partners of every pair are rendered together
-                per_chunk = max(1, per_chunk // recipe.mix_block) * recipe.mix_block
-            for c0 in range(a, b, per_chunk):
+        while pending:
+            elsewhere = []
+            for block, group in pending:
                 if stop.is_set():
                     return
-                c1 = min(c0 + per_chunk, b)
-                jpegs = [reader[i] for i in range(c0, c1)]
-                out = ring.next((c1 - c0, len(seeds), recipe.size, recipe.size, 3))
-                images = render_samples(jpegs, heights[c0 - a:c1 - a], widths[c0 - a:c1 - a], params[c0 - a:c1 - a],
-                                        recipe.size, layout, what=f"{split.name} sample {c0} +", out=out, buffers=scratch)
-                out_q.put(("chunk", block, c0, c1, images))
-            out_q.put(("end", block))
+                todo = [s for s in group if not ledger.is_done(s, block)]
+                seeds = [s for s in todo if ledger.claim(s, block, run)]
+                if len(seeds) < len(todo):  # held by a live writer: it finishes them, or we take them over
+                    elsewhere.append((block, [s for s in todo if s not in seeds]))
+                if not seeds:
+                    continue
+                n_pass += 1
+                a, b = spec.block_bounds(block)
+                idx = np.arange(a, b)
+                heights, widths = split.sizes[a:b, 0], split.sizes[a:b, 1]
+                params = np.stack([view_params(recipe, cfg.global_seed, s, idx, heights, widths, spec.num_samples)
+                                   for s in seeds], 1)
+                out_q.put(("pass", n_pass, block, seeds, params))
+                per_chunk = max(1, cfg.batch_size // len(seeds))
+                if recipe.mixing:  # whole mixing blocks per chunk: both partners of every pair are rendered together
+                    per_chunk = max(1, per_chunk // recipe.mix_block) * recipe.mix_block
+                for c0 in range(a, b, per_chunk):
+                    if stop.is_set():
+                        return
+                    c1 = min(c0 + per_chunk, b)
+                    jpegs = [reader[i] for i in range(c0, c1)]
+                    out = ring.next((c1 - c0, len(seeds), recipe.size, recipe.size, 3))
+                    images = render_samples(jpegs, heights[c0 - a:c1 - a], widths[c0 - a:c1 - a], params[c0 - a:c1 - a],
+                                            recipe.size, layout, what=f"{split.name} sample {c0} +", out=out, buffers=scratch)
+                    out_q.put(("chunk", n_pass, c0, c1, images))
+                out_q.put(("end", n_pass))
+            pending = elsewhere
+            if pending:
+                out_q.put(("waiting", sum(len(g) for _, g in pending)))
+                stop.wait(poll)
     except BaseException as exc:  # handed to the main thread, which raises it
         out_q.put(("error", exc))
     finally:
@@ -159,13 +185,37 @@ def _produce(cache: TeacherCache, split, recipe: ViewRecipe, cfg: DumpConfig, bl
         reader.close()
 
 
-def _write_unit(cache: TeacherCache, seed: int, block: int, logp, indices, log_tail, params) -> None:
+def _write_unit(cache: TeacherCache, seed: int, block: int, logp, indices, log_tail, params) -> dict:
+    """Write one unit's four shards (each one whole object) and return their records for the marker."""
     a, b = cache.spec.block_bounds(block)
     arrays = cache.arrays(seed)
     arrays["logp"][a:b] = encode_logp(logp, cache.spec.values_dtype)
     arrays["indices"][a:b] = indices.astype(cache.spec.indices_dtype)
     arrays["log_tail"][a:b] = log_tail.astype(np.float32)
     arrays["params"][a:b] = params.astype(np.float32)
+    return unit_records(cache, seed, block)
+
+
+def resolve_target(cfg: DumpConfig, spec: CacheSpec) -> str:
+    """The cache to write: --out, or under --cache-root the cache of this identity (kdcache.cache.catalog)."""
+    if cfg.cache_root is not None:
+        from kdcache.cache.catalog import cache_id
+        return str(Location.of(cfg.cache_root).child(cache_id(spec)))
+    if cfg.out is None:
+        raise KdcacheError("dump-teacher needs --out CACHE or --cache-root ROOT")
+    return str(cfg.out)
+
+
+def _existing_unit_size(target: str) -> Optional[int]:
+    try:
+        return TeacherCache.open(target).spec.unit_size
+    except KdcacheError:
+        return None
+
+
+def _disk_full(exc: OSError, where: str) -> KdcacheError:
+    return KdcacheError(f"{where}: no space left on the device ({exc.filename or where}); finished units are kept "
+                        "and this run's claims were released: free space and run the same command again")
 
 
 def dump_teacher(cfg: DumpConfig) -> dict:
@@ -179,28 +229,39 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         raise KdcacheError("--seeds: empty range")
     model, tinfo = build_model(cfg.teacher, ds.num_classes, what="teacher")
     tinfo["input_size"] = recipe.size
-    spec = CacheSpec(teacher=tinfo, dataset=_dataset_identity(ds, cfg.split), recipe=recipe.to_dict(),
-                     global_seed=cfg.global_seed, topk=cfg.topk, values_dtype=cfg.values_dtype,
-                     # one inner chunk per shard: students read whole slabs (BENCHMARKS.md)
-                     unit_size=cfg.unit_size, chunk_rows=cfg.unit_size)
-    # The coordinator alone creates arrays and writes metadata; the others wait, then check the identity.
+
+    def make_spec(unit_size: int) -> CacheSpec:
+        # one inner chunk per shard: students read whole slabs (BENCHMARKS.md)
+        return CacheSpec(teacher=tinfo, dataset=_dataset_identity(ds, cfg.split), recipe=recipe.to_dict(),
+                         global_seed=cfg.global_seed, topk=cfg.topk, values_dtype=cfg.values_dtype,
+                         unit_size=unit_size, chunk_rows=unit_size)
+    spec = make_spec(cfg.unit_size or DEFAULT_UNIT_SIZE)
+    target = resolve_target(cfg, spec)
+    if cfg.unit_size is None:  # extending a cache: its unit size, whatever today's default
+        spec = make_spec(_existing_unit_size(target) or DEFAULT_UNIT_SIZE)
+    # The coordinator of each launch creates the cache and its arrays (idempotent, also against other
+    # launches doing the same); the other ranks wait, then check the identity.
     error = None
     if ctx.is_coordinator:
         try:
-            TeacherCache.create_or_open(cfg.out, spec, cfg.seeds)
+            TeacherCache.create_or_open(target, spec, cfg.seeds)
         except KdcacheError as exc:
             error = exc
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            error = _disk_full(exc, target)
     ctx.barrier()
     if ctx.all_sum(1.0 if error else 0.0):
-        raise error or KdcacheError(f"{cfg.out}: the coordinator (rank 0) could not create or open the cache")
-    cache = TeacherCache.open(cfg.out, mode="r+")
+        raise error or KdcacheError(f"{target}: the coordinator (rank 0) could not create or open the cache")
+    cache = TeacherCache.open(target, mode="r+")
     check_compatible(cache.path, cache.spec, spec)
     cache.ledger.claim_ttl = cfg.claim_ttl
 
     run = os.environ.get("TORCHELASTIC_RUN_ID", "") + f"-{uuid.uuid4().hex[:8]}"
     blocks = [b for b in range(spec.num_blocks) if b % ctx.world_size == ctx.rank]
-    done = {s: cache.ledger.done_blocks(s) for s in cfg.seeds}
-    views_todo = sum(len(range(*spec.block_bounds(b))) for b in blocks for s in cfg.seeds if b not in done[s])
+    done = cache.ledger.done_units()
+    views_todo = sum(len(range(*spec.block_bounds(b))) for b in blocks for s in cfg.seeds if b not in done.get(s, ()))
     runner = TeacherRunner(model, tinfo, device, cfg.amp, cfg.compile, cfg.topk)
     labels = split.labels
     workers = cfg.workers or len(os.sched_getaffinity(0))
@@ -213,11 +274,12 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                disable=not cfg.progress or None, mininterval=1.0, smoothing=0.05)
     log = {"run": run, "rank": ctx.rank, "world_size": ctx.world_size, "device": str(device), "amp": runner.amp,
            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "teacher"},
-           "teacher": tinfo, "units": [], "held_elsewhere": []}
+           "teacher": tinfo, "units": [], "lost": []}
     state = {}
     views_done = samples_done = 0
     t_forward = 0.0
     t_loop = time.time()
+    cache.ledger.start_heartbeat()
     producer.start()
     try:
         while True:
@@ -227,21 +289,21 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                 break
             if kind == "error":
                 raise item[1]
-            if kind == "held":
-                log["held_elsewhere"].append({"block": item[1], "seeds": item[2]})
-            elif kind == "block":
-                _, block, seeds, params = item
+            if kind == "waiting":
+                bar.set_postfix_str(f"waiting for {item[1]} units held by other writers", refresh=True)
+            elif kind == "pass":
+                _, pid, block, seeds, params = item
                 a, b = spec.block_bounds(block)
                 n, k = b - a, cfg.topk
-                state[block] = {"seeds": seeds, "params": params, "t0": time.time(),
-                                "logp": np.empty((len(seeds), n, k), np.float32),
-                                "indices": np.empty((len(seeds), n, k), np.int64),
-                                "log_tail": np.empty((len(seeds), n), np.float32),
-                                "correct": np.zeros(len(seeds), np.int64)}
+                state[pid] = {"block": block, "seeds": seeds, "params": params, "t0": time.time(),
+                              "logp": np.empty((len(seeds), n, k), np.float32),
+                              "indices": np.empty((len(seeds), n, k), np.int64),
+                              "log_tail": np.empty((len(seeds), n), np.float32),
+                              "correct": np.zeros(len(seeds), np.int64)}
             elif kind == "chunk":
-                _, block, c0, c1, images = item
-                st = state[block]
-                a = spec.block_bounds(block)[0]
+                _, pid, c0, c1, images = item
+                st = state[pid]
+                a = spec.block_bounds(st["block"])[0]
                 nv = len(st["seeds"])
                 t = time.perf_counter()
                 logp, indices, log_tail = runner.topk_outputs(images.reshape(-1, *images.shape[2:]))
@@ -257,34 +319,37 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                 elapsed = time.time() - t_loop
                 bar.set_postfix_str(f"{samples_done / elapsed:.0f} img/s", refresh=False)
             elif kind == "end":
-                block = item[1]
-                st = state.pop(block)
+                st = state.pop(item[1])
+                block = st["block"]
                 a, b = spec.block_bounds(block)
                 for j, s in enumerate(st["seeds"]):
-                    _write_unit(cache, s, block, st["logp"][j], st["indices"][j], st["log_tail"][j], st["params"][:, j])
+                    if not cache.ledger.confirm(s, block):  # taken over while our heartbeat lapsed: theirs to write
+                        log["lost"].append({"seed": s, "block": block})
+                        continue
+                    objects = _write_unit(cache, s, block, st["logp"][j], st["indices"][j], st["log_tail"][j],
+                                          st["params"][:, j])
                     # device and amp: how precise the unit's logits are (verify --replay picks its thresholds by them)
                     cache.ledger.mark_done(s, block, {"views": b - a, "correct": int(st["correct"][j]),
-                                                      "run": run, "rank": ctx.rank,
-                                                      "device": device.type, "amp": runner.amp})
+                                                      "run": run, "rank": ctx.rank, "device": device.type,
+                                                      "amp": runner.amp, "objects": objects})
                 log["units"].append({"block": block, "seeds": st["seeds"], "samples": b - a,
                                      "seconds": round(time.time() - st["t0"], 3)})
-    except BaseException:
+    except BaseException as exc:
         stop.set()
-        for block, st in state.items():  # give unfinished units back at once (no waiting for a TTL)
-            for s in st["seeds"]:
-                cache.ledger.release(s, block)
+        cache.ledger.stop_heartbeat()
+        cache.ledger.release_all()  # give unfinished units back at once (no waiting for a TTL)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(exc, cache.path) from None
         raise
     finally:
         bar.close()
+    cache.ledger.stop_heartbeat()
     producer.join()
     elapsed = time.time() - t_loop
     total_views = ctx.all_sum(float(views_done))
     total_samples = ctx.all_sum(float(samples_done))
     ctx.barrier()
-    if ctx.is_coordinator:
-        cache.refresh_summary()
-    ctx.barrier()
-    summary = {"cache": str(cache.path), "seeds_requested": cfg.seeds, "seeds_complete": cache.complete_seeds(),
+    summary = {"cache": cache.path, "seeds_requested": cfg.seeds, "seeds_complete": cache.complete_seeds(),
                "views_written": int(total_views), "views_written_this_rank": views_done,
                "seconds": round(time.time() - t_start, 2), "loop_seconds": round(elapsed, 2),
                # all ranks together (each rank's loop time is about the same: they end at one barrier)
@@ -293,8 +358,10 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                "forward_seconds": round(t_forward, 2), "world_size": ctx.world_size,
                "bytes_on_disk": cache.bytes_on_disk()}
     log["summary"] = summary
-    log_dir = cache.path / "logs"
-    log_dir.mkdir(exist_ok=True)
-    (log_dir / f"dump-{time.strftime('%Y%m%dT%H%M%S')}-{run.strip('-')}-rank{ctx.rank}.json").write_text(json.dumps(log, indent=1))
+    name = f"logs/dump-{time.strftime('%Y%m%dT%H%M%S')}-{run.strip('-')}-rank{ctx.rank}.json"
+    try:
+        cache.location.write(name, json.dumps(log, indent=1).encode())
+    except OSError as exc:  # the units are written and marked: a log that does not fit is not worth failing for
+        print(f"kdcache: warning: could not write the dump log {name}: {exc}", file=sys.stderr)
     ctx.close()
     return summary

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from kdcache.augment.recipe import ViewRecipe
+from kdcache.cache.integrity import DamagedUnit, damaged_units
 from kdcache.cache.schema import TeacherCache
 from kdcache.cache.slabs import read_slab
 from kdcache.cache.targets import dense_logits, stored_log_bins
@@ -150,12 +151,19 @@ def verify(path, replay: int = 0, checkpoint: Optional[str] = None, data: Option
             missing[str(s)] = miss
             problems.append(f"seed {s}: {len(miss)} of {spec.num_blocks} units missing "
                             f"(blocks {miss[:8]}{'...' if len(miss) > 8 else ''})")
-        slab = read_slab(cache, s, require_complete=False)
-        done = sorted(set(range(spec.num_blocks)) - set(miss))
+        # damaged units are named (seed, unit, array) and left out of the row checks
+        bad = damaged_units(cache, s, cache.ledger.markers(s))
+        problems += list(bad.values())
+        try:
+            slab = read_slab(cache, s, require_complete=False, exclude=bad)
+        except DamagedUnit as exc:  # undecodable bytes under a marker without checksums (older caches)
+            problems.append(str(exc))
+            continue
+        done = sorted(set(range(spec.num_blocks)) - set(miss) - set(bad))
         rows = np.concatenate([np.arange(*spec.block_bounds(b)) for b in done]) if done else np.zeros(0, np.int64)
         if len(rows):
             problems += _check_rows(slab, rows, spec.num_classes, exact_tail=cache.version >= 2)
-        if not miss:
+        if not miss and not bad:
             complete.append(s)
     report = {"cache": str(cache.path), "seeds": cache.seeds, "seeds_complete": sorted(complete),
               "complete": not missing, "missing_units": missing, "problems": problems}

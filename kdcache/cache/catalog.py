@@ -1,0 +1,128 @@
+"""Cache roots: one directory or bucket prefix holding many caches, each under an id derived from what
+made it, so that jobs of one identity meet in one cache and `kdcache ls` can say what a root holds.
+
+    ROOT/<teacher>-<split>-<hash>/     a cache (kdcache.cache.schema)
+
+The hash covers the teacher's weights (sha256) and normalisation, the dataset split's fingerprint, the
+view recipe, the global seed, k and the stored value type: everything that changes a stored row. The
+unit size is left out (it changes the layout, not the rows): a dump into an existing cache takes its.
+"""
+
+import hashlib
+import json
+import re
+from typing import List, Optional
+
+from kdcache.cache.location import Location
+from kdcache.cache.schema import CacheSpec, TeacherCache
+from kdcache.errors import KdcacheError
+
+
+def cache_id(spec: CacheSpec) -> str:
+    ident = {"teacher.sha256": spec.teacher["sha256"], "teacher.mean": spec.teacher["mean"],
+             "teacher.std": spec.teacher["std"], "dataset.split_fingerprint": spec.dataset["split_fingerprint"],
+             "recipe": spec.recipe, "global_seed": spec.global_seed, "topk": spec.topk,
+             "values_dtype": spec.values_dtype}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    name = re.sub(r"[^A-Za-z0-9_.]+", "_", str(spec.teacher.get("name") or "teacher")).strip("_.")[:40]
+    return f"{name}-{spec.dataset.get('split', 'train')}-{digest}"
+
+
+def list_caches(root) -> List[TeacherCache]:
+    """The caches directly under a root (anything else there is ignored)."""
+    loc = Location.of(root)
+    out = []
+    for name in loc.children():
+        child = loc.child(name)
+        if child.exists("zarr.json"):
+            try:
+                out.append(TeacherCache.open(child))
+            except KdcacheError:
+                continue  # not a kdcache cache, or a format this kdcache does not read
+    return out
+
+
+def describe(cache: TeacherCache) -> dict:
+    """One `kdcache ls` entry."""
+    spec = cache.spec
+    done = cache.ledger.done_units()
+    seeds = cache.seeds
+    complete = [s for s in seeds if len(done.get(s, ())) >= spec.num_blocks]
+    live = cache.ledger.live_claims()
+    writing = sorted({s for s, _ in live})
+    from kdcache.cache.schema import _recipe_summary
+    return {
+        "id": cache.location.name, "path": cache.path,
+        "teacher": {"name": spec.teacher.get("name"), "sha256": spec.teacher.get("sha256")},
+        "dataset": {"split": spec.dataset.get("split"), "num_samples": spec.num_samples,
+                    "num_classes": spec.num_classes, "fingerprint": spec.dataset.get("fingerprint"),
+                    "split_fingerprint": spec.dataset.get("split_fingerprint"), "path": spec.dataset.get("path")},
+        "recipe": _recipe_summary(spec.recipe), "global_seed": spec.global_seed, "topk": spec.topk,
+        "values_dtype": spec.values_dtype,
+        "seeds_complete": complete,
+        "seeds_in_progress": {str(s): {"units_done": len(done.get(s, ())), "units": spec.num_blocks,
+                                       "units_being_written": sum(1 for t, _ in live if t == s)}
+                              for s in seeds if s not in complete and (done.get(s) or s in writing)},
+        "bytes": cache.bytes_on_disk(),
+        "created": cache.attrs.get("created"), "created_by": cache.attrs.get("created_by"),
+        "format_version": cache.version,
+    }
+
+
+def find_cache(root, split_fingerprint: str, cache_id_: Optional[str] = None,
+               teacher_sha256: Optional[str] = None) -> TeacherCache:
+    """The one cache under `root` for this dataset split (narrowed by id or teacher hash prefix)."""
+    caches = list_caches(root)
+    match = [c for c in caches if c.spec.dataset.get("split_fingerprint") == split_fingerprint]
+    if cache_id_:
+        match = [c for c in match if c.location.name == cache_id_]
+    if teacher_sha256:
+        match = [c for c in match if str(c.spec.teacher.get("sha256", "")).startswith(teacher_sha256)]
+    if len(match) == 1:
+        return match[0]
+
+    def line(c):
+        return (f"  {c.location.name}: teacher {c.spec.teacher.get('name')} sha256 {str(c.spec.teacher.get('sha256'))[:12]}, "
+                f"seeds complete {len(c.complete_seeds())}")
+    if not match:
+        others = "\n".join(line(c) for c in caches) or "  (no caches)"
+        narrowed = " and " + ", ".join(f"{k} {v}" for k, v in (("--cache-id", cache_id_), ("--teacher-sha256", teacher_sha256)) if v) \
+            if (cache_id_ or teacher_sha256) else ""
+        raise KdcacheError(f"{root}: no cache for this dataset split (fingerprint {split_fingerprint[:12]}){narrowed}; "
+                           f"the root holds:\n{others}")
+    raise KdcacheError(f"{root}: {len(match)} caches match this dataset; choose one with --cache-id or "
+                       "--teacher-sha256:\n" + "\n".join(line(c) for c in match))
+
+
+def render_ls(entries: List[dict]) -> str:
+    if not entries:
+        return "no caches"
+    lines = []
+    for e in entries:
+        seeds = e["seeds_complete"]
+        progress = ", ".join(f"{s} ({p['units_done']}/{p['units']} units)" for s, p in e["seeds_in_progress"].items())
+        lines += [f"{e['id']}",
+                  f"  teacher   {e['teacher']['name']}  sha256 {str(e['teacher']['sha256'])[:16]}",
+                  f"  dataset   {e['dataset']['split']} {e['dataset']['num_samples']} samples, {e['dataset']['num_classes']} "
+                  f"classes, fingerprint {str(e['dataset']['split_fingerprint'])[:16]}",
+                  f"  recipe    {e['recipe']}, global seed {e['global_seed']}, top-{e['topk']} {e['values_dtype']}",
+                  f"  seeds     {len(seeds)} complete {seed_ranges(seeds)}" + (f"; in progress {progress}" if progress else ""),
+                  f"  size      {e['bytes'] / 2**20:.1f} MiB, created {e['created']} by {e['created_by']}",
+                  f"  path      {e['path']}"]
+    return "\n".join(lines)
+
+
+def seed_ranges(seeds) -> str:
+    """[0, 1, 2, 5] -> '0:3,5' (the --seeds syntax)."""
+    seeds = sorted(seeds)
+    if not seeds:
+        return "none"
+    out, start, prev = [], seeds[0], seeds[0]
+    for s in seeds[1:] + [None]:
+        if s is not None and s == prev + 1:
+            prev = s
+            continue
+        out.append(f"{start}" if start == prev else f"{start}:{prev + 1}")
+        if s is not None:
+            start = prev = s
+    return ",".join(out)

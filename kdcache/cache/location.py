@@ -1,0 +1,245 @@
+"""Where a cache lives: a local directory (also NFS) or an fsspec URL (s3://bucket/prefix).
+
+Zarr reads and writes the arrays through its own store (LocalStore, FsspecStore); everything else kdcache
+keeps beside them (completion markers, claims, logs) goes through a Location: whole-object reads and
+writes, an exclusive create, listing and deletion. The exclusive create is the one primitive that makes
+shared writing safe, so a store that cannot do it atomically is refused for writing:
+
+- local / NFS: the object is written to a temporary name and hard-linked to its final name; link(2) fails
+  when the name exists (atomic on local file systems and on NFS v3+, the classic NFS lock-file method);
+- S3 (and S3-compatible stores): a conditional PUT with `If-None-Match: *` (s3fs `mode="create"`).
+
+Credentials and endpoints come the standard way: AWS_* environment variables (AWS_ENDPOINT_URL for an
+S3-compatible server), ~/.aws, or fsspec's configuration (FSSPEC_S3_* variables, ~/.config/fsspec).
+"""
+
+import os
+import uuid
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Union
+
+from kdcache.errors import KdcacheError
+
+# fsspec protocols whose PUT can be made conditional (see the module docstring)
+EXCLUSIVE_CREATE_PROTOCOLS = ("s3", "s3a")
+
+
+class Location:
+    """A directory-like place addressed by '/'-separated keys relative to it."""
+
+    url: str
+    is_local: bool
+
+    @staticmethod
+    def of(where: Union[str, Path, "Location"]) -> "Location":
+        if isinstance(where, Location):
+            return where
+        text = str(where)
+        if "://" in text and not text.startswith("file://"):
+            return FsspecLocation(text)
+        return LocalLocation(Path(text[len("file://"):] if text.startswith("file://") else text))
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    # Implemented by the subclasses --------------------------------------------------------------
+    def child(self, name: str) -> "Location": ...
+    def zarr_store(self, read_only: bool): ...
+    def read(self, key: str) -> bytes: ...                    # FileNotFoundError if absent
+    def write(self, key: str, data: bytes) -> None: ...       # whole object, atomically replaced
+    def create(self, key: str, data: bytes) -> bool: ...      # True if this call created it
+    def delete(self, key: str) -> None: ...                   # absent is fine
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str = "") -> List[str]: ...        # keys under prefix, recursively
+    def children(self, prefix: str = "") -> List[str]: ...    # names directly under prefix
+    def sizes(self, prefix: str = "") -> Dict[str, int]: ...  # key -> bytes, recursively
+
+    def sync(self, keys: Iterable[str]) -> None:
+        """Make objects written by another writer (Zarr) durable. An object store's PUT already is."""
+
+    def read_many(self, keys: Iterable[str]) -> Dict[str, Optional[bytes]]:
+        """Several objects at once (concurrently where the store is remote); None for an absent one."""
+        out = {}
+        for key in keys:
+            try:
+                out[key] = self.read(key)
+            except FileNotFoundError:
+                out[key] = None
+        return out
+
+
+def _hidden(name: str) -> bool:
+    # our temporary files start with '.', LocalStore's end in '.partial'
+    return name.startswith(".") or name.endswith(".partial")
+
+
+class LocalLocation(Location):
+    is_local = True
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.url = str(self.path)
+
+    def child(self, name: str) -> "LocalLocation":
+        return LocalLocation(self.path / name)
+
+    def zarr_store(self, read_only: bool):
+        from zarr.storage import LocalStore
+        return LocalStore(self.path, read_only=read_only)
+
+    def _p(self, key: str) -> Path:
+        return self.path / key if key else self.path
+
+    def read(self, key: str) -> bytes:
+        return self._p(key).read_bytes()
+
+    def _write_temp(self, path: Path, data: bytes) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # durable before it gets its final name
+        return tmp
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self._p(key)
+        tmp = self._write_temp(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._p(key)
+        tmp = self._write_temp(path, data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def delete(self, key: str) -> None:
+        self._p(key).unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        return self._p(key).exists()
+
+    def list(self, prefix: str = "") -> List[str]:
+        base = self._p(prefix)
+        if not base.is_dir():
+            return []
+        out = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            rel = os.path.relpath(dirpath, self.path)
+            for f in filenames:
+                if not _hidden(f):
+                    out.append(f if rel == "." else f"{rel}/{f}")
+        return sorted(out)
+
+    def children(self, prefix: str = "") -> List[str]:
+        base = self._p(prefix)
+        return sorted(p.name for p in base.iterdir() if not _hidden(p.name)) if base.is_dir() else []
+
+    def sizes(self, prefix: str = "") -> Dict[str, int]:
+        return {k: (self.path / k).stat().st_size for k in self.list(prefix)}
+
+    def sync(self, keys: Iterable[str]) -> None:
+        # LocalStore renames its temporary file without fsync: a unit's shards must survive a power loss
+        # before its marker says they exist
+        for key in keys:
+            fd = os.open(self._p(key), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+class FsspecLocation(Location):
+    is_local = False
+
+    def __init__(self, url: str, fs=None):
+        import fsspec
+        self.url = url.rstrip("/")
+        self.protocol, self.root = self.url.split("://", 1)
+        try:
+            # no listing cache: other processes add markers and claims while we run
+            self.fs = fs or fsspec.filesystem(self.protocol, use_listings_cache=False, skip_instance_cache=True)
+        except (ImportError, ValueError) as exc:
+            raise KdcacheError(f"{url}: no fsspec file system for {self.protocol}:// ({exc})") from exc
+
+    def child(self, name: str) -> "FsspecLocation":
+        return FsspecLocation(f"{self.url}/{name}", fs=self.fs)
+
+    def zarr_store(self, read_only: bool):
+        from zarr.storage import FsspecStore
+        return FsspecStore.from_url(self.url, read_only=read_only, storage_options={"use_listings_cache": False})
+
+    def _p(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def read(self, key: str) -> bytes:
+        return self.fs.cat_file(self._p(key))
+
+    def read_many(self, keys: Iterable[str]) -> Dict[str, Optional[bytes]]:
+        keys = list(keys)
+        if not keys:
+            return {}
+        got = self.fs.cat([self._p(k) for k in keys], on_error="return")  # concurrent GETs
+        out = {}
+        for k in keys:
+            v = got.get(self._p(k))
+            out[k] = v if isinstance(v, bytes) else None
+        return out
+
+    def write(self, key: str, data: bytes) -> None:
+        self.fs.pipe_file(self._p(key), data)  # one PUT: the object is replaced whole or not at all
+
+    def create(self, key: str, data: bytes) -> bool:
+        if self.protocol not in EXCLUSIVE_CREATE_PROTOCOLS:
+            raise KdcacheError(f"{self.url}: kdcache writes caches only where an object can be created "
+                               f"exclusively (local or NFS paths, s3://); {self.protocol}:// is read-only for kdcache")
+        try:
+            self.fs.pipe_file(self._p(key), data, mode="create")  # PUT with If-None-Match: *
+            return True
+        except FileExistsError:
+            return False
+
+    def delete(self, key: str) -> None:
+        try:
+            self.fs.rm_file(self._p(key))
+        except FileNotFoundError:
+            pass
+
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self._p(key))
+
+    def list(self, prefix: str = "") -> List[str]:
+        return sorted(self.sizes(prefix))
+
+    def children(self, prefix: str = "") -> List[str]:
+        try:
+            entries = self.fs.ls(self._p(prefix), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in (e.rstrip("/").rsplit("/", 1)[-1] for e in entries) if not _hidden(n))
+
+    def sizes(self, prefix: str = "") -> Dict[str, int]:
+        base = self._p(prefix)
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        n = len(self.root) + 1
+        return {p[n:]: int(info.get("size") or 0) for p, info in found.items()
+                if not _hidden(p.rsplit("/", 1)[-1]) and info.get("type", "file") != "directory"}

@@ -1,0 +1,129 @@
+"""Many writers, one cache: concurrent dumps (separate launches and ranks of one launch), a writer that
+stops while holding claims, a student reading while a writer extends, a full disk."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import kdcache
+from test_dump import assert_close_caches, read_all
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # one summation order in every process
+# a tiny teacher over the 400-sample Fashion-MNIST: 4 units per seed; what is tested is who writes what
+DUMP = ["--teacher", "test_resnet", "--random-teacher", "--topk", "5", "--unit-size", "128", "--no-progress"]
+
+
+def dump_cmd(data, out, seeds, *extra):
+    return [sys.executable, "-m", "kdcache", "dump-teacher", "--data", str(data), "--out", str(out),
+            "--seeds", seeds, *DUMP, *map(str, extra)]
+
+
+def _start(cmd, log: Path):
+    with log.open("w") as err:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=ENV)
+
+
+def _units_computed(out: Path) -> Counter:
+    """(seed, block) -> how many runs computed and wrote it, from every process's dump log."""
+    count = Counter()
+    for log in (out / "logs").glob("*.json"):
+        for u in json.loads(log.read_text())["units"]:
+            for s in u["seeds"]:
+                count[(s, u["block"])] += 1
+    return count
+
+
+@pytest.fixture(scope="module")
+def clean6(fmnist_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean6") / "cache"
+    subprocess.run(dump_cmd(fmnist_small.root, out, "0:6"), check=True, capture_output=True, env=ENV)
+    return read_all(out)
+
+
+def test_concurrent_writers_lose_nothing_and_compute_no_unit_twice(fmnist_small, clean6, tmp_path):
+    """Reproduced defect: dumps of seeds 0:3 and 3:6 started together both exited 0, but the root attributes
+    listed only seeds 0-2; identical dumps started together exited 1 instead of helping. Here: two
+    separate launches with other seed ranges, an identical pair, and a 2-rank torchrun, all at once, into
+    a cache none of them has created yet."""
+    out = tmp_path / "shared"
+    cmds = [dump_cmd(fmnist_small.root, out, "0:3"), dump_cmd(fmnist_small.root, out, "3:6"),
+            dump_cmd(fmnist_small.root, out, "0:6"), dump_cmd(fmnist_small.root, out, "0:6"),
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29623", "-m",
+             "kdcache", *dump_cmd(fmnist_small.root, out, "1:5")[3:]]]
+    procs = [_start(c, tmp_path / f"p{i}.log") for i, c in enumerate(cmds)]
+    for i, p in enumerate(procs):
+        p.wait(timeout=600)
+        assert p.returncode == 0, (tmp_path / f"p{i}.log").read_text()[-3000:]
+    computed = _units_computed(out)
+    assert sorted(computed) == [(s, b) for s in range(6) for b in range(4)]
+    assert set(computed.values()) == {1}, {u: n for u, n in computed.items() if n > 1}
+    listed = json.loads(kdcache("ls", tmp_path, "--json").stdout)["caches"]
+    assert [c["seeds_complete"] for c in listed] == [[0, 1, 2, 3, 4, 5]]
+    assert_close_caches(clean6, read_all(out))
+    assert json.loads(kdcache("verify", out, "--json").stdout)["ok"]
+
+
+def test_a_stopped_writer_is_taken_over_once_its_heartbeat_stops(fmnist_small, clean6, tmp_path):
+    out = tmp_path / "cache"
+    cmd = dump_cmd(fmnist_small.root, out, "0:6", "--claim-ttl", 2, "--batch-size", 16)
+    first = _start(cmd, tmp_path / "first.log")
+    deadline = time.time() + 300
+    while not (out / "claims").is_dir() or not any((out / "claims").rglob("*.json")):
+        assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.005)
+    first.send_signal(signal.SIGSTOP)   # alive (its pid exists) but silent: only the heartbeat can tell
+    try:
+        held = {p.relative_to(out / "claims").parent for p in (out / "claims").rglob("*.json")}
+        second = _start(cmd, tmp_path / "second.log")
+        second.wait(timeout=600)
+        assert second.returncode == 0, (tmp_path / "second.log").read_text()[-3000:]
+    finally:
+        first.send_signal(signal.SIGCONT)
+    first.wait(timeout=300)
+    assert first.returncode == 0, (tmp_path / "first.log").read_text()[-3000:]
+    taken = {Path(f"{s:06d}/{b:06d}") for s, b in _units_computed(out)}
+    assert held and held <= taken or not held
+    assert_close_caches(clean6, read_all(out))
+    assert json.loads(kdcache("verify", out, "--json").stdout)["ok"]
+    assert not any((out / "claims").rglob("*.json")), "no claim is left behind"
+
+
+def test_a_student_trains_while_a_writer_extends_the_cache(fmnist_small, clean6, tmp_path):
+    out = tmp_path / "cache"
+    subprocess.run(dump_cmd(fmnist_small.root, out, "0:2"), check=True, capture_output=True, env=ENV)
+    writer = subprocess.Popen(dump_cmd(fmnist_small.root, out, "2:6"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, env=ENV)
+    kdcache("train-student", "--data", fmnist_small.root, "--model", "test_resnet", "--epochs", 2, "--batch-size", 64,
+            "--workers", 2, "--no-progress", "--cache", out, "--view-seeds", "0:2", "--out", tmp_path / "student")
+    assert writer.wait(timeout=600) == 0, writer.stderr.read()[-3000:]
+    assert json.loads((tmp_path / "student" / "summary.json").read_text())["epochs"] == 2
+    assert_close_caches(clean6, read_all(out))
+
+
+def test_a_full_disk_is_one_clear_line_and_the_rerun_completes(fmnist_small, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root and mount(2) (not allowed here)")
+    try:
+        args = ["dump-teacher", "--data", fmnist_small.root, "--seeds", "0:6", "--teacher", "test_resnet",
+                "--random-teacher", "--unit-size", 128, "--topk", 5, "--no-progress"]
+        proc = kdcache(*args, "--out", mnt / "cache", check=False)
+        assert proc.returncode == 2, proc.stderr
+        [line] = proc.stderr.strip().splitlines()
+        assert line.startswith(f"kdcache: error: {mnt / 'cache'}: no space left on the device") and "free space" in line
+        assert not any((mnt / "cache" / "claims").rglob("*.json")), "the failed run's claims are released"
+        subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
+        kdcache(*args, "--out", mnt / "cache")
+        kdcache(*args, "--out", tmp_path / "clean")
+        assert_close_caches(read_all(tmp_path / "clean"), read_all(mnt / "cache"))
+        assert json.loads(kdcache("verify", mnt / "cache", "--json").stdout)["ok"]
+    finally:
+        subprocess.run(["umount", str(mnt)])
