@@ -135,6 +135,7 @@ def main():
               f"{result['slab_local_s']:.3f} s, S3 {result['slab_s3_s']:.3f} s (median of {len(local)}); "
               f"written in {result['write_local_s']:.1f} s / {result['write_s3_s']:.1f} s")
         if args.data and not args.skip_dump:
+            dump_rate(args.data, str(tmp / "warm-up"), args.teacher, "0:1", args.batch_size)  # numba JIT, caches
             result["dump_local"] = dump_rate(args.data, str(tmp / "dump"), args.teacher, args.dump_seeds, args.batch_size)
             result["dump_s3"] = dump_rate(args.data, f"{run}/dump", args.teacher, args.dump_seeds, args.batch_size)
             dl, ds = result["dump_local"], result["dump_s3"]
