@@ -42,6 +42,10 @@ LOGP_SCALE = 2048
 LOGP_MAX = 65535
 
 
+class IncompatibleCache(KdcacheError):
+    """A cache exists at the path, made from other inputs (the message names the first differing setting)."""
+
+
 @dataclass
 class CacheSpec:
     """The identity of a cache: every run writing into it must match all of this."""
@@ -208,8 +212,8 @@ class TeacherCache:
             version = group.attrs.get("format_version")
             _check_readable(path, version)
             if version != FORMAT_VERSION:  # v1 is read (converted per slab), never extended: one layout per cache
-                raise KdcacheError(f"{path}: cache format version {version} is read by this kdcache but not written "
-                                   f"(it writes version {FORMAT_VERSION}); dump into a new --out")
+                raise IncompatibleCache(f"{path}: cache format version {version} is read by this kdcache but not written "
+                                        f"(it writes version {FORMAT_VERSION}); dump into a new --out")
             check_compatible(path, CacheSpec(**group.attrs["spec"]), spec)
         else:  # new cache (or one whose creation never got this far): the identity is written first,
             # in one write of zarr.json (zarr's attrs.update() would rewrite it once per key: a kill -9 between
@@ -327,8 +331,8 @@ def check_compatible(path: Path, existing: CacheSpec, wanted: CacheSpec) -> None
     old, new = existing.identity(), wanted.identity()
     for key in old:
         if old[key] != new[key]:
-            raise KdcacheError(f"{path}: cache was made with {key}={_short(old[key])}, this run has "
-                               f"{key}={_short(new[key])}; write to another --out")
+            raise IncompatibleCache(f"{path}: cache was made with {key}={_short(old[key])}, this run has "
+                                    f"{key}={_short(new[key])}; write to another --out")
 
 
 def _short(v) -> str:
