@@ -1,7 +1,6 @@
 """The `kdcache` command: parse arguments, call library functions, print. Nothing else lives here."""
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 
 from kdcache import __version__
 from kdcache.errors import KdcacheError
+from kdcache.options import parse_seeds, seed_ranges as _ranges
 
 
 def _add_prepare(sub) -> None:
@@ -40,19 +40,8 @@ def _add_prepare(sub) -> None:
 
 
 def _cmd_prepare(args) -> int:
-    from kdcache.data import sources
-    from kdcache.data.canonical import CanonicalSettings
-    from kdcache.data.prepare import prepare
-    if args.source == "fashion-mnist":
-        src = sources.fashion_mnist(args.root or sources.FASHION_MNIST_DIR, limit=args.limit)
-    elif args.source == "imagefolder":
-        src = sources.imagefolder(args.root, limit=args.limit, shuffle_seed=args.shuffle_seed)
-    else:
-        src = sources.wds(args.pattern, val_pattern=args.val, num_classes=args.num_classes, limit=args.limit)
-    max_side = args.max_side if args.max_side is not None else src.max_side
-    settings = CanonicalSettings(max_side=max_side, jpeg_quality=args.jpeg_quality)
-    ds = prepare(src, args.out, settings, shard_size=args.shard_size, workers=args.workers,
-                 skip_bad=args.skip_bad, overwrite=args.overwrite, view_size=args.view_size)
+    from kdcache.options import prepare_dataset
+    ds = prepare_dataset(args)
     s = ds.summary()
     counts = ", ".join(f"{k} {v['num_samples']}" for k, v in s["splits"].items())
     print(f"prepared {ds.root}: {counts} samples, {ds.num_classes} classes, fingerprint {ds.fingerprint[:16]}")
@@ -78,17 +67,6 @@ def _cmd_preview(args) -> int:
     return 0 if result["identical"] == result["views"] else 1
 
 
-def parse_seeds(text: str):
-    """'A:B' -> [A, B) ; 'A' -> [A]."""
-    try:
-        if ":" in text:
-            a, b = (int(x) for x in text.split(":"))
-            return list(range(a, b))
-        return [int(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds expects A:B or A, got {text!r}") from None
-
-
 def _add_teacher_args(p) -> None:
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", default=None, help="timm model name")
@@ -99,12 +77,6 @@ def _add_teacher_args(p) -> None:
     src.add_argument("--random-teacher", action="store_true", help="random weights from the global seed (tests, smoke runs)")
     g.add_argument("--mean", type=float, nargs=3, default=None, help="input mean (default: the model's pretrained_cfg)")
     g.add_argument("--std", type=float, nargs=3, default=None, help="input std (default: the model's pretrained_cfg)")
-
-
-def _teacher_spec(args):
-    from kdcache.models import ModelSpec
-    return ModelSpec(name=args.teacher, checkpoint=args.teacher_checkpoint, module=args.teacher_module,
-                     random_init=args.random_teacher, seed=args.seed, mean=args.mean, std=args.std)
 
 
 def _add_dump(sub) -> None:
@@ -139,15 +111,9 @@ def _add_dump(sub) -> None:
 
 
 def _cmd_dump(args) -> int:
-    from kdcache.augment.recipe import recipe_from_args
-    from kdcache.data.dataset import PreparedDataset
-    from kdcache.teacher.dump import DumpConfig, dump_teacher
-    ds = PreparedDataset.open(args.data)
-    cfg = DumpConfig(data=args.data, out=args.out, seeds=args.seeds, topk=args.topk, teacher=_teacher_spec(args),
-                     recipe=recipe_from_args(args, ds.view_size), global_seed=args.seed, batch_size=args.batch_size,
-                     device=args.device, amp=args.amp, compile=args.compile, workers=args.workers,
-                     values_dtype=args.values_dtype, unit_size=args.unit_size, claim_ttl=args.claim_ttl,
-                     progress=not args.no_progress, cache_root=args.cache_root, seeds_per_pass=args.seeds_per_pass)
+    from kdcache.options import dump_config
+    from kdcache.teacher.dump import dump_teacher
+    cfg = dump_config(args)
     s = dump_teacher(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         missing = sorted(set(args.seeds) - set(s["seeds_complete"]))
@@ -158,21 +124,6 @@ def _cmd_dump(args) -> int:
               + f"; {s['bytes_on_disk'] / 2**20:.1f} MiB on disk -> {s['cache']}")
         return 0 if not missing else 1
     return 0
-
-
-def _ranges(seeds) -> str:
-    seeds = sorted(seeds)
-    if not seeds:
-        return "none"
-    out, start, prev = [], seeds[0], seeds[0]
-    for s in seeds[1:] + [None]:
-        if s is not None and s == prev + 1:
-            prev = s
-            continue
-        out.append(f"{start}" if start == prev else f"{start}:{prev + 1}")
-        if s is not None:
-            start = prev = s
-    return ",".join(out)
 
 
 def _add_verify(sub) -> None:
@@ -267,55 +218,8 @@ def _add_train(sub) -> None:
     add_recipe_args(p)
 
 
-def _train_config(args):
-    from kdcache.student.train import TrainConfig
-    missing = [n for n in ("data", "model", "epochs", "out") if getattr(args, n) is None]
-    if missing:
-        raise KdcacheError("train-student needs " + ", ".join("--" + m for m in missing))
-    if args.cache_root:
-        if args.cache:
-            raise KdcacheError("--cache and --cache-root are exclusive")
-        from kdcache.cache.catalog import find_cache
-        from kdcache.data.dataset import PreparedDataset
-        split = PreparedDataset.open(args.data).split("train")
-        args.cache = find_cache(args.cache_root, split.fingerprint, args.cache_id, args.teacher_sha256).path
-    if args.cache and args.kd:
-        raise KdcacheError("--cache and --kd are exclusive (cached KD uses the cache's teacher)")
-    mode = "cache" if args.cache else args.kd
-    if mode is None:
-        raise KdcacheError("choose a mode: --cache CACHE, --kd online (with --teacher), or --kd none")
-    teacher = None
-    if mode == "online":  # TrainConfig.validate checks that the teacher has weights
-        teacher = dataclasses.asdict(_teacher_spec(args))
-    from kdcache.augment.recipe import ViewRecipe, check_flags_match, given_recipe_flags, recipe_from_args
-    recipe = None
-    if mode == "cache":
-        from kdcache.cache.schema import TeacherCache
-        cache_recipe = ViewRecipe.from_dict(TeacherCache.open(args.cache).spec.recipe)
-        mixing_flags = ("mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mix_block")
-        check_flags_match(args, cache_recipe, str(args.cache), allowed=mixing_flags if args.mix_labels else ())
-        if args.mix_labels:
-            recipe = {k: v for k, v in given_recipe_flags(args).items() if k in mixing_flags}
-    elif given_recipe_flags(args):
-        from kdcache.data.dataset import PreparedDataset
-        recipe = recipe_from_args(args, PreparedDataset.open(args.data).view_size).to_dict()
-    loss = {"kd_loss": args.kd_loss if mode != "none" else "none", "kd_weight": args.kd_weight,
-            "temperature": args.temperature, "hard_loss": args.hard_loss or ("ce" if mode == "none" else "none"),
-            "hard_weight": args.hard_weight, "smoothing": args.smoothing, "dkd_alpha": args.dkd_alpha,
-            "dkd_beta": args.dkd_beta}
-    return TrainConfig(data=str(args.data), out=str(args.out), model=args.model, epochs=args.epochs, mode=mode,
-                       cache=str(args.cache) if args.cache else None, teacher=teacher, batch_size=args.batch_size,
-                       opt=args.opt, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                       sched=args.sched, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, min_lr=args.min_lr,
-                       clip_grad=args.clip_grad, ema_decay=args.model_ema_decay, drop_path=args.drop_path,
-                       amp=args.amp, channels_last=not args.no_channels_last, compile=args.compile,
-                       workers=args.workers, device=args.device, seed=args.seed, view_global_seed=args.view_global_seed,
-                       view_seeds=args.view_seeds, seed_choice=args.seed_choice, recipe=recipe,
-                       mix_labels=args.mix_labels, loss=loss, eval_every=args.eval_every,
-                       crop_pct=args.crop_pct, log_interval=args.log_interval, progress=not args.no_progress)
-
-
 def _cmd_train(args) -> int:
+    from kdcache.options import train_config
     from kdcache.student.train import TrainConfig, train_student
     if args.resume:
         path = args.resume / "config.json"
@@ -324,7 +228,7 @@ def _cmd_train(args) -> int:
         cfg = TrainConfig(**json.loads(path.read_text()))
         s = train_student(cfg, resume=True)
     else:
-        s = train_student(_train_config(args))
+        s = train_student(train_config(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"train-student ({s['mode']}): {s['model']} {s['epochs']} epochs, val top-1 {s['final_top1']:.2f} % "
               f"(best {s['best_top1']:.2f} %), {s['epoch_time_s']:.1f} s/epoch, {s['img_per_s']:.0f} img/s -> "
@@ -396,7 +300,7 @@ def _cmd_ls(args) -> int:
 
 
 def _cmd_copy(args) -> int:
-    from kdcache.cache.catalog import cache_id, seed_ranges
+    from kdcache.cache.catalog import cache_id
     from kdcache.cache.copy import copy_cache
     from kdcache.cache.location import Location
     from kdcache.cache.schema import TeacherCache
@@ -405,7 +309,7 @@ def _cmd_copy(args) -> int:
         dst = str(Location.of(args.dst).child(cache_id(TeacherCache.open(args.src).spec)))
     s = copy_cache(args.src, dst, seeds=args.seeds, workers=args.workers, progress=not args.no_progress)
     print(f"copy: {s['units_copied']} units ({s['bytes_copied'] / 2**20:.1f} MiB) copied, {s['units_already_there']} "
-          f"already there, in {s['seconds']:.1f} s; seeds complete at the destination {seed_ranges(s['seeds_complete'])} "
+          f"already there, in {s['seconds']:.1f} s; seeds complete at the destination {_ranges(s['seeds_complete'])} "
           f"-> {s['destination']}")
     for line in s["damaged"]:
         print(f"kdcache: error: {s['source']}: {line}: not copied", file=sys.stderr)

@@ -3,61 +3,188 @@
     prepare -> teacher (train-student --kd none, or a given checkpoint) -> dump (dump-teacher)
             -> students (the same student recipe: none / online / cache) -> report
 
-Each step has a key: the hash of its settings and of the keys of the steps it reads. A step whose key
-matches the one recorded in RUN/steps.json when it last completed, and whose outputs are there, is
-skipped. A step that changed is run again; one that was interrupted resumes (prepare and dump-teacher
-resume by themselves, train-student from its last.pt). A failed step says which and why; the next
-`kdcache run` starts there.
+Each step calls the library (kdcache.options turns a recipe table into the very config the command's
+options give) and writes into the run directory: RUN/data, RUN/teacher, RUN/cache, RUN/students/<mode>.
+A step's key is the hash of the settings that change its outputs, and of the identity of what it reads:
+a dataset's fingerprint, a teacher's weights (their sha256, never the file's time). Settings that only
+change how a step runs are not in it: for the dump batch-size, workers, device, amp, compile, claim-ttl,
+no-progress; for training eval-every, log-interval, workers, no-progress, device, compile.
+
+kdcache run never deletes what a step made. A step whose key is recorded in RUN/steps.json and whose
+outputs are there is skipped; otherwise:
+
+- prepare runs (a dataset of the same input is left as it is); a dataset prepared from other settings
+  is refused: move RUN/data away.
+- dump runs dump-teacher into RUN/cache, which skips finished units, resumes interrupted ones and adds
+  the seeds not there yet (seeds 0:300 -> 0:400 dumps 100 seeds); a cache made from other inputs
+  (another teacher's weights, another view recipe, top-k, ...) is refused, naming the setting: move
+  RUN/cache away, or run into another --out.
+- teacher and students: the settings a run is made with are recorded in its directory
+  (pipeline-settings.json). With the same settings a complete run is skipped and an interrupted one
+  resumes from its last.pt; with other settings it is refused, naming each setting that differs
+  (old -> new): move the run directory away to train it anew.
+
+A failed step says which and why; the next `kdcache run` starts there.
 """
 
 import hashlib
 import json
-import shutil
 import sys
 import time
 import tomllib
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from kdcache import options
 from kdcache.errors import KdcacheError
 from kdcache.files import write_text_atomic
 
 MODES = ("none", "online", "cache")
+TOP_LEVEL = ("name", "seed", "teacher_seed", "students", "out", "prepare", "teacher", "dump", "student", "full")
+SETTINGS = "pipeline-settings.json"      # in a teacher or student run directory: what it was made with
+# train-student settings that change how a run goes, not what it makes (not in a run's key)
+RUN_HARMLESS = ("eval_every", "log_interval", "workers", "progress", "device", "compile")
+# dump-teacher settings that change how the dump goes, not the cache (not in the dump's key; seeds extend)
+DUMP_HARMLESS = ("batch_size", "workers", "device", "amp", "compile", "claim_ttl", "progress", "seeds")
+
+_GIVEN_BY_TEACHER = "the teacher comes from the [teacher] table"
+_TEACHER_OPTIONS = {"teacher": _GIVEN_BY_TEACHER, "teacher_module": _GIVEN_BY_TEACHER,
+                    "teacher_checkpoint": _GIVEN_BY_TEACHER, "random_teacher": _GIVEN_BY_TEACHER}
+_RUN_RESERVED = {"config": "the recipe table is the configuration",
+                 "resume": "kdcache run resumes interrupted runs itself",
+                 "data": "kdcache run trains on RUN/data",
+                 "out": "kdcache run trains into RUN/teacher and RUN/students/<mode>",
+                 "cache": "kdcache run dumps RUN/cache and trains the students listed in `students`",
+                 "kd": "kdcache run trains the students listed in `students` (the teacher: without KD)",
+                 **_TEACHER_OPTIONS, "mean": _GIVEN_BY_TEACHER, "std": _GIVEN_BY_TEACHER}
+RESERVED = {
+    "prepare": {"out": "kdcache run prepares into RUN/data",
+                "overwrite": "kdcache run never replaces a dataset (move RUN/data away instead)"},
+    "teacher": {**_RUN_RESERVED, "seed": "set teacher_seed at the top of the recipe"},
+    "dump": {"data": "kdcache run dumps from RUN/data", "out": "kdcache run dumps into RUN/cache", **_TEACHER_OPTIONS},
+    "student": {**_RUN_RESERVED, "seed": "set seed at the top of the recipe (or kdcache run --seed)",
+                "view_global_seed": "the students take the cache's"},
+}
+
+
+# ---- the recipe ------------------------------------------------------------------------------------
+def _prepare_options(table: dict, where: str = "[prepare]"):
+    table = dict(table)
+    source = table.pop("source", "fashion-mnist")
+    if source not in options.PREPARE_SOURCES:
+        raise KdcacheError(f"{where}: source must be one of {', '.join(options.PREPARE_SOURCES)}, got {source!r}")
+    return options.table_options("prepare", table, where, source=source, reserved=RESERVED["prepare"])
+
+
+def _teacher_options(table: dict, where: str = "[teacher]"):
+    """None for a given teacher (checkpoint = FILE), else the train-student options that train it."""
+    if "checkpoint" in table:
+        extra = sorted(set(table) - {"model", "checkpoint"})
+        if extra:
+            raise KdcacheError(f"{where}: unknown setting {extra[0]!r} (with checkpoint = FILE the teacher is given, "
+                               "not trained: only model and checkpoint apply)")
+        return None
+    if "model" not in table:
+        raise KdcacheError(f"{where}: needs model (and epochs) to train a teacher, or checkpoint = FILE")
+    return options.table_options("train-student", table, where, reserved=RESERVED["teacher"])
+
+
+def _dump_options(table: dict, where: str = "[dump]"):
+    ns = options.table_options("dump-teacher", table, where, reserved=RESERVED["dump"])
+    if not ns.seeds:
+        raise KdcacheError(f"{where}: needs seeds, e.g. seeds = \"0:300\"")
+    return ns
+
+
+def _student_options(table: dict, where: str = "[student]"):
+    return options.table_options("train-student", table, where, reserved=RESERVED["student"])
+
+
+def check_recipe(recipe: dict, variant: bool = False) -> None:
+    """Every table's keys are options of its command, with values of the right type; the errors name
+    the table and the key (variant: the tables with the [full] variant's settings merged in)."""
+    for key in recipe:
+        if key not in TOP_LEVEL:
+            raise KdcacheError(f"unknown setting {key!r} at the top level (known: {', '.join(TOP_LEVEL)})")
+    for table in ("prepare", "teacher", "dump", "student"):
+        if not isinstance(recipe.get(table), dict):
+            raise KdcacheError(f"recipe has no [{table}] table")
+    if not isinstance(recipe.get("students", []), list):
+        raise KdcacheError(f"students must be a list of modes, e.g. [\"cache\"], got {recipe['students']!r}")
+    for mode in recipe.get("students", MODES):
+        if mode not in MODES:
+            raise KdcacheError(f"students lists {mode!r}; choose from {', '.join(MODES)}")
+    where = {t: f"[{t}] with [full.{t}]" if variant else f"[{t}]" for t in ("prepare", "teacher", "dump", "student")}
+    _prepare_options(recipe["prepare"], where["prepare"])
+    _dump_options(recipe["dump"], where["dump"])
+    for table, ns in (("teacher", _teacher_options(recipe["teacher"], where["teacher"])),
+                      ("student", _student_options(recipe["student"], where["student"]))):
+        for name in ("model", "epochs"):
+            if ns is not None and getattr(ns, name) is None:
+                raise KdcacheError(f"{where[table]} needs {name}")
 
 
 def load_recipe(path: Path, full: bool = False) -> dict:
+    """The recipe at path (full: with its [full] tables' settings), checked: a bad key or value is an
+    error naming the file, the table and the key."""
     try:
         recipe = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise KdcacheError(f"{path}: cannot read pipeline recipe: {exc}") from exc
     variant = recipe.pop("full", {})
-    if full:  # the full-size variant: its tables override the matching settings
-        for table, values in variant.items():
-            recipe.setdefault(table, {}).update(values)
-    for table in ("prepare", "dump", "student"):
-        if table not in recipe:
-            raise KdcacheError(f"{path}: recipe has no [{table}] table")
-    return recipe
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in recipe.items()}
+    try:
+        check_recipe(recipe)
+        for table, values in variant.items():  # the full-size variant: its tables override the matching settings
+            if table not in ("prepare", "teacher", "dump", "student"):
+                raise KdcacheError(f"unknown table [full.{table}] "
+                                   "(the variant overrides prepare, teacher, dump, student)")
+            merged.setdefault(table, {}).update(values)
+        check_recipe(merged, variant=True)
+    except KdcacheError as exc:
+        raise KdcacheError(f"{path}: {exc}") from exc
+    return merged if full else recipe
 
 
+# ---- keys and recorded settings ---------------------------------------------------------------------
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _options(table: dict, skip=()) -> List[str]:
-    """A TOML table -> command-line options: key = 1 -> --key 1; true -> --key; lists -> several values."""
-    args = []
-    for key, value in table.items():
-        if key in skip or value is None or value is False:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        elif isinstance(value, list):
-            args += [flag, *map(str, value)]
-        else:
-            args += [flag, str(value)]
-    return args
+def _flat(prefix: str, d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        name = f"{prefix}.{k}" if prefix else k
+        out.update(_flat(name, v) if isinstance(v, dict) and v else {name: v})
+    return out
+
+
+def run_settings(cfg, upstream: dict) -> dict:
+    """The settings that make a train-student run what it is, flat and named like the options: its
+    TrainConfig less the harmless settings and the paths (the teacher's by its weights), and the identity
+    of what it reads (`upstream`: dataset fingerprint, cache or teacher weights)."""
+    d = asdict(cfg)
+    for name in RUN_HARMLESS + ("data", "out", "cache"):
+        d.pop(name, None)
+    d.update(d.pop("loss") or {})
+    teacher = d.pop("teacher") or {}
+    teacher.pop("checkpoint", None)   # a path: the weights' sha256 is in upstream
+    recipe = d.pop("recipe") or {}
+    flat = {**_flat("", d), **_flat("teacher", teacher), **_flat("recipe", recipe), **_flat("", upstream)}
+    return json.loads(json.dumps({k.replace("_", "-"): v for k, v in flat.items()}, sort_keys=True, default=str))
+
+
+_MISSING = object()
+
+
+def _show(value) -> str:
+    s = json.dumps(value) if value is not _MISSING else "(not set)"
+    return s if len(s) <= 100 else s[:97] + "..."
+
+
+def _differences(old: dict, new: dict, keys) -> List[str]:
+    return [k for k in sorted(keys) if old.get(k, _MISSING) != new.get(k, _MISSING)]
 
 
 class Pipeline:
@@ -69,19 +196,32 @@ class Pipeline:
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         self.keys: Dict[str, str] = {}
         self.log: List[dict] = []
+        self.dataset = None
+        self.dump_cfg = None
+        self._teachers: Dict[str, dict] = {}
+
+    @property
+    def data(self) -> Path:
+        return self.out / "data"
+
+    @property
+    def cache(self) -> Path:
+        return self.out / "cache"
 
     # ---- step bookkeeping -----------------------------------------------------------------------
-    def _step(self, name: str, key: str, outputs: List[Path], run: Callable[[], None]) -> None:
+    def _step(self, name: str, key: str, done: Callable[[], bool], run: Callable[[], Optional[str]]) -> None:
+        """Skip the step when its key is the recorded one and done() says its outputs are there; else run it
+        (run may find it complete itself and say so: "complete")."""
         self.keys[name] = key
-        done = self.state.get(name)
-        if done and done["key"] == key and all(p.exists() for p in outputs):
+        record = self.state.get(name)
+        if record and record["key"] == key and done():
             print(f"[kdcache run] {name}: up to date, skipped", file=sys.stderr)
             self.log.append({"step": name, "skipped": True})
             return
         print(f"[kdcache run] {name}: running", file=sys.stderr)
         t = time.time()
         try:
-            run()
+            status = run()
         except KdcacheError as exc:
             raise KdcacheError(f"step '{name}' failed: {exc}\n(fix it and run the same command again: "
                                "completed steps are skipped)") from exc
@@ -90,118 +230,190 @@ class Pipeline:
                                "to resume: completed steps are skipped)") from exc
         self.state[name] = {"key": key, "seconds": round(time.time() - t, 1), "time": time.time()}
         write_text_atomic(self.state_path, json.dumps(self.state, indent=1))  # a torn steps.json would stop every later run
-        self.log.append({"step": name, "skipped": False, "seconds": round(time.time() - t, 1)})
+        self.log.append({"step": name, "skipped": status == "complete", "seconds": round(time.time() - t, 1)})
 
-    def _cli(self, *args) -> None:
-        from kdcache.cli import COMMANDS, build_parser
-        parsed = build_parser().parse_args([str(a) for a in args])
-        COMMANDS[parsed.command](parsed)
+    def _set_device(self, ns) -> None:
+        if self.device:
+            ns.device = self.device
 
-    def _train(self, run_dir: Path, args: List[str], key: str) -> None:
-        """train-student into run_dir; a run of the same key resumes, a stale one is replaced."""
-        marker = run_dir / ".kdcache-step-key"
-        if run_dir.exists():
-            if marker.is_file() and marker.read_text() == key and (run_dir / "config.json").is_file():
-                self._cli("train-student", "--resume", run_dir)
-                return
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-        marker.write_text(key)
-        self._cli("train-student", *args, "--out", run_dir)
+    # ---- teacher identity -------------------------------------------------------------------------
+    def teacher_checkpoint(self) -> Path:
+        t = self.recipe["teacher"]
+        return Path(t["checkpoint"]) if t.get("checkpoint") else self.out / "teacher" / "model.safetensors"
+
+    def _teacher_into(self, ns) -> None:
+        """--teacher NAME (where the recipe names it: kdcache's own model.safetensors carries its name) and
+        --teacher-checkpoint FILE."""
+        ns.teacher = self.recipe["teacher"].get("model")
+        ns.teacher_checkpoint = str(self.teacher_checkpoint())
+
+    def teacher_identity(self, spec) -> dict:
+        """What makes a teacher's outputs: name, input normalisation and the sha256 of its weights (the same
+        hash a cache records, kdcache.models.weights_sha256); never the file's time."""
+        path = Path(spec.checkpoint)
+        st = path.stat()
+        # memo for this process only (the dump and the online student ask for the same teacher)
+        memo = json.dumps([asdict(spec), st.st_size, st.st_mtime_ns], default=str)
+        if memo not in self._teachers:
+            from kdcache.models import build_model
+            _, info = build_model(spec, self.dataset.num_classes, what="teacher")
+            self._teachers[memo] = {k: info[k] for k in ("name", "sha256", "mean", "std")}
+        return self._teachers[memo]
 
     # ---- the steps -------------------------------------------------------------------------------
-    @property
-    def data(self) -> Path:
-        return self.out / "data"
-
     def prepare(self) -> None:
-        p = dict(self.recipe["prepare"])
-        source = p.pop("source", "fashion-mnist")
-        location = p.pop("root" if source == "imagefolder" else "pattern", None) if source != "fashion-mnist" else None
-        args = ["prepare", source, *([location] if location else []), "--out", self.data, *_options(p)]
-        self._step("prepare", _key("prepare", source, location, p), [self.data / "manifest.json"],
-                   lambda: self._cli(*args))
-
-    def teacher_args(self) -> List[str]:
-        """--teacher-checkpoint FILE, and --teacher NAME where the recipe names the architecture (a weights
-        file from elsewhere carries no name; kdcache's own model.safetensors does)."""
-        name = self.recipe.get("teacher", {}).get("model")
-        return (["--teacher", name] if name else []) + ["--teacher-checkpoint", self.teacher_checkpoint()]
-
-    def teacher_checkpoint(self) -> Path:
-        t = self.recipe.get("teacher", {})
-        if t.get("checkpoint"):
-            return Path(t["checkpoint"])
-        return self.out / "teacher" / "model.safetensors"
-
-    def teacher(self) -> None:
-        t = dict(self.recipe.get("teacher", {}))
-        if t.get("checkpoint"):  # a given teacher: nothing to train
-            if not Path(t["checkpoint"]).is_file():
-                raise KdcacheError(f"[teacher] checkpoint {t['checkpoint']}: not found")
-            self.keys["teacher"] = _key("teacher", t, Path(t["checkpoint"]).stat().st_mtime)
-            return
-        if "model" not in t:
-            raise KdcacheError("recipe: [teacher] needs model (and epochs) to train, or checkpoint = FILE")
-        args = ["--data", self.data, "--kd", "none", "--seed", self.recipe.get("teacher_seed", 0),
-                *self._device(), *_options(t)]
-        key = _key("teacher", t, self.keys["prepare"], self._device())
-        run_dir = self.out / "teacher"
-        self._step("teacher", key, [run_dir / "summary.json", run_dir / "model.safetensors"],
-                   lambda: self._train(run_dir, args, key))
-
-    def dump(self) -> None:
-        d = dict(self.recipe["dump"])
-        cache = self.out / "cache"
-        key = _key("dump", d, self.keys["prepare"], self.keys["teacher"])
-        args = ["dump-teacher", "--data", self.data, "--out", cache, *self.teacher_args(), *self._device(), *_options(d)]
+        from kdcache.data.dataset import PreparedDataset
+        from kdcache.data.prepare import IncompatibleDataset
+        ns = _prepare_options(self.recipe["prepare"])
+        ns.out = self.data
+        settings = {k: v for k, v in vars(ns).items() if k not in ("out", "workers", "overwrite")}
 
         def run():
-            marker = self.out / "cache.step-key"  # beside the cache: a cache directory holds only the cache
-            if cache.exists() and not (marker.is_file() and marker.read_text() == key):
-                shutil.rmtree(cache)  # made from other inputs: this pipeline's cache is rebuilt
-            marker.write_text(key)
-            self._cli(*args)
-        self._step("dump", key, [cache / "zarr.json"], run)
+            try:
+                options.prepare_dataset(ns)
+            except IncompatibleDataset as exc:
+                raise KdcacheError(f"{exc}.\nkdcache run never replaces a dataset: move {self.data} away to prepare "
+                                   "it anew (the cache and the runs made from it are then refused too: move them "
+                                   "as well), or run the recipe into another --out") from exc
+        self._step("prepare", _key("prepare", settings), lambda: (self.data / "manifest.json").is_file(), run)
+        self.dataset = PreparedDataset.open(self.data)
+
+    def teacher(self) -> None:
+        t = self.recipe["teacher"]
+        ns = _teacher_options(t)
+        if ns is None:  # a given teacher: nothing to train
+            if not self.teacher_checkpoint().is_file():
+                raise KdcacheError(f"[teacher] checkpoint {t['checkpoint']}: not found")
+            return
+        run_dir = self.out / "teacher"
+        ns.kd, ns.seed, ns.data, ns.out = "none", self.recipe.get("teacher_seed", 0), self.data, run_dir
+        self._set_device(ns)
+        cfg = options.train_config(ns)
+        self._train_step("teacher", run_dir, cfg, {"dataset": self.dataset.fingerprint},
+                         [run_dir / "summary.json", run_dir / "model.safetensors"])
+
+    def dump(self) -> None:
+        from kdcache.cache.schema import IncompatibleCache, TeacherCache
+        from kdcache.teacher.dump import dump_teacher
+        ns = _dump_options(self.recipe["dump"])
+        ns.data, ns.out = self.data, self.cache
+        self._teacher_into(ns)
+        self._set_device(ns)
+        cfg = self.dump_cfg = options.dump_config(ns)
+        skip = DUMP_HARMLESS + ("data", "out", "teacher", "recipe")
+        identity = {k: v for k, v in asdict(cfg).items() if k not in skip}
+        identity.update(dataset=self.dataset.split(cfg.split).fingerprint, recipe=cfg.recipe.to_dict(),
+                        teacher=self.teacher_identity(cfg.teacher))
+
+        def complete() -> bool:
+            return ((self.cache / "zarr.json").is_file()
+                    and set(cfg.seeds) <= set(TeacherCache.open(self.cache).complete_seeds()))
+
+        def run():
+            try:
+                s = dump_teacher(cfg)
+            except IncompatibleCache as exc:
+                raise KdcacheError(f"{exc}.\nkdcache run never deletes a cache: move {self.cache} away (the next run "
+                                   "dumps a new one there; the students made from it are then refused: move them "
+                                   "as well), or run the recipe into another --out") from exc
+            missing = sorted(set(cfg.seeds) - set(s["seeds_complete"]))
+            if missing:
+                raise KdcacheError(f"{self.cache}: seeds {options.seed_ranges(missing)} are not complete "
+                                   "(units held by another writer?)")
+            print(f"[kdcache run] dump: {s['views_written']} views written, seeds complete "
+                  f"{options.seed_ranges(s['seeds_complete'])}", file=sys.stderr)
+        self._step("dump", _key("dump", identity), complete, run)
 
     def students(self) -> None:
-        s = dict(self.recipe["student"])
-        modes = self.recipe.get("students", list(MODES))
-        view_seeds = self.recipe["dump"]["seeds"]
-        for mode in modes:
-            if mode not in MODES:
-                raise KdcacheError(f"recipe: students lists {mode!r}; choose from {MODES}")
+        from kdcache.cache.schema import TeacherCache
+        cache = TeacherCache.open(self.cache)
+        spec, complete = cache.spec, cache.complete_seeds()
+        seeds = sorted(self.dump_cfg.seeds)
+        for mode in self.recipe.get("students", list(MODES)):
             run_dir = self.out / "students" / mode
-            base = ["--data", self.data, "--seed", self.seed, *self._device(), *_options(s)]
+            ns = _student_options(self.recipe["student"])
+            ns.data, ns.out, ns.seed = self.data, run_dir, self.seed
+            self._set_device(ns)
+            upstream = {"dataset": self.dataset.fingerprint}
             if mode == "cache":
-                args = base + ["--cache", self.out / "cache"]
-                upstream = [self.keys["dump"]]
-            elif mode == "online":  # the same views as the cache: the same seeds, cycled the same way
-                args = base + ["--kd", "online", *self.teacher_args(), "--view-seeds", view_seeds] + self._recipe_flags()
-                upstream = [self.keys["dump"], self.keys["teacher"]]
-            else:
-                args = base + ["--kd", "none", "--view-seeds", view_seeds] + self._recipe_flags()
-                upstream = [self.keys["dump"]]
-            key = _key("student", mode, s, self.seed, upstream, self._device())
-            self._step(f"student-{mode}", key, [run_dir / "summary.json"], lambda: self._train(run_dir, args, key))
+                ns.cache = self.cache
+                if ns.view_seeds is None and complete != seeds:  # the recipe's seeds, not others the cache holds
+                    ns.view_seeds = seeds
+                upstream["cache"] = {"teacher": spec.teacher["name"], "teacher-sha256": spec.teacher["sha256"],
+                                     "recipe": spec.recipe, "global-seed": spec.global_seed, "topk": spec.topk,
+                                     "values-dtype": spec.values_dtype, "seeds": ns.view_seeds or complete}
+            else:  # the same views as the cache: its recipe, global seed and seeds
+                ns.kd = mode
+                self._cache_views(ns, spec)
+                if ns.view_seeds is None:
+                    ns.view_seeds = seeds
+                if mode == "online":
+                    self._teacher_into(ns)
+                    upstream["teacher-sha256"] = self.teacher_identity(options.teacher_spec(ns))["sha256"]
+            cfg = options.train_config(ns)
+            self._train_step(f"student-{mode}", run_dir, cfg, upstream, [run_dir / "summary.json"])
 
-    def _recipe_flags(self) -> List[str]:
+    @staticmethod
+    def _cache_views(ns, spec) -> None:
         """none and online do not read the cache: they get its whole view recipe and its global seed
         explicitly, so they train on the very views the cached student replays."""
         from kdcache.augment.recipe import RECIPE_FLAGS, ViewRecipe
-        from kdcache.cache.schema import TeacherCache
-        spec = TeacherCache.open(self.out / "cache").spec
         recipe = ViewRecipe.from_dict(spec.recipe)
-        flags = ["--view-global-seed", spec.global_seed]
+        ns.view_global_seed = spec.global_seed
         for name in RECIPE_FLAGS:
             value = getattr(recipe, name)
-            if value is None:
-                continue
-            flags += ["--" + name.replace("_", "-"), *(value if isinstance(value, tuple) else [value])]
-        return flags
+            if value is not None:
+                setattr(ns, name, list(value) if isinstance(value, tuple) else value)
 
-    def _device(self) -> List[str]:
-        return ["--device", self.device] if self.device else []
+    # ---- training runs ------------------------------------------------------------------------------
+    def _train_step(self, name: str, run_dir: Path, cfg, upstream: dict, outputs: List[Path]) -> None:
+        settings = run_settings(cfg, upstream)
+        self._step(name, _key(name, settings), lambda: all(p.is_file() for p in outputs),
+                   lambda: self._train(name, run_dir, cfg, settings, outputs))
+
+    @staticmethod
+    def _recorded(run_dir: Path):
+        """(settings, partial) a run was made with: from pipeline-settings.json, or (partial: no upstream
+        identities) from the config.json of a run made otherwise; None if neither is there."""
+        if (run_dir / SETTINGS).is_file():
+            return json.loads((run_dir / SETTINGS).read_text())["settings"], False
+        if (run_dir / "config.json").is_file():
+            from kdcache.student.train import TrainConfig
+            try:
+                return run_settings(TrainConfig(**json.loads((run_dir / "config.json").read_text())), {}), True
+            except (TypeError, ValueError):
+                return None
+        return None
+
+    def _train(self, name: str, run_dir: Path, cfg, settings: dict, outputs: List[Path]) -> Optional[str]:
+        """train-student into run_dir: started, resumed from its last.pt, or found complete. A run that has
+        made something (a checkpoint, weights, a summary) with other settings is refused, never replaced."""
+        from kdcache.student.train import train_student
+        made = [f for f in ("last.pt", "model.safetensors", "summary.json") if (run_dir / f).is_file()]
+        if made:
+            recorded = self._recorded(run_dir)
+            if recorded is None:
+                raise KdcacheError(f"{run_dir}: holds a training run ({', '.join(made)}) whose settings are not "
+                                   f"recorded (no {SETTINGS}, no readable config.json); kdcache run never deletes a "
+                                   f"run: move it away to train {name} there")
+            old, partial = recorded
+            differ = _differences(old, settings, set(old) if partial else set(old) | set(settings))
+            if differ:
+                lines = [f"{run_dir} was made with other settings than the recipe gives now:"]
+                lines += [f"  {k}: {_show(old.get(k, _MISSING))} -> {_show(settings.get(k, _MISSING))}" for k in differ]
+                lines.append(f"kdcache run never deletes a run: to train it anew with the new settings, move it away "
+                             f"(e.g. mv {run_dir} {run_dir}.old) and run again; to keep it, restore the old settings.")
+                raise KdcacheError("\n".join(lines))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / SETTINGS, json.dumps({"settings": settings}, indent=1))
+        if all(p.is_file() for p in outputs):
+            print(f"[kdcache run] {name}: {run_dir} is complete, made with the same settings; skipped", file=sys.stderr)
+            return "complete"
+        resume = (run_dir / "last.pt").is_file()
+        if resume:
+            print(f"[kdcache run] {name}: resuming {run_dir} from its last checkpoint", file=sys.stderr)
+        train_student(cfg, resume=resume)
+        return None
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)

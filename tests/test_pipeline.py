@@ -1,4 +1,6 @@
-"""`kdcache run`: a whole pipeline from a recipe, steps skipped when complete, failures named, resumed."""
+"""`kdcache run`: a whole pipeline from a recipe, steps skipped when complete, failures named, resumed;
+harmless changes keep every output, the cache grows with new seeds, meaningful changes are refused, never
+deleted; the pipeline calls the library, not cli.py."""
 
 import json
 from pathlib import Path
@@ -10,6 +12,7 @@ from conftest import kdcache
 RECIPE = """
 name = "tiny"
 seed = 0
+{students}
 [prepare]
 source = "fashion-mnist"
 limit = 300
@@ -31,13 +34,20 @@ batch-size = 64
 workers = 2
 hard-loss = "ce"
 temperature = 2
+eval-every = {eval_every}
 no-progress = true
 """
 
 
-def _recipe(path: Path, student="test_resnet", epochs=1) -> Path:
-    path.write_text(RECIPE.format(student=student, epochs=epochs))
+def _recipe(path: Path, student="test_resnet", epochs=1, eval_every=1, students=None) -> Path:
+    path.write_text(RECIPE.format(student=student, epochs=epochs, eval_every=eval_every,
+                                  students="" if students is None else f"students = {students!r}"))
     return path
+
+
+def _files(root: Path) -> dict:
+    """path -> (bytes, mtime) of every file under root."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_run_recipe_end_to_end_then_skip_and_rerun_changed_steps(tmp_path):
@@ -63,15 +73,133 @@ def test_run_recipe_end_to_end_then_skip_and_rerun_changed_steps(tmp_path):
         assert f"{step}: up to date, skipped" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == mtimes
 
-    # a changed student recipe re-runs the students only
+    # harmless settings (eval-every, workers, log-interval) are not in a run's key: nothing is retrained
+    _recipe(recipe, eval_every=2)
+    harmless = kdcache("run", recipe, "--out", out)
+    for step in ("prepare", "teacher", "dump", "student-none", "student-online", "student-cache"):
+        assert f"{step}: up to date, skipped" in harmless.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == mtimes
+
+    # an interrupted student resumes from its last checkpoint (here: the last epoch is done, nothing to train)
+    cache_run = out / "students" / "cache"
+    (cache_run / "summary.json").unlink()
+    (cache_run / "model.safetensors").unlink()
+    last = (cache_run / "last.pt").stat().st_mtime_ns
+    resumed = kdcache("run", recipe, "--out", out)
+    assert "student-cache: resuming" in resumed.stderr and "student-online: up to date, skipped" in resumed.stderr
+    assert (cache_run / "summary.json").is_file() and (cache_run / "last.pt").stat().st_mtime_ns == last
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+
+    # a meaningful change (epochs) is refused, naming the setting, old and new; nothing is deleted
+    students = _files(out / "students")
     _recipe(recipe, epochs=2)
+    refused = kdcache("run", recipe, "--out", out, check=False)
+    assert refused.returncode == 2 and "step 'student-none' failed" in refused.stderr
+    assert "epochs: 1 -> 2" in refused.stderr and "move it away" in refused.stderr
+    assert _files(out / "students") == students
+
+    # moved away, the run is trained anew with the new settings; the old one is kept where it was moved
+    cache_run.rename(out / "students" / "cache.old")
+    _recipe(recipe, epochs=2, students=["cache"])
     changed = kdcache("run", recipe, "--out", out)
     for step in ("prepare", "teacher", "dump"):
         assert f"{step}: up to date, skipped" in changed.stderr
     assert "student-cache: running" in changed.stderr
     assert json.loads((out / "summary.json").read_text())["students"]["cache"]["epochs"] == 2
+    assert json.loads((out / "students" / "cache.old" / "summary.json").read_text())["epochs"] == 1
     teacher = out / "teacher" / "model.safetensors"
     assert teacher.stat().st_mtime_ns == mtimes[teacher]
+
+
+DUMP_RECIPE = """
+name = "dump-only"
+students = []
+[prepare]
+source = "fashion-mnist"
+limit = 300
+[teacher]
+model = "resnet10t"
+checkpoint = "{weights}"
+[dump]
+seeds = "{seeds}"
+topk = {topk}
+unit-size = 128
+batch-size = {batch}
+no-progress = true
+[student]
+model = "test_resnet"
+epochs = 1
+"""
+
+
+def test_dump_keeps_the_cache_when_harmless_settings_change_and_extends_its_seeds(tmp_path, random_teacher,
+                                                                                 monkeypatch):
+    """A different batch size, a touched weights file and more seeds: the cache's units stay as they are, the
+    new seed is added. Another teacher (other weights) or another top-k: refused by name, the cache intact."""
+    import os
+    import shutil
+    import safetensors.torch
+    from kdcache import cli
+    from kdcache.models import ModelSpec, build_model
+    for command in ("prepare", "dump-teacher", "train-student"):  # the pipeline calls the library, not the CLI
+        monkeypatch.setitem(cli.COMMANDS, command, lambda args: pytest.fail("kdcache run went through cli.py"))
+    weights = tmp_path / "teacher.safetensors"
+    shutil.copy(random_teacher[2], weights)
+    recipe, out = tmp_path / "dump.toml", tmp_path / "run"
+
+    def write(seeds="0:2", topk=3, batch=64):
+        recipe.write_text(DUMP_RECIPE.format(weights=weights, seeds=seeds, topk=topk, batch=batch))
+
+    write()
+    kdcache("run", recipe, "--out", out)
+    cache = out / "cache"
+    units = _files(cache / "units")
+    arrays = {p: v for p, v in _files(cache / "seeds").items() if p.name != "zarr.json"}
+    assert len(units) == 2 * 3 and arrays
+
+    write(seeds="0:3", batch=32)
+    os.utime(weights, (weights.stat().st_atime + 100, weights.stat().st_mtime + 100))
+    extended = kdcache("run", recipe, "--out", out)
+    assert "dump: running" in extended.stderr
+    after = _files(cache / "units")
+    assert {p: v for p, v in after.items() if p in units} == units     # not one unit computed again
+    assert len(after) == 3 * 3                                          # seed 2 added
+    assert all(v == arrays[p] for p, v in _files(cache / "seeds").items() if p in arrays)
+    assert json.loads((out / "summary.json").read_text())["cache"]["seeds_complete"] == [0, 1, 2]
+    assert "dump: up to date, skipped" in kdcache("run", recipe, "--out", out).stderr
+
+    write(seeds="0:3", topk=4)
+    refused = kdcache("run", recipe, "--out", out, check=False)
+    assert refused.returncode == 2 and "step 'dump' failed" in refused.stderr and "topk=3" in refused.stderr
+    assert f"move {cache} away" in refused.stderr
+
+    write(seeds="0:3")  # the teacher retrained: other weights in the same file
+    other, _ = build_model(ModelSpec(name="resnet10t", random_init=True, seed=4), 10)
+    safetensors.torch.save_file(other.state_dict(), str(weights))
+    refused = kdcache("run", recipe, "--out", out, check=False)
+    assert refused.returncode == 2 and "teacher.sha256=" in refused.stderr and f"move {cache} away" in refused.stderr
+    assert _files(cache / "units") == after
+
+
+def test_pipeline_does_not_import_the_cli(tmp_path, fmnist_small):
+    """kdcache.pipeline calls the library; cli.py imports the pipeline, never the other way round: a fresh
+    interpreter runs the prepare step (on a copy of an already prepared dataset) without importing kdcache.cli."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    recipe, out = tmp_path / "r.toml", tmp_path / "run"
+    recipe.write_text(RECIPE.format(student="test_resnet", epochs=1, eval_every=1, students="")
+                      .replace("limit = 300", "limit = 400\nshard-size = 150"))
+    shutil.copytree(fmnist_small.root, out / "data")
+    code = ("import sys\nfrom kdcache.pipeline import Pipeline, load_recipe\n"
+            "p = Pipeline(load_recipe(sys.argv[1]), sys.argv[2])\np.prepare()\n"
+            "sys.exit('kdcache.cli' in sys.modules)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent.parent),
+                                                                    os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", code, str(recipe), str(out)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "already prepared from the same source and settings" in proc.stderr
 
 
 def test_failed_step_is_named_and_the_next_run_resumes_there(tmp_path):
@@ -92,21 +220,37 @@ def test_recipe_errors(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[prepare]\nsource = 'fashion-mnist'\n")
     proc = kdcache("run", bad, "--out", tmp_path / "r", check=False)
-    assert proc.returncode == 2 and "no [dump] table" in proc.stderr
+    assert proc.returncode == 2 and "no [teacher] table" in proc.stderr
+    for table, line, message in [("student", "eval-evry = 2", "[student]: unknown setting 'eval-evry'"),
+                                 ("student", "seed = 3", "[student]: 'seed' cannot be set here"),
+                                 ("dump", "batch-size = 'big'", "[dump] batch-size: expected an integer"),
+                                 ("prepare", "shuffle-seed = 0", "[prepare]: unknown setting 'shuffle-seed'"),
+                                 ("full.student", "epoch = 2",
+                                  "[student] with [full.student]: unknown setting 'epoch'")]:
+        text = RECIPE.format(student="test_resnet", epochs=1, eval_every=1, students="")
+        bad.write_text(text.replace(f"[{table}]\n", f"[{table}]\n{line}\n") if f"[{table}]" in text
+                       else text + f"[{table}]\n{line}\n")
+        proc = kdcache("run", bad, "--out", tmp_path / "r", check=False)
+        assert proc.returncode == 2 and message in proc.stderr, (line, proc.stderr)
 
 
 @pytest.mark.parametrize("recipe", sorted(Path(__file__).parent.parent.glob("pipelines/*.toml")), ids=lambda p: p.name)
 def test_shipped_recipes_parse(recipe):
-    """Every recipe in pipelines/ loads (both variants) and its train-student options exist."""
+    """Every recipe in pipelines/ loads (both variants): its tables' keys are options of their commands,
+    and each table means what the same options mean to the command line."""
+    from test_options import _argv
+    from kdcache import options
     from kdcache.cli import build_parser
-    from kdcache.pipeline import _options, load_recipe
+    from kdcache.pipeline import load_recipe
     for full in (False, True):
         r = load_recipe(recipe, full=full)
         parser = build_parser()
         for table, command in (("student", "train-student"), ("teacher", "train-student"), ("dump", "dump-teacher")):
-            if table not in r or "checkpoint" in r.get(table, {}):
+            if "checkpoint" in r[table]:
                 continue
+            ns = options.table_options(command, r[table], f"[{table}]")
             base = {"train-student": ["--data", "d", "--out", "o", "--kd", "none"],
-                    "dump-teacher": ["--data", "d", "--out", "o", "--random-teacher", "--teacher", "resnet50"]}[command]
-            extra = ["--seeds", "0:1"] if command == "dump-teacher" and "seeds" not in r[table] else []
-            parser.parse_args([command, *base, *extra, *_options(r[table])])
+                    "dump-teacher": ["--data", "d", "--out", "o"]}
+            parsed = parser.parse_args([command, *base[command], *_argv(r[table])])
+            assert {k: getattr(ns, k.replace("-", "_")) for k in r[table]} == \
+                   {k: getattr(parsed, k.replace("-", "_")) for k in r[table]}

@@ -95,6 +95,7 @@ def find_cache(root, split_fingerprint: str, cache_id_: Optional[str] = None,
 
 
 def render_ls(entries: List[dict]) -> str:
+    from kdcache.options import seed_ranges
     if not entries:
         return "no caches"
     lines = []
@@ -110,19 +111,3 @@ def render_ls(entries: List[dict]) -> str:
                   f"  size      {e['bytes'] / 2**20:.1f} MiB, created {e['created']} by {e['created_by']}",
                   f"  path      {e['path']}"]
     return "\n".join(lines)
-
-
-def seed_ranges(seeds) -> str:
-    """[0, 1, 2, 5] -> '0:3,5' (the --seeds syntax)."""
-    seeds = sorted(seeds)
-    if not seeds:
-        return "none"
-    out, start, prev = [], seeds[0], seeds[0]
-    for s in seeds[1:] + [None]:
-        if s is not None and s == prev + 1:
-            prev = s
-            continue
-        out.append(f"{start}" if start == prev else f"{start}:{prev + 1}")
-        if s is not None:
-            start = prev = s
-    return ",".join(out)

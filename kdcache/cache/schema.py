@@ -47,6 +47,10 @@ LOGP_SCALE = 2048
 LOGP_MAX = 65535
 
 
+class IncompatibleCache(KdcacheError):
+    """A cache exists at the path, made from other inputs (the message names the first differing setting)."""
+
+
 @dataclass
 class CacheSpec:
     """The identity of a cache: every run writing into it must match all of this."""
@@ -233,8 +237,8 @@ class TeacherCache:
             loc.create("zarr.json", json.dumps(doc, indent=2).encode())
         cache = cls.open(loc, mode="r+")
         if cache.version != FORMAT_VERSION:  # v1 is read (converted per slab), never extended: one layout per cache
-            raise KdcacheError(f"{loc}: cache format version {cache.version} is read by this kdcache but not written "
-                               f"(it writes version {FORMAT_VERSION}); dump into a new --out")
+            raise IncompatibleCache(f"{loc}: cache format version {cache.version} is read by this kdcache but not "
+                                    f"written (it writes version {FORMAT_VERSION}); dump into a new --out")
         check_compatible(loc, cache.spec, spec)
         cache.allocate(seeds)
         return cache
@@ -361,8 +365,8 @@ def check_compatible(path, existing: CacheSpec, wanted: CacheSpec) -> None:
     old, new = existing.identity(), wanted.identity()
     for key in old:
         if old[key] != new[key]:
-            raise KdcacheError(f"{path}: cache was made with {key}={_short(old[key])}, this run has "
-                               f"{key}={_short(new[key])}; write to another --out")
+            raise IncompatibleCache(f"{path}: cache was made with {key}={_short(old[key])}, this run has "
+                                    f"{key}={_short(new[key])}; write to another --out")
 
 
 def _short(v) -> str:

@@ -24,6 +24,10 @@ from kdcache.errors import KdcacheError
 from kdcache.files import write_text_atomic
 
 
+class IncompatibleDataset(KdcacheError):
+    """The output directory holds a dataset prepared from another source or other settings."""
+
+
 def _canonicalize_sample(job):
     """Pool worker: (raw sample, settings) -> (key, label, origin, CanonicalImage or None, error or None)."""
     raw, settings = job
@@ -142,8 +146,8 @@ def prepare(source: Source, out, settings: Optional[CanonicalSettings] = None, s
             print(f"{out}: already prepared from the same source and settings; nothing to do", file=sys.stderr)
             return existing
         if not overwrite:
-            raise KdcacheError(f"{out}: holds a dataset prepared from another source or settings; "
-                               "pass --overwrite to replace it")
+            raise IncompatibleDataset(f"{out}: holds a dataset prepared from another source or settings; "
+                                      "pass --overwrite to replace it")
     elif out.exists() and any(out.iterdir()):
         raise KdcacheError(f"{out}: exists and is not a prepared dataset; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,307 @@
+"""Command options -> library inputs, in one place for the command line and for `kdcache run`.
+
+`kdcache prepare`, `dump-teacher` and `train-student` take options; the functions here turn them into
+what the library runs on: a data source and canonical settings (prepare_dataset), a DumpConfig
+(dump_config), a TrainConfig (train_config). cli.py calls them with its parsed arguments; kdcache.pipeline
+with the tables of a recipe, made into the same namespace by table_options (keys: the long option
+names, dashes or underscores). So a recipe table means exactly what the same options mean on the
+command line.
+
+OPTIONS lists every option of those commands with its default, type and choices: the namespace a recipe
+table becomes. It must match the parsers in cli.py (tests/test_options.py checks that): an option added
+to a parser is added here too.
+"""
+
+import argparse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from kdcache.errors import KdcacheError
+
+
+def parse_seeds(text: str):
+    """'A:B' -> [A, B) ; 'A' -> [A]."""
+    try:
+        if ":" in text:
+            a, b = (int(x) for x in text.split(":"))
+            return list(range(a, b))
+        return [int(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds expects A:B or A, got {text!r}") from None
+
+
+def seed_ranges(seeds) -> str:
+    """[0, 1, 2, 5] -> '0:3,5'."""
+    seeds = sorted(seeds)
+    if not seeds:
+        return "none"
+    out, start, prev = [], seeds[0], seeds[0]
+    for s in seeds[1:] + [None]:
+        if s is not None and s == prev + 1:
+            prev = s
+            continue
+        out.append(f"{start}" if start == prev else f"{start}:{prev + 1}")
+        if s is not None:
+            start = prev = s
+    return ",".join(out)
+
+
+@dataclass(frozen=True)
+class Option:
+    default: Any = None
+    type: Callable = str               # int, float, str, Path, bool (a flag), parse_seeds
+    choices: Optional[Tuple] = None
+    nargs: Optional[int] = None
+
+
+def _recipe_options() -> Dict[str, Option]:
+    """The view-recipe flags (kdcache.augment.recipe.add_recipe_args): all default to None, "not given"."""
+    from kdcache.augment.recipe import DEFAULTS, RECIPE_FLAGS
+    out = {}
+    for name in RECIPE_FLAGS:
+        default = DEFAULTS[name].default
+        if name in ("scale", "ratio"):
+            out[name] = Option(None, float, nargs=2)
+        elif name in ("aa", "remode"):
+            out[name] = Option(None, str)
+        else:
+            out[name] = Option(None, type(default))
+    return out
+
+
+AMP = ("auto", "bf16", "fp16", "off")
+_PREPARE_COMMON = {
+    "out": Option(None, Path), "limit": Option(None, int), "max_side": Option(None, int),
+    "jpeg_quality": Option(90, int), "view_size": Option(None, int), "shard_size": Option(10000, int),
+    "workers": Option(None, int), "skip_bad": Option(False, bool), "overwrite": Option(False, bool),
+}
+PREPARE_SOURCES = {
+    "fashion-mnist": {"root": Option(None, str)},
+    "imagefolder": {"root": Option(None, str), "shuffle_seed": Option(None, int)},
+    "wds": {"pattern": Option(None, str), "val": Option(None, str), "num_classes": Option(None, int)},
+}
+_TEACHER = {
+    "teacher": Option(None, str), "teacher_module": Option(None, str), "teacher_checkpoint": Option(None, str),
+    "random_teacher": Option(False, bool), "mean": Option(None, float, nargs=3), "std": Option(None, float, nargs=3),
+}
+_DUMP = {
+    "data": Option(None, Path), "out": Option(None, str), "cache_root": Option(None, str),
+    "seeds": Option(None, parse_seeds),
+    "topk": Option(10, int), **_TEACHER, "seed": Option(0, int), "batch_size": Option(256, int),
+    "device": Option("auto", str), "amp": Option("auto", str, AMP), "compile": Option(False, bool),
+    "workers": Option(None, int), "values_dtype": Option("uint16", str, ("uint16", "float32")),
+    "unit_size": Option(None, int), "seeds_per_pass": Option(32, int), "claim_ttl": Option(300.0, float),
+    "no_progress": Option(False, bool),
+}
+_TRAIN = {
+    "config": Option(None, Path), "resume": Option(None, Path), "data": Option(None, Path),
+    "model": Option(None, str), "epochs": Option(None, int), "out": Option(None, Path), "cache": Option(None, str),
+    "cache_root": Option(None, str), "cache_id": Option(None, str), "teacher_sha256": Option(None, str),
+    "kd": Option(None, str, ("online", "none")), **_TEACHER, "batch_size": Option(256, int),
+    "opt": Option("sgd", str), "lr": Option(None, float), "momentum": Option(0.9, float),
+    "weight_decay": Option(5e-5, float), "sched": Option("cosine", str), "warmup_epochs": Option(0, int),
+    "warmup_lr": Option(1e-5, float), "min_lr": Option(0.0, float), "clip_grad": Option(None, float),
+    "model_ema_decay": Option(0.0, float), "drop_path": Option(None, float), "amp": Option("auto", str, AMP),
+    "no_channels_last": Option(False, bool), "compile": Option(False, bool), "workers": Option(None, int),
+    "device": Option("auto", str), "seed": Option(0, int), "view_global_seed": Option(None, int),
+    "view_seeds": Option(None, parse_seeds), "mix_labels": Option(False, bool),
+    "seed_choice": Option("cycle", str, ("cycle", "per-sample")),
+    "kd_loss": Option("kd", str, ("kd", "dkd")), "kd_weight": Option(1.0, float), "temperature": Option(1.0, float),
+    "hard_loss": Option(None, str, ("none", "ce", "bce")), "hard_weight": Option(1.0, float),
+    "smoothing": Option(0.0, float), "dkd_alpha": Option(1.0, float), "dkd_beta": Option(8.0, float),
+    "eval_every": Option(1, int), "crop_pct": Option(0.875, float), "log_interval": Option(50, int),
+    "no_progress": Option(False, bool),
+}
+
+
+def options(command: str, source: Optional[str] = None) -> Dict[str, Option]:
+    """The options of `kdcache COMMAND` (prepare: of `kdcache prepare SOURCE`), by argparse dest."""
+    if command == "prepare":
+        if source not in PREPARE_SOURCES:
+            raise KdcacheError(f"prepare: source must be one of {', '.join(PREPARE_SOURCES)}, got {source!r}")
+        return {**_PREPARE_COMMON, **PREPARE_SOURCES[source]}
+    if command == "dump-teacher":
+        return {**_DUMP, **_recipe_options()}
+    if command == "train-student":
+        return {**_TRAIN, **_recipe_options()}
+    raise KeyError(command)
+
+
+def _convert(opt: Option, value, where: str):
+    """A TOML value -> what argparse would have made of the same option on the command line."""
+    def bad(expected):
+        return KdcacheError(f"{where}: expected {expected}, got {value!r}")
+
+    def scalar(v, kind):
+        if isinstance(v, bool) and kind is not bool:
+            raise bad(kind.__name__)
+        if kind is bool:
+            if not isinstance(v, bool):
+                raise bad("true or false")
+            return v
+        if kind is Path:
+            if not isinstance(v, str):
+                raise bad("a path")
+            return Path(v)
+        if kind is str:
+            if isinstance(v, (list, dict)):
+                raise bad("a string")
+            return str(v)
+        try:
+            if kind is int and isinstance(v, float) and not v.is_integer():
+                raise ValueError
+            return kind(v)
+        except (TypeError, ValueError):
+            raise bad("an integer" if kind is int else "a number") from None
+
+    if opt.type is parse_seeds:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value]
+        if isinstance(value, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+            return list(value)
+        if not isinstance(value, str):
+            raise bad("seeds as 'A:B' (B excluded), 'A' or a list of integers")
+        try:
+            return parse_seeds(value)
+        except argparse.ArgumentTypeError:
+            raise bad("seeds as 'A:B' (B excluded), 'A' or a list of integers") from None
+    if opt.nargs:
+        if not isinstance(value, list) or len(value) != opt.nargs:
+            raise bad(f"a list of {opt.nargs} values")
+        return [scalar(v, opt.type) for v in value]
+    value = scalar(value, opt.type)
+    if opt.choices and value not in opt.choices:
+        raise KdcacheError(f"{where}: expected one of {', '.join(map(str, opt.choices))}, got {value!r}")
+    return value
+
+
+def table_options(command: str, table: dict, where: str, source: Optional[str] = None,
+                  reserved: Optional[Dict[str, str]] = None) -> argparse.Namespace:
+    """A recipe table -> the namespace the command's parser would give for the same options: every option
+    at its default, then the table's values (keys: long option names, dashes or underscores). An unknown
+    key, or one in `reserved` (dest -> why it may not be set here), is an error naming `where` and the key."""
+    known = options(command, source)
+    reserved = reserved or {}
+    values = {dest: opt.default for dest, opt in known.items()}
+    seen: Dict[str, str] = {}
+    for key, value in table.items():
+        dest = key.replace("-", "_")
+        if dest in seen:
+            raise KdcacheError(f"{where}: {seen[dest]!r} and {key!r} are the same setting; keep one")
+        seen[dest] = key
+        if dest in reserved:
+            raise KdcacheError(f"{where}: {key!r} cannot be set here: {reserved[dest]}")
+        if dest not in known:
+            raise KdcacheError(f"{where}: unknown setting {key!r} (not an option of kdcache {command}"
+                               + (f" {source}" if source else "") + ")")
+        values[dest] = _convert(known[dest], value, f"{where} {key}")
+    ns = argparse.Namespace(**values)
+    if source is not None:
+        ns.source = source
+    return ns
+
+
+# ---- options -> library inputs -------------------------------------------------------------------
+def teacher_spec(o):
+    """--teacher, --teacher-checkpoint, ... -> kdcache.models.ModelSpec (the global seed inits a random teacher)."""
+    from kdcache.models import ModelSpec
+    return ModelSpec(name=o.teacher, checkpoint=o.teacher_checkpoint, module=o.teacher_module,
+                     random_init=o.random_teacher, seed=o.seed, mean=o.mean, std=o.std)
+
+
+def prepare_source(o):
+    """(Source, CanonicalSettings) of `kdcache prepare SOURCE ...`."""
+    from kdcache.data import sources
+    from kdcache.data.canonical import CanonicalSettings
+    if o.source == "fashion-mnist":
+        src = sources.fashion_mnist(o.root or sources.FASHION_MNIST_DIR, limit=o.limit)
+    elif o.source == "imagefolder":
+        if not o.root:
+            raise KdcacheError("prepare imagefolder needs ROOT (the folder holding train/ and val/)")
+        src = sources.imagefolder(o.root, limit=o.limit, shuffle_seed=o.shuffle_seed)
+    elif o.source == "wds":
+        if not o.pattern:
+            raise KdcacheError("prepare wds needs the train shards' PATTERN")
+        src = sources.wds(o.pattern, val_pattern=o.val, num_classes=o.num_classes, limit=o.limit)
+    else:
+        raise KdcacheError(f"prepare: unknown source {o.source!r}")
+    max_side = o.max_side if o.max_side is not None else src.max_side
+    return src, CanonicalSettings(max_side=max_side, jpeg_quality=o.jpeg_quality)
+
+
+def prepare_dataset(o):
+    """Run `kdcache prepare`: the PreparedDataset at o.out."""
+    from kdcache.data.prepare import prepare
+    src, settings = prepare_source(o)
+    return prepare(src, o.out, settings, shard_size=o.shard_size, workers=o.workers, skip_bad=o.skip_bad,
+                   overwrite=o.overwrite, view_size=o.view_size)
+
+
+def dump_config(o):
+    """The DumpConfig of `kdcache dump-teacher ...` (the recipe's default size: the dataset's view size)."""
+    from kdcache.augment.recipe import recipe_from_args
+    from kdcache.data.dataset import PreparedDataset
+    from kdcache.teacher.dump import DumpConfig
+    missing = [n for n in ("data", "seeds") if getattr(o, n) is None]
+    if o.out is None and o.cache_root is None:
+        missing.insert(1, "out (or --cache-root)")
+    if missing:
+        raise KdcacheError("dump-teacher needs " + ", ".join("--" + m for m in missing))
+    if o.out is not None and o.cache_root is not None:
+        raise KdcacheError("--out and --cache-root are exclusive")
+    ds = PreparedDataset.open(o.data)
+    return DumpConfig(data=o.data, out=o.out, seeds=o.seeds, topk=o.topk, teacher=teacher_spec(o),
+                      recipe=recipe_from_args(o, ds.view_size), global_seed=o.seed, batch_size=o.batch_size,
+                      device=o.device, amp=o.amp, compile=o.compile, workers=o.workers,
+                      values_dtype=o.values_dtype, unit_size=o.unit_size, claim_ttl=o.claim_ttl,
+                      progress=not o.no_progress, cache_root=o.cache_root, seeds_per_pass=o.seeds_per_pass)
+
+
+def train_config(o):
+    """The TrainConfig of `kdcache train-student ...` (cached KD: recipe flags must agree with the cache's)."""
+    from kdcache.student.train import TrainConfig
+    missing = [n for n in ("data", "model", "epochs", "out") if getattr(o, n) is None]
+    if missing:
+        raise KdcacheError("train-student needs " + ", ".join("--" + m for m in missing))
+    if o.cache_root:
+        if o.cache:
+            raise KdcacheError("--cache and --cache-root are exclusive")
+        from kdcache.cache.catalog import find_cache
+        from kdcache.data.dataset import PreparedDataset
+        split = PreparedDataset.open(o.data).split("train")
+        o.cache = find_cache(o.cache_root, split.fingerprint, o.cache_id, o.teacher_sha256).path
+    if o.cache and o.kd:
+        raise KdcacheError("--cache and --kd are exclusive (cached KD uses the cache's teacher)")
+    mode = "cache" if o.cache else o.kd
+    if mode is None:
+        raise KdcacheError("choose a mode: --cache CACHE, --kd online (with --teacher), or --kd none")
+    teacher = None
+    if mode == "online":  # TrainConfig.validate checks that the teacher has weights
+        teacher = asdict(teacher_spec(o))
+    from kdcache.augment.recipe import ViewRecipe, check_flags_match, given_recipe_flags, recipe_from_args
+    recipe = None
+    if mode == "cache":
+        from kdcache.cache.schema import TeacherCache
+        cache_recipe = ViewRecipe.from_dict(TeacherCache.open(o.cache).spec.recipe)
+        mixing_flags = ("mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mix_block")
+        check_flags_match(o, cache_recipe, str(o.cache), allowed=mixing_flags if o.mix_labels else ())
+        if o.mix_labels:
+            recipe = {k: v for k, v in given_recipe_flags(o).items() if k in mixing_flags}
+    elif given_recipe_flags(o):
+        from kdcache.data.dataset import PreparedDataset
+        recipe = recipe_from_args(o, PreparedDataset.open(o.data).view_size).to_dict()
+    loss = {"kd_loss": o.kd_loss if mode != "none" else "none", "kd_weight": o.kd_weight,
+            "temperature": o.temperature, "hard_loss": o.hard_loss or ("ce" if mode == "none" else "none"),
+            "hard_weight": o.hard_weight, "smoothing": o.smoothing, "dkd_alpha": o.dkd_alpha,
+            "dkd_beta": o.dkd_beta}
+    return TrainConfig(data=str(o.data), out=str(o.out), model=o.model, epochs=o.epochs, mode=mode,
+                       cache=str(o.cache) if o.cache else None, teacher=teacher, batch_size=o.batch_size,
+                       opt=o.opt, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                       sched=o.sched, warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr, min_lr=o.min_lr,
+                       clip_grad=o.clip_grad, ema_decay=o.model_ema_decay, drop_path=o.drop_path,
+                       amp=o.amp, channels_last=not o.no_channels_last, compile=o.compile,
+                       workers=o.workers, device=o.device, seed=o.seed, view_global_seed=o.view_global_seed,
+                       view_seeds=o.view_seeds, seed_choice=o.seed_choice, recipe=recipe,
+                       mix_labels=o.mix_labels, loss=loss, eval_every=o.eval_every,
+                       crop_pct=o.crop_pct, log_interval=o.log_interval, progress=not o.no_progress)
