@@ -125,12 +125,17 @@ def test_s3_dump_train_verify_ls_copy_equal_local(fmnist_small, tmp_path, s3_roo
     [entry] = ls(f"{s3_root}/root")
     remote = entry["path"]
     assert remote.startswith(f"{s3_root}/root/") and entry["seeds_complete"] == [0, 1]
+    import s3fs
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    before = {k: v["ETag"] for k, v in fs.find(remote, detail=True).items()}
     assert_same_slabs(slabs(local), slabs(remote))
     assert json.loads(kdcache("verify", remote, "--json").stdout)["ok"]
     assert json.loads(kdcache("info", remote, "--json").stdout)["seeds_complete"] == [0, 1]
     run_cli("train-student", "--data", fmnist_small.root, "--model", "test_resnet", "--epochs", 1, "--batch-size", 64,
             "--workers", 2, "--no-progress", "--cache-root", f"{s3_root}/root", "--out", tmp_path / "student")
     assert json.loads((tmp_path / "student" / "summary.json").read_text())["epochs"] == 1
+    after = {k: v["ETag"] for k, v in fs.find(remote, detail=True).items()}
+    assert after == before, "readers (verify, info, ls, train-student) wrote nothing to the bucket"
     # publish to a bucket and fetch back: the same arrays everywhere
     kdcache("copy", local, f"{s3_root}/published", "--no-progress")
     kdcache("copy", f"{s3_root}/published", tmp_path / "fetched", "--no-progress")
@@ -166,3 +171,25 @@ def test_readers_need_no_write_access(fmnist_small, tmp_path):
         kdcache("copy", cache, tmp_path / "copy", "--no-progress")
     finally:
         subprocess.run(["umount", str(ro)])
+
+
+def test_two_writers_share_one_s3_cache(fmnist_small, s3_root):
+    """Claims and markers through conditional PUTs: two identical dumps started together into one bucket
+    both end with exit code 0, and every unit is computed once."""
+    import os
+    import sys
+    from collections import Counter
+    where = f"{s3_root}/together"
+    cmd = [sys.executable, "-m", "kdcache", "dump-teacher", "--data", str(fmnist_small.root), "--out", where,
+           "--seeds", "0:3", *map(str, TEACHER)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1")) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
+    cache = TeacherCache.open(where)
+    assert cache.complete_seeds() == [0, 1, 2]
+    computed = Counter()
+    for key in cache.location.list("logs"):
+        for unit in json.loads(cache.location.read(key))["units"]:
+            computed.update((s, unit["block"]) for s in unit["seeds"])
+    assert sorted(computed) == [(s, b) for s in range(3) for b in range(4)] and set(computed.values()) == {1}
