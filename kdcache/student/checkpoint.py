@@ -1,23 +1,51 @@
-"""Run directory files: last.pt (exact resume), best.pt, model.safetensors (timm-loadable weights)."""
+"""Run directory files: last.pt (exact resume), best.pt, model.safetensors (timm-loadable weights).
+
+Checkpoints hold only tensors, numbers, strings, lists, tuples and dicts, and are loaded with
+`weights_only=True`: a run directory may be shared, and a full unpickle of a file in it can run code.
+"""
 
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kdcache.errors import KdcacheError
 from kdcache.models import META_CLASSES, META_MEAN, META_MODEL, META_STD
+
+# last.pt files written before the RNG states were plain hold NumPy's state as an ndarray; NumPy arrays
+# run no code when unpickled, so those still load (a run interrupted across the upgrade resumes)
+_NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def plain(obj):
+    """obj with NumPy scalars and arrays, Paths and other leaves turned into what weights_only loads."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor, torch.Size, torch.dtype)):
+        return obj
+    return str(obj)   # e.g. a Path in the config
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
+    torch.save(plain(obj), tmp)
     os.replace(tmp, path)
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    numpy_state = np.random.get_state(legacy=False)   # a dict; its MT19937 key as a list, not an ndarray
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -25,7 +53,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = dict(numpy_state, state=dict(numpy_state["state"],
+                                                   key=np.asarray(numpy_state["state"]["key"], np.uint32)))
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -35,9 +67,22 @@ def save_last(path: Path, **state) -> None:
     _atomic_torch_save(dict(state, rng=rng_state()), path)
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents, loaded weights-only: a file that would call anything is refused, by name."""
+    try:
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = found.group(1) if found else "something other than tensors and plain values"
+        raise KdcacheError(f"{path}: refused: loading it would call {what} (a kdcache checkpoint holds only "
+                           "tensors, numbers, strings, lists and dicts)") from None
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise KdcacheError(f"{path}: cannot read checkpoint: {str(exc).splitlines()[0]}") from None
+
+
 def load_last(path: Path) -> dict:
-    # our own file, with numpy RNG state inside: not a weights-only payload
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_checkpoint(path)
 
 
 def save_best(path: Path, model_state: dict, ema_state, epoch: int, top1: float) -> None:

@@ -1,0 +1,79 @@
+"""Checkpoints and weights files: loaded without running code, refused in one clear line."""
+
+import json
+import random
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import kdcache
+from kdcache.errors import KdcacheError
+from kdcache.student import checkpoint as ckpt
+from kdcache.student.train import TrainConfig
+
+
+class RunsCodeWhenUnpickled:
+    """What a hostile last.pt in a shared run directory could hold: unpickling it calls exec."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('code ran')",)
+
+
+def _run_dir(tmp_path, data):
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = TrainConfig(data=str(data), out=str(run), model="resnet10t", epochs=2, mode="none", batch_size=64,
+                      workers=1, progress=False)
+    (run / "config.json").write_text(json.dumps(asdict(cfg)))
+    return run
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(fmnist_small, tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "hostile.pt"
+    torch.save({"model": {}, "epoch": 1, "payload": RunsCodeWhenUnpickled(marker)}, path)
+    with pytest.raises(KdcacheError, match=r"hostile\.pt: refused: loading it would call exec \("):
+        ckpt.load_last(path)
+    assert not marker.exists()
+    # the same through `train-student --resume` on a run directory someone else can write to
+    run = _run_dir(tmp_path, fmnist_small.root)
+    torch.save({"model": {}, "epoch": 1, "payload": RunsCodeWhenUnpickled(marker)}, run / "last.pt")
+    proc = kdcache("train-student", "--resume", run, check=False)
+    assert proc.returncode == 2 and not marker.exists()
+    assert proc.stderr.strip().splitlines() == [f"kdcache: error: {run / 'last.pt'}: refused: loading it would call "
+                                                "exec (a kdcache checkpoint holds only tensors, numbers, "
+                                                "strings, lists and dicts)"]
+
+
+def test_last_checkpoint_round_trip_restores_every_rng(tmp_path):
+    path = tmp_path / "last.pt"
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.normal()  # a cached Gaussian is part of NumPy's state too
+    ckpt.save_last(path, model={"w": torch.arange(3.0)}, epoch=np.int64(2), best_top1=np.float64(51.5),
+                   history=[{"top1": np.float32(51.5), "seed": 0}])
+    expected = (random.random(), np.random.normal(), np.random.random(), torch.rand(2))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    state = ckpt.load_last(path)           # weights_only: plain tensors, numbers, strings, lists, dicts
+    assert torch.equal(state["model"]["w"], torch.arange(3.0))
+    assert state["epoch"] == 2 and state["best_top1"] == 51.5 and state["history"] == [{"top1": 51.5, "seed": 0}]
+    ckpt.set_rng_state(state["rng"])
+    got = (random.random(), np.random.normal(), np.random.random(), torch.rand(2))
+    assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
+
+
+def test_a_last_checkpoint_from_before_plain_rng_states_still_resumes(tmp_path):
+    """last.pt files written before this change hold NumPy's state as an ndarray: NumPy arrays (no code)
+    are allowed, so a run interrupted across the upgrade resumes."""
+    path = tmp_path / "last.pt"
+    np.random.seed(5)
+    torch.save({"epoch": 1, "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                                    "torch": torch.get_rng_state()}}, path)
+    expected = np.random.random()
+    np.random.seed(0)
+    ckpt.set_rng_state(ckpt.load_last(path)["rng"])
+    assert np.random.random() == expected
