@@ -77,3 +77,45 @@ def test_a_last_checkpoint_from_before_plain_rng_states_still_resumes(tmp_path):
     np.random.seed(0)
     ckpt.set_rng_state(ckpt.load_last(path)["rng"])
     assert np.random.random() == expected
+
+
+def _shape_report(checkpoint_sd, model_sd):
+    """What the one-line message must count, computed here from the two state dicts."""
+    differ = [k for k in model_sd if k in checkpoint_sd and checkpoint_sd[k].shape != model_sd[k].shape]
+    missing = [k for k in model_sd if k not in checkpoint_sd]
+    unexpected = sorted(k for k in checkpoint_sd if k not in model_sd)
+    first = differ[0]
+    return (f"{len(differ)} tensors differ in shape, first {first} (checkpoint {list(checkpoint_sd[first].shape)} vs "
+            f"model {list(model_sd[first].shape)}); {len(missing)} missing (first {missing[0]}), "
+            f"{len(unexpected)} unexpected (first {unexpected[0]})")
+
+
+def _one_error_line(proc):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_weights_of_another_architecture_are_named_in_one_line(fmnist_small, random_teacher, tmp_path):
+    import timm
+    _, _, weights = random_teacher                       # resnet10t weights
+    resnet18 = timm.create_model("resnet18", num_classes=10).state_dict()
+    resnet10t = random_teacher[0].state_dict()
+    expected = f"checkpoint {weights} is for another architecture than resnet18: {_shape_report(resnet10t, resnet18)}"
+    # dump-teacher and online KD: --teacher-checkpoint
+    proc = kdcache("dump-teacher", "--data", fmnist_small.root, "--out", tmp_path / "cache", "--seeds", "0:1",
+                   "--teacher", "resnet18", "--teacher-checkpoint", weights, "--no-progress", check=False)
+    assert _one_error_line(proc) == f"kdcache: error: {expected}" and not (tmp_path / "cache").exists()
+    proc = kdcache("train-student", "--data", fmnist_small.root, "--out", tmp_path / "online", "--model", "resnet10t",
+                   "--epochs", 1, "--kd", "online", "--teacher", "resnet18", "--teacher-checkpoint", weights,
+                   "--no-progress", check=False)
+    assert _one_error_line(proc) == f"kdcache: error: {expected}"
+    # train-student --resume: last.pt of a resnet10t in a run directory configured for resnet18
+    run = _run_dir(tmp_path, fmnist_small.root)
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(dict(cfg, model="resnet18")))
+    ckpt.save_last(run / "last.pt", model=resnet10t, epoch=1, step=6, best_top1=None, history=[])
+    proc = kdcache("train-student", "--resume", run, check=False)
+    assert _one_error_line(proc) == (f"kdcache: error: checkpoint {run / 'last.pt'} is for another architecture than "
+                                     f"resnet18: {_shape_report(resnet10t, resnet18)}")

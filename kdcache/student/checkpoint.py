@@ -5,20 +5,14 @@ Checkpoints hold only tensors, numbers, strings, lists, tuples and dicts, and ar
 """
 
 import os
-import pickle
 import random
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kdcache.errors import KdcacheError
 from kdcache.models import META_CLASSES, META_MEAN, META_MODEL, META_STD
-
-# last.pt files written before the RNG states were plain hold NumPy's state as an ndarray; NumPy arrays
-# run no code when unpickled, so those still load (a run interrupted across the upgrade resumes)
-_NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+from kdcache.weights import torch_load
 
 
 def plain(obj):
@@ -67,22 +61,8 @@ def save_last(path: Path, **state) -> None:
     _atomic_torch_save(dict(state, rng=rng_state()), path)
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint's contents, loaded weights-only: a file that would call anything is refused, by name."""
-    try:
-        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL (\S+)", str(exc))
-        what = found.group(1) if found else "something other than tensors and plain values"
-        raise KdcacheError(f"{path}: refused: loading it would call {what} (a kdcache checkpoint holds only "
-                           "tensors, numbers, strings, lists and dicts)") from None
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise KdcacheError(f"{path}: cannot read checkpoint: {str(exc).splitlines()[0]}") from None
-
-
 def load_last(path: Path) -> dict:
-    return load_checkpoint(path)
+    return torch_load(path)   # weights-only: the run directory may be shared
 
 
 def save_best(path: Path, model_state: dict, ema_state, epoch: int, top1: float) -> None:

@@ -32,6 +32,7 @@ from kdcache.augment.loader import ReplayLoader, eval_loader
 from kdcache.student.losses import LossConfig, StudentLoss
 from kdcache.student.report import MetricsLog, plot_curves
 from kdcache.student.soft_labels import CachedTeacher, MixTargets, NoTeacher, OnlineTeacher, mix_labels_recipe
+from kdcache.weights import load_into
 
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "adamw": 1e-3, "lamb": 5e-3}  # at batch size 256
 
@@ -199,7 +200,7 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
         resume = False
     if resume:
         state = ckpt.load_last(out / "last.pt")
-        model.load_state_dict(state["model"])
+        load_into(model, state["model"], out / "last.pt", cfg.model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
