@@ -112,10 +112,11 @@ def build_model(spec: ModelSpec, num_classes: int, what: str = "model") -> Tuple
     return model, info
 
 
-def spec_from_info(info: dict, checkpoint: Optional[str] = None) -> ModelSpec:
-    """Rebuild the spec of a recorded teacher (for verify), optionally from another copy of the weights."""
-    return ModelSpec(name=info["name"] if not info.get("module") else None, checkpoint=checkpoint or info.get("checkpoint"),
-                     module=info.get("module"), random_init=info.get("random_init", False) and not checkpoint,
+def spec_from_info(info: dict, checkpoint: Optional[str] = None, module: Optional[str] = None) -> ModelSpec:
+    """Rebuild the spec of a recorded teacher (for verify), optionally from another copy of the weights.
+    The recorded module is never used: importing a module runs its code, so only the user names one."""
+    return ModelSpec(name=info["name"] if not module else None, checkpoint=checkpoint or info.get("checkpoint"),
+                     module=module, random_init=info.get("random_init", False) and not checkpoint,
                      seed=info.get("init_seed", 0), mean=info["mean"], std=info["std"])
 
 
