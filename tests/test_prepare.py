@@ -206,3 +206,29 @@ def test_imagefolder_shuffle_seed_permutes_the_train_order(tmp_path):
     again = [s.key for s in sources.imagefolder(str(root), shuffle_seed=1).splits["train"]()]
     assert plain == sorted(plain) and sorted(shuffled) == plain and shuffled != plain
     assert again == [s.key for s in sources.imagefolder(str(root), shuffle_seed=1).splits["train"]()]
+
+
+@pytest.mark.parametrize("field,entry", [
+    ("shards", "../../outside.tar"),       # relative, climbing out of DIR/train/
+    ("beton", "ABSOLUTE"),                 # an absolute path
+    ("split", "../outside"),               # a split name is a folder name too
+])
+def test_manifest_paths_cannot_point_outside_the_dataset(fmnist_small, tmp_path, field, entry):
+    root = tmp_path / "ds"
+    shutil.copytree(fmnist_small.root, root)
+    outside = tmp_path / "outside.tar"
+    outside.write_bytes(b"not yours")          # the files exist: only the check can refuse them
+    shutil.copytree(root / "val", tmp_path / "outside")
+    manifest = json.loads((root / "manifest.json").read_text())
+    if field == "shards":
+        manifest["splits"]["train"]["shards"][1] = entry
+    elif field == "beton":
+        entry = str(outside)
+        manifest["splits"]["train"]["beton"] = entry
+    else:
+        manifest["splits"][entry] = manifest["splits"].pop("val")
+        manifest["splits"][entry]["beton"] = "val/val.beton"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(KdcacheError) as err:
+        PreparedDataset.open(root)
+    assert str(err.value) == f"{root / 'manifest.json'}: entry {entry!r} points outside the dataset directory {root}"
