@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -205,3 +206,25 @@ def test_a_bad_amp_setting_is_named_before_anything_is_written(fmnist_small, tmp
     with pytest.raises(KdcacheError, match="--amp must be bf16, fp16 or off, got 'fp32'"):
         train_student(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_loss_that_becomes_nan_stops_training_by_name(fmnist_small, teacher_setup, tmp_path):
+    """lr 1e6 really diverges: the loss is NaN within the first epoch (metrics.jsonl held "loss": NaN and
+    the run exited 0). Training stops, naming the first NaN step, and nothing is written as done."""
+    _, cache = teacher_setup
+    args = ["train-student", "--data", fmnist_small.root, "--epochs", 2, "--cache", cache, *COMMON]
+    args[args.index("--lr") + 1] = 1e6
+    errors = {}
+    for interval in (50, 1):   # checked at the epoch's last step (6), or at every step
+        run = tmp_path / f"every-{interval}"
+        proc = kdcache(*args, "--out", run, "--log-interval", interval, check=False)
+        assert proc.returncode == 2, proc.stderr
+        (errors[interval],) = proc.stderr.strip().splitlines()
+        assert not any((run / name).exists() for name in ("last.pt", "best.pt", "model.safetensors", "summary.json"))
+        records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()] if interval == 1 else []
+        assert not [r for r in records if r["kind"] != "train"] and all(np.isfinite(r["loss"]) for r in records)
+    m = re.fullmatch(r"kdcache: error: loss is nan at epoch 1/2, step (\d+): a damaged or incomplete cache "
+                     rf"\(kdcache verify {re.escape(str(cache))}\), or a learning rate too high \(--lr 1e\+06\)", errors[1])
+    assert m and 1 < int(m.group(1)) <= 6, errors[1]     # 400 samples / batch 64: 6 steps an epoch
+    assert [r["step"] for r in records] == list(range(1, int(m.group(1))))   # every finite step logged, not the NaN one
+    assert errors[50] == errors[1]     # the first NaN step, not the step of the check

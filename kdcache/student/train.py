@@ -29,6 +29,7 @@ from kdcache.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Normalize, bu
 from kdcache.student import checkpoint as ckpt
 from kdcache.student.evaluate import evaluate
 from kdcache.augment.loader import ReplayLoader, eval_loader
+from kdcache.student.loss_watch import LossWatch, likely_causes
 from kdcache.student.losses import LossConfig, StudentLoss
 from kdcache.student.report import MetricsLog, plot_curves
 from kdcache.student.soft_labels import CachedTeacher, MixTargets, NoTeacher, OnlineTeacher, mix_labels_recipe
@@ -185,6 +186,8 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
     scaler = torch.amp.GradScaler("cuda") if amp_name == "fp16" else None
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     criterion = StudentLoss(loss_cfg)
+    watch = LossWatch(device)
+    causes = likely_causes(cfg.mode, cfg.cache, lr, amp_name)
     train_model = torch.compile(model) if cfg.compile else model
     if ctx.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -250,11 +253,13 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                 optimizer.step()
             step += 1
+            watch.observe(loss, step)
             scheduler.step_update(num_updates=step)
             if ema is not None:
                 ema.update(model, step=step)
             seen += images.shape[0]
             if step % cfg.log_interval == 0 or step % steps_per_epoch == 0:
+                watch.check(steps_per_epoch, cfg.epochs, causes)   # a sync here already: loss.item()
                 value = loss.item()
                 if log is not None:
                     rec = {"kind": "train", "epoch": epoch, "step": step,
