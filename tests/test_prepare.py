@@ -232,3 +232,44 @@ def test_manifest_paths_cannot_point_outside_the_dataset(fmnist_small, tmp_path,
     with pytest.raises(KdcacheError) as err:
         PreparedDataset.open(root)
     assert str(err.value) == f"{root / 'manifest.json'}: entry {entry!r} points outside the dataset directory {root}"
+
+
+def _kill_prepare_while_writing_the_beton(out):
+    """Start `kdcache prepare` (20000 samples, 2 workers) and kill -9 it while it writes the train beton:
+    then its canonicalisation pool (2 workers), FFCV's 2 writers and the shared-memory tracker all run.
+    Returns those child processes as they were just before the kill."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import psutil
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache", "prepare", "fashion-mnist", "--limit", "20000",
+                             "--shard-size", "5000", "--workers", "2", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(proc.pid)
+    children, deadline = [], time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        children = parent.children(recursive=True)
+        if len(children) >= 5 and list(out.parent.glob(f".{out.name}.tmp-*/train/train.beton")):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(children) >= 5, "prepare ended before it was seen writing the beton"
+    return children
+
+
+def test_killed_prepare_leaves_no_worker_behind(tmp_path):
+    """FFCV's writers inherit the pool's pipes, so neither saw its parent go: after a kill -9 they stayed,
+    holding the beton's shared memory. Every worker now dies with prepare."""
+    import contextlib
+    import psutil
+    children = _kill_prepare_while_writing_the_beton(tmp_path / "ds")
+    try:
+        _, alive = psutil.wait_procs(children, timeout=10)
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"orphaned after kill -9 of prepare: {[(p.pid, p.cmdline()[-4:]) for p in alive]}"
+    finally:
+        for p in children:   # never leave this test's own orphans on the machine
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
