@@ -228,3 +228,26 @@ def test_a_loss_that_becomes_nan_stops_training_by_name(fmnist_small, teacher_se
     assert m and 1 < int(m.group(1)) <= 6, errors[1]     # 400 samples / batch 64: 6 steps an epoch
     assert [r["step"] for r in records] == list(range(1, int(m.group(1))))   # every finite step logged, not the NaN one
     assert errors[50] == errors[1]     # the first NaN step, not the step of the check
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--view-seeds=-1:2"], "seed range '-1:2': seeds are integers from 0 to 999999 (the cache names each with 6 digits)"),
+    (["--view-seeds", "2:2"], "seed range '2:2' is empty: A:B is the seeds A to B - 1, so B must be greater than A"),
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+])
+def test_bad_view_seeds_and_batch_sizes_are_refused_before_anything_is_written(fmnist_small, tmp_path, args, message):
+    out = tmp_path / "run"
+    proc = kdcache("train-student", "--data", fmnist_small.root, "--epochs", 1, "--out", out, "--kd", "none",
+                   *COMMON, *args, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"kdcache: error: {message}"], proc.stderr
+    assert not out.exists()
+
+
+def test_train_config_seeds_are_checked_before_anything_is_written(fmnist_small, tmp_path):
+    from kdcache.errors import KdcacheError
+    from kdcache.student.train import TrainConfig, train_student
+    cfg = TrainConfig(data=str(fmnist_small.root), out=str(tmp_path / "run"), model="resnet10t", epochs=1,
+                      mode="none", view_seeds=[3, -1])   # e.g. from Python, where parse_seeds does not apply
+    with pytest.raises(KdcacheError, match=re.escape("--view-seeds: seeds are integers from 0 to 999999, got -1")):
+        train_student(cfg)
+    assert not (tmp_path / "run").exists()

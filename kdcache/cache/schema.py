@@ -168,6 +168,9 @@ def renderer_record(spec: CacheSpec) -> dict:
             "param_columns": ParamLayout.of(ViewRecipe.from_dict(spec.recipe)).columns()}
 
 
+MAX_SEED = 999_999   # augmentation seeds: unsigned in the view RNG, and 6 digits in the group names
+
+
 def seed_group_name(seed: int) -> str:
     return f"seeds/{seed:06d}"
 

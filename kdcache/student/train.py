@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from kdcache.augment.params import ParamLayout
 from kdcache.augment.recipe import ViewRecipe
-from kdcache.cache.schema import TeacherCache
+from kdcache.cache.schema import MAX_SEED, TeacherCache
 from kdcache.data.dataset import PreparedDataset
 from kdcache.dist import init_from_env, resolve_amp, resolve_device
 from kdcache.errors import KdcacheError
@@ -90,6 +90,11 @@ class TrainConfig:
             raise KdcacheError(f"--epochs must be positive, got {self.epochs}")
         if self.batch_size < 1:
             raise KdcacheError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.view_seeds is not None:
+            bad = [s for s in self.view_seeds if not 0 <= s <= MAX_SEED]
+            if bad or not self.view_seeds:
+                raise KdcacheError(f"--view-seeds: seeds are integers from 0 to {MAX_SEED}, got "
+                                   + (str(bad[0]) if bad else "none"))
         if self.mix_labels and self.mode != "cache":
             raise KdcacheError("--mix-labels mixes cached soft labels: it needs --cache (online/none mix through the recipe)")
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from kdcache.augment.params import ParamLayout, view_params
 from kdcache.augment.recipe import ViewRecipe
 from kdcache.augment.render import SampleBuffers, render_samples
-from kdcache.cache.schema import CacheSpec, TeacherCache, check_compatible, encode_logp
+from kdcache.cache.schema import MAX_SEED, CacheSpec, TeacherCache, check_compatible, encode_logp
 from kdcache.data.dataset import PreparedDataset
 from kdcache.dist import init_from_env, resolve_amp, resolve_device
 from kdcache.errors import KdcacheError
@@ -51,6 +51,16 @@ class DumpConfig:
     claim_ttl: float = 3600.0
     progress: bool = True
     split: str = "train"
+
+    def validate(self) -> None:
+        """Settings checked before anything is opened or created."""
+        if not self.seeds:
+            raise KdcacheError("--seeds: no seeds to dump")
+        bad = [s for s in self.seeds if not 0 <= s <= MAX_SEED]
+        if bad:
+            raise KdcacheError(f"--seeds: seeds are integers from 0 to {MAX_SEED}, got {bad[0]}")
+        if self.batch_size < 1:
+            raise KdcacheError(f"--batch-size must be positive, got {self.batch_size}")
 
 
 class TeacherRunner:
@@ -170,13 +180,12 @@ def _write_unit(cache: TeacherCache, seed: int, block: int, logp, indices, log_t
 
 def dump_teacher(cfg: DumpConfig) -> dict:
     t_start = time.time()
+    cfg.validate()
     ctx = init_from_env(cfg.device)
     device = resolve_device(cfg.device, ctx)
     ds = PreparedDataset.open(cfg.data)
     split = ds.split(cfg.split)
     recipe = cfg.recipe or ViewRecipe(size=ds.view_size)
-    if not cfg.seeds:
-        raise KdcacheError("--seeds: empty range")
     model, tinfo = build_model(cfg.teacher, ds.num_classes, what="teacher")
     tinfo["input_size"] = recipe.size
     spec = CacheSpec(teacher=tinfo, dataset=_dataset_identity(ds, cfg.split), recipe=recipe.to_dict(),
