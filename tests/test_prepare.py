@@ -106,7 +106,7 @@ def test_imagefolder_sizes_modes_and_order(folder_ds):
     train = ds.split("train")
     assert train.num_samples == 18 and train.info["shard_counts"] == [7, 7, 4]
     # canonical order: classes sorted, files sorted; labels follow the class folders
-    assert train.keys[:2] == ["train_cat_000", "train_cat_001"] and train.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert train.keys[:2] == ["cat%2Ftrain_cat_000%2EJPEG", "cat%2Ftrain_cat_001%2EJPEG"] and train.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
     assert train.sizes.max() == 500  # 701x333 and 90x610 were resized to a longest side of 500
     assert (701, 333) not in map(tuple, train.sizes.tolist()) and (500, 238) in map(tuple, train.sizes.tolist())
     for (key, jpeg, cls), (bjpeg, blabel, bindex, size, _), i in zip(shard_rows(train), beton_rows(train.beton_path), range(99)):
@@ -132,21 +132,45 @@ def test_bad_images_are_named_or_skipped(tmp_path):
     root = make_imagefolder(tmp_path / "src")
     bad = root / "train" / "dog" / "broken.JPEG"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    _expect_error(lambda: sources.imagefolder(str(root)), tmp_path / "ds", r"broken\.JPEG: sample 'broken'")
+    _expect_error(lambda: sources.imagefolder(str(root)), tmp_path / "ds", r"broken\.JPEG: sample 'dog%2Fbroken%2EJPEG'")
     ds = prepare(sources.imagefolder(str(root)), tmp_path / "ds", workers=2, skip_bad=True)
     skipped = ds.split("train").info["skipped"]
-    assert [s["key"] for s in skipped] == ["broken"] and "cannot read image" in skipped[0]["reason"]
-    assert ds.split("train").num_samples == 18 and "broken" not in ds.split("train").keys
+    assert [s["key"] for s in skipped] == ["dog%2Fbroken%2EJPEG"] and "cannot read image" in skipped[0]["reason"]
+    assert ds.split("train").num_samples == 18 and "dog%2Fbroken%2EJPEG" not in ds.split("train").keys
     assert run_cli("info", tmp_path / "ds").stdout.count("1 skipped") == 1
 
 
 def test_duplicate_keys_and_foreign_val_classes(tmp_path):
+    # ImageFolder keys are paths (one per file); shards from elsewhere can repeat a key
+    rng = np.random.default_rng(0)
+    for shard in ("0000", "0001"):
+        _write_shard(tmp_path / f"in-{shard}.tar", [{"__key__": "a0", "jpg": image_bytes(random_photo(rng, 9, 9), "JPEG"),
+                                                     "cls": 0}])
+    _expect_error(lambda: sources.wds(str(tmp_path / "in-*.tar")), tmp_path / "ds",
+                  r"in-0001\.tar:a0: sample 'a0': duplicate key \(first seen at .*in-0000\.tar:a0\)")
     root = make_imagefolder(tmp_path / "src")
-    shutil.copy(root / "train" / "cat" / "train_cat_000.JPEG", root / "train" / "dog" / "train_cat_000.JPEG")
-    _expect_error(lambda: sources.imagefolder(str(root)), tmp_path / "ds", r"'train_cat_000': duplicate key")
-    (root / "train" / "dog" / "train_cat_000.JPEG").unlink()
     (root / "val" / "wolf").mkdir()
     _expect_error(lambda: sources.imagefolder(str(root)), tmp_path / "ds", r"wolf: class folder not present")
+
+
+def test_imagefolder_keys_tell_every_file_apart(tmp_path):
+    """A key is the file's path below the split folder, class folder included, escaped (webdataset keys
+    hold no dots): train/cat/0001.jpg and train/dog/0001.jpg, a.b.jpg and a_b.jpg, a.jpg and a.png are
+    six samples with six keys (they collided: an error, or one silently dropped with --skip-bad)."""
+    from urllib.parse import unquote
+    rng = np.random.default_rng(0)
+    names = ["cat/0001.jpg", "dog/0001.jpg", "cat/a.b.jpg", "cat/a_b.jpg", "cat/a.jpg", "cat/a.png"]
+    for name in names:
+        (tmp_path / "src" / "train" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "train" / name).write_bytes(image_bytes(random_photo(rng, 20, 30), "PNG"))
+    for skip_bad in (False, True):
+        ds = prepare(sources.imagefolder(str(tmp_path / "src")), tmp_path / f"ds-{skip_bad}", workers=2, skip_bad=skip_bad)
+        train = ds.split("train")
+        assert train.keys == ["cat%2F0001%2Ejpg", "cat%2Fa%2Eb%2Ejpg", "cat%2Fa%2Ejpg", "cat%2Fa%2Epng",
+                              "cat%2Fa_b%2Ejpg", "dog%2F0001%2Ejpg"]
+        assert sorted(unquote(k) for k in train.keys) == sorted(names)     # the escape is undone by unquote
+        assert train.labels.tolist() == [0, 0, 0, 0, 0, 1] and train.info["skipped"] == []
+        assert [k for k, _, _ in shard_rows(train)] == train.keys          # webdataset reads the same keys back
 
 
 def test_empty_source_is_an_error(tmp_path):

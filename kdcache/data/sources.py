@@ -15,6 +15,7 @@ import numpy as np
 from braceexpand import braceexpand
 
 from kdcache.data.idx import read_idx
+from kdcache.data.keys import escape_key
 from kdcache.errors import KdcacheError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -80,11 +81,6 @@ def fashion_mnist(root: str = FASHION_MNIST_DIR, limit: Optional[int] = None) ->
                   view_size=32, max_side=None)
 
 
-def _key_from_name(name: str) -> str:
-    """webdataset splits a member name at the first dot, so keys carry none."""
-    return name.replace(".", "_").replace("/", "_")
-
-
 def imagefolder(root: str, limit: Optional[int] = None, view_size: int = 224,
                 shuffle_seed: Optional[int] = None) -> Source:
     """shuffle_seed: the train split's canonical order is a permutation of the class-sorted listing. Mixing
@@ -106,7 +102,8 @@ def imagefolder(root: str, limit: Optional[int] = None, view_size: int = 224,
                     raise KdcacheError(f"{split_dir / cls}: class folder not present in {train_dir}")
                 for path in sorted((split_dir / cls).iterdir()):
                     if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-                        yield RawSample(key=_key_from_name(path.stem), label=class_to_label[cls],
+                        # the path below the split folder: the class folder and the whole file name
+                        yield RawSample(key=escape_key(f"{cls}/{path.name}"), label=class_to_label[cls],
                                         origin=str(path), payload=path)
         return gen
 
@@ -161,7 +158,7 @@ def _iter_wds(shards: List[str]) -> Iterator[RawSample]:
                         label = int(sample["cls"])
                     except (KeyError, ValueError) as exc:
                         error = error or f"no valid 'cls' label ({exc!r})"
-                    yield RawSample(key=_key_from_name(key), label=label, origin=origin,
+                    yield RawSample(key=escape_key(key), label=label, origin=origin,
                                     payload=sample.get(image_key), error=error)
             except KdcacheError:
                 raise
