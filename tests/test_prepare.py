@@ -213,6 +213,56 @@ def test_wds_source_sorted_shards_labels_and_errors(tmp_path):
         sources.wds(str(src / "imagenet1k-train-{0006..0007}.tar"))
 
 
+def _wds_input(tmp_path, bad_jpeg_key=None):
+    """in-0000.tar: k0..k3 (k1's JPEG replaced by garbage if asked); in-0001.tar: m0, m1. Returns the
+    pattern and the members of in-0000.tar (name, header offset, data offset, size)."""
+    import tarfile
+    rng = np.random.default_rng(0)
+    jpg = lambda: image_bytes(random_photo(rng, 30, 40), "JPEG")
+    src = tmp_path / "in"
+    src.mkdir()
+    _write_shard(src / "in-0000.tar", [{"__key__": f"k{j}", "cls": j, "jpg": b"\xff\xd8\xff\xe0 not a jpeg"
+                                        if f"k{j}" == bad_jpeg_key else jpg()} for j in range(4)])
+    _write_shard(src / "in-0001.tar", [{"__key__": f"m{j}", "cls": j, "jpg": jpg()} for j in range(2)])
+    with tarfile.open(src / "in-0000.tar") as tf:
+        members = [(m.name, m.offset, m.offset_data, m.size) for m in tf]
+    return str(src / "in-*.tar"), src / "in-0000.tar", members
+
+
+def test_wds_corrupt_jpeg_is_named_by_shard_and_key_or_skipped(tmp_path):
+    pattern, shard, _ = _wds_input(tmp_path, bad_jpeg_key="k1")
+    _expect_error(lambda: sources.wds(pattern), tmp_path / "ds", r"in-0000\.tar:k1: sample 'k1': cannot read image")
+    ds = prepare(sources.wds(pattern), tmp_path / "ds", workers=2, skip_bad=True)
+    train = ds.split("train")
+    assert train.keys == ["k0", "k2", "k3", "m0", "m1"] and train.labels.tolist() == [0, 2, 3, 0, 1]
+    (skipped,) = train.info["skipped"]
+    assert skipped["key"] == "k1" and skipped["origin"] == f"{shard}:k1" and "cannot read image" in skipped["reason"]
+
+
+@pytest.mark.parametrize("cut,damaged,kept", [
+    ("inside k2's JPEG", "k2", ["k0", "k1"]),          # tarfile: "unexpected end of data"
+    ("before k2's header", "k1", ["k0"]),             # read as a clean end of the tar: k2, k3 lost unnoticed
+    ("inside k2's header", "k1", ["k0"]),             # the same
+])
+def test_wds_truncated_tar_is_named_by_shard_and_key_or_skipped(tmp_path, cut, damaged, kept):
+    """A shard cut short (a copy that ran out of disk, an interrupted download). Cut at a member boundary or
+    in a header, Python's tarfile (and webdataset) take it for the end of the tar and the rest of the shard
+    was silently lost. Without its end-of-archive marker the last sample may be incomplete: it is the one named."""
+    pattern, shard, members = _wds_input(tmp_path)
+    header, data = {name: h for name, h, _, _ in members}, {name: d for name, _, d, _ in members}
+    at = {"inside k2's JPEG": data["k2.jpg"] + 100, "before k2's header": header["k2.cls"],
+          "inside k2's header": header["k2.cls"] + 200}[cut]
+    shard.write_bytes(shard.read_bytes()[:at])
+    _expect_error(lambda: sources.wds(pattern), tmp_path / "ds",
+                  rf"in-0000\.tar:{damaged}: sample '{damaged}': truncated or damaged tar")
+    ds = prepare(sources.wds(pattern), tmp_path / "ds", workers=2, skip_bad=True)
+    train = ds.split("train")
+    assert train.keys == kept + ["m0", "m1"]
+    (skipped,) = train.info["skipped"]
+    assert skipped["key"] == damaged and skipped["origin"] == f"{shard}:{damaged}"
+    assert "the rest of the shard is lost" in skipped["reason"]
+
+
 def test_cli_error_is_clear_and_exit_code_two(tmp_path):
     proc = run_cli("prepare", "imagefolder", tmp_path / "missing", "--out", tmp_path / "ds", check=False)
     assert proc.returncode == 2 and "missing/train: not a directory" in proc.stderr
