@@ -15,14 +15,16 @@ from kdcache.errors import KdcacheError
 
 # last.pt files written before kdcache stored its RNG states as plain values hold NumPy's state as an
 # ndarray; NumPy arrays run no code when unpickled, so those still load (a run interrupted across the upgrade resumes)
-_NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+_NUMPY_CORE = getattr(np, "_core", None) or np.core   # NumPy 2 renamed core to _core
+_NUMPY_ARRAY_GLOBALS = [_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-def _refusal(path, exc: pickle.UnpicklingError) -> KdcacheError:
-    found = re.search(r"GLOBAL (\S+)", str(exc))
-    what = found.group(1) if found else "something other than tensors and plain values"
-    return KdcacheError(f"{path}: refused: loading it would call {what} (a kdcache checkpoint holds only "
-                        "tensors, numbers, strings, lists and dicts)")
+def _refusal(path, exc: Exception) -> KdcacheError:
+    # torch names the first callable ("GLOBAL builtins.exec"); timm re-raises it as "Unsupported globals: ..."
+    found = re.search(r"(?:GLOBAL|Unsupported globals:) ([\w.]+)", str(exc))
+    what = found.group(1).rstrip(".") if found else "something other than tensors and plain values"
+    return KdcacheError(f"{path}: refused: loading it would call {what} (checkpoints are read as tensors, "
+                        "numbers, strings, lists and dicts only)")
 
 
 def torch_load(path) -> object:
@@ -46,6 +48,8 @@ def read_state_dict(path) -> dict:
     except pickle.UnpicklingError as exc:
         raise _refusal(path, exc) from None
     except Exception as exc:  # safetensors, zip and pickle errors: a damaged or foreign file
+        if "weights_only" in str(exc):
+            raise _refusal(path, exc) from None
         first_line = (str(exc).splitlines() or [""])[0]
         raise KdcacheError(f"{path}: cannot read weights: {type(exc).__name__}: {first_line}") from None
 

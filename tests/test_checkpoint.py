@@ -46,8 +46,16 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(fmnist_sma
     proc = kdcache("train-student", "--resume", run, check=False)
     assert proc.returncode == 2 and not marker.exists()
     assert proc.stderr.strip().splitlines() == [f"kdcache: error: {run / 'last.pt'}: refused: loading it would call "
-                                                "exec (a kdcache checkpoint holds only tensors, numbers, "
-                                                "strings, lists and dicts)"]
+                                                "exec (checkpoints are read as tensors, numbers, strings, lists "
+                                                "and dicts only)"]
+    # and through a teacher's weights file (dump-teacher, online KD, verify)
+    torch.save({"state_dict": {"fc.weight": RunsCodeWhenUnpickled(marker)}}, tmp_path / "teacher.pth")
+    proc = kdcache("dump-teacher", "--data", fmnist_small.root, "--out", tmp_path / "cache", "--seeds", "0:1",
+                   "--teacher", "resnet10t", "--teacher-checkpoint", tmp_path / "teacher.pth", check=False)
+    assert proc.returncode == 2 and not marker.exists() and not (tmp_path / "cache").exists()
+    assert proc.stderr.strip().splitlines() == [f"kdcache: error: {tmp_path / 'teacher.pth'}: refused: loading it "
+                                                "would call builtins.exec (checkpoints are read as tensors, numbers, "
+                                                "strings, lists and dicts only)"]
 
 
 def test_last_checkpoint_round_trip_restores_every_rng(tmp_path):

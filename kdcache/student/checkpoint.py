@@ -16,7 +16,8 @@ from kdcache.weights import torch_load
 
 
 def plain(obj):
-    """obj with NumPy scalars and arrays, Paths and other leaves turned into what weights_only loads."""
+    """obj with NumPy scalars and arrays and Paths turned into what a weights-only load accepts; any other
+    type is a programming error, refused here rather than when a resume needs the file."""
     if isinstance(obj, dict):
         return {k: plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -25,9 +26,11 @@ def plain(obj):
         return torch.from_numpy(obj.copy())
     if isinstance(obj, np.generic):
         return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
     if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor, torch.Size, torch.dtype)):
         return obj
-    return str(obj)   # e.g. a Path in the config
+    raise TypeError(f"a checkpoint holds only tensors and plain values, not {type(obj).__name__}")
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
