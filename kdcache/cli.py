@@ -131,6 +131,9 @@ def _add_verify(sub) -> None:
     p.add_argument("cache", help="cache directory or s3:// URL")
     p.add_argument("--replay", type=int, default=0, metavar="N", help="re-render N random views and re-run the teacher")
     p.add_argument("--teacher-checkpoint", default=None, help="weights to replay with (default: the recorded checkpoint)")
+    p.add_argument("--teacher-module", default=None, metavar="PACKAGE.MODULE:FACTORY",
+                   help="the factory of a teacher that came from a module: verify never imports the module a cache "
+                        "names (importing runs its code), only this one")
     p.add_argument("--data", type=Path, default=None, help="prepared dataset (default: the recorded path)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="which views are drawn for --replay")
@@ -148,7 +151,7 @@ def _cmd_verify(args) -> int:
     from kdcache.teacher.verify import verify, render_report
     report = verify(args.cache, replay=args.replay, checkpoint=args.teacher_checkpoint, data=args.data,
                     device=args.device, seed=args.seed, min_agreement=args.min_agreement, max_kl=args.max_kl,
-                    max_tail_error=args.max_tail_error)
+                    max_tail_error=args.max_tail_error, teacher_module=args.teacher_module)
     print(json.dumps(report, indent=1) if args.json else render_report(report))
     return 0 if report["ok"] else 1
 

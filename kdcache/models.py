@@ -11,6 +11,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from kdcache.errors import KdcacheError
+from kdcache.weights import load_into, read_state_dict
 
 # safetensors metadata keys kdcache writes next to trained weights (model.safetensors)
 META_MODEL, META_CLASSES, META_MEAN, META_STD = "kdcache.model", "kdcache.num_classes", "kdcache.mean", "kdcache.std"
@@ -43,9 +44,12 @@ def weights_sha256(model: torch.nn.Module) -> str:
 def _safetensors_metadata(path: str) -> dict:
     if not str(path).endswith(".safetensors"):
         return {}
-    from safetensors import safe_open
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except SafetensorError as exc:
+        raise KdcacheError(f"{path}: cannot read weights: {exc}") from None
 
 
 def _from_factory(module: str, num_classes: int) -> torch.nn.Module:
@@ -73,7 +77,6 @@ def create_timm_model(name: str, num_classes: int, what: str = "model", **kwargs
 
 def build_model(spec: ModelSpec, num_classes: int, what: str = "model") -> Tuple[torch.nn.Module, dict]:
     """(model in eval mode on CPU, info) where info records name, sha256, class count, mean, std, source."""
-    import timm
     if spec.checkpoint and spec.random_init:
         raise KdcacheError(f"{what}: a checkpoint and random weights at once")
     if not (spec.checkpoint or spec.module or spec.random_init):
@@ -96,10 +99,7 @@ def build_model(spec: ModelSpec, num_classes: int, what: str = "model") -> Tuple
             raise KdcacheError(f"{what}: no model name given (--{what} NAME)")
         model = create_timm_model(name, num_classes, what)
     if spec.checkpoint:
-        try:
-            timm.models.load_checkpoint(model, spec.checkpoint, use_ema=True, strict=True, weights_only=True)
-        except Exception as exc:
-            raise KdcacheError(f"{spec.checkpoint}: cannot load into {name}: {exc}") from exc
+        load_into(model, read_state_dict(spec.checkpoint), spec.checkpoint, name)
     model.eval()
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean = spec.mean or (json.loads(meta[META_MEAN]) if META_MEAN in meta else None) or cfg.get("mean") or IMAGENET_MEAN
@@ -112,10 +112,11 @@ def build_model(spec: ModelSpec, num_classes: int, what: str = "model") -> Tuple
     return model, info
 
 
-def spec_from_info(info: dict, checkpoint: Optional[str] = None) -> ModelSpec:
-    """Rebuild the spec of a recorded teacher (for verify), optionally from another copy of the weights."""
-    return ModelSpec(name=info["name"] if not info.get("module") else None, checkpoint=checkpoint or info.get("checkpoint"),
-                     module=info.get("module"), random_init=info.get("random_init", False) and not checkpoint,
+def spec_from_info(info: dict, checkpoint: Optional[str] = None, module: Optional[str] = None) -> ModelSpec:
+    """Rebuild the spec of a recorded teacher (for verify), optionally from another copy of the weights.
+    The recorded module is never used: importing a module runs its code, so only the user names one."""
+    return ModelSpec(name=info["name"] if not module else None, checkpoint=checkpoint or info.get("checkpoint"),
+                     module=module, random_init=info.get("random_init", False) and not checkpoint,
                      seed=info.get("init_seed", 0), mean=info["mean"], std=info["std"])
 
 

@@ -21,14 +21,19 @@ from kdcache.errors import KdcacheError
 
 
 def parse_seeds(text: str):
-    """'A:B' -> [A, B) ; 'A' -> [A]."""
+    """'A:B' -> [A, B) ; 'A' -> [A]. Checked here, while parsing, so that a bad range creates nothing; a
+    KdcacheError (one line) rather than argparse's usage text, also for a seed range from a TOML recipe."""
     try:
-        if ":" in text:
-            a, b = (int(x) for x in text.split(":"))
-            return list(range(a, b))
-        return [int(text)]
+        a, b = (int(x) for x in text.split(":")) if ":" in text else (int(text), int(text) + 1)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds expects A:B or A, got {text!r}") from None
+        raise KdcacheError(f"seed range {text!r}: expected A:B (the seeds A to B - 1) or one seed A") from None
+    if b <= a:
+        raise KdcacheError(f"seed range {text!r} is empty: A:B is the seeds A to B - 1, so B must be greater than A")
+    from kdcache.cache.schema import MAX_SEED
+    if a < 0 or b - 1 > MAX_SEED:
+        raise KdcacheError(f"seed range {text!r}: seeds are integers from 0 to {MAX_SEED} "
+                           "(the cache names each with 6 digits)")
+    return list(range(a, b))
 
 
 def seed_ranges(seeds) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -297,7 +298,7 @@ def test_teacher_from_checkpoint_files_and_factories(fmnist_small, tmp_path):
     assert proc.returncode == 0, proc.stderr
     teacher = TeacherCache.open(out).spec.teacher
     assert teacher["name"] == "tiny_models:tiny_cnn" and teacher["random_init"]
-    assert json.loads(run_cli("verify", out, "--replay", 8, "--json",
+    assert json.loads(run_cli("verify", out, "--replay", 8, "--json", "--teacher-module", "tiny_models:tiny_cnn",
                               env=dict(os.environ, PYTHONPATH=f"{Path(__file__).parent}:{sys_path}")).stdout)["ok"]
     # no weight source at all: refused, nothing written
     proc = kdcache("dump-teacher", "--data", fmnist_small.root, "--out", tmp_path / "none", "--seeds", "0:1",
@@ -349,3 +350,64 @@ def test_verify_finds_missing_units_and_bad_rows(small_copy):
     reseal_markers(out)
     report = json.loads(kdcache("verify", out, "--json", check=False).stdout)
     assert any("seed 0: 1 rows of log_tail hold NaN/inf (first sample 17)" in p for p in report["problems"])
+
+
+MARKED_MODULE = """
+import pathlib
+import torch
+pathlib.Path(__file__).with_name("imported.marker").write_text("imported")   # what a hostile module could do
+
+
+def factory(num_classes):
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(4, num_classes))
+"""
+
+
+def test_verify_imports_a_teacher_module_only_when_the_user_names_it(fmnist_small, tmp_path, monkeypatch):
+    """A cache records the module its teacher came from; a shared cache must not make verify import it."""
+    (tmp_path / "marked_teacher.py").write_text(MARKED_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))   # the working directory, as `python -m kdcache` has it
+    out = tmp_path / "cache"
+    kdcache("dump-teacher", "--data", fmnist_small.root, "--out", out, "--seeds", "0:1", "--topk", 2,
+            "--teacher-module", "marked_teacher:factory", "--random-teacher", "--no-progress")
+    assert TeacherCache.open(out).spec.teacher["module"] == "marked_teacher:factory"
+    (tmp_path / "imported.marker").unlink()
+    monkeypatch.delitem(sys.modules, "marked_teacher")
+    assert json.loads(kdcache("verify", out, "--json").stdout)["ok"]   # no replay: no teacher needed
+    proc = kdcache("verify", out, "--replay", 8, check=False)
+    assert proc.returncode == 2 and not (tmp_path / "imported.marker").exists() and "marked_teacher" not in sys.modules
+    assert proc.stderr.strip().splitlines() == [
+        f"kdcache: error: {out}: the teacher comes from the module 'marked_teacher:factory' named in the cache; "
+        "verify imports no module a cache names: pass --teacher-module marked_teacher:factory if you trust it"]
+    report = json.loads(kdcache("verify", out, "--replay", 8, "--json", "--teacher-module", "marked_teacher:factory").stdout)
+    assert report["ok"] and report["replay"]["views"] == 8 and (tmp_path / "imported.marker").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seeds=-2:3"], "seed range '-2:3': seeds are integers from 0 to 999999 (the cache names each with 6 digits)"),
+    (["--seeds", "0:1000001"], "seed range '0:1000001': seeds are integers from 0 to 999999 (the cache names each with 6 digits)"),
+    (["--seeds", "3:3"], "seed range '3:3' is empty: A:B is the seeds A to B - 1, so B must be greater than A"),
+    (["--seeds", "5:2"], "seed range '5:2' is empty: A:B is the seeds A to B - 1, so B must be greater than A"),
+    (["--seeds", "1:x"], "seed range '1:x': expected A:B (the seeds A to B - 1) or one seed A"),
+    (["--seeds", "0:1", "--batch-size", "0"], "--batch-size must be positive, got 0"),
+])
+def test_bad_seed_ranges_and_batch_sizes_are_refused_before_anything_is_written(fmnist_small, tmp_path, args, message):
+    out = tmp_path / "cache"
+    proc = kdcache("dump-teacher", "--data", fmnist_small.root, "--out", out, "--teacher", "resnet10t",
+                   "--random-teacher", "--no-progress", *args, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"kdcache: error: {message}"], proc.stderr
+    assert not out.exists()
+
+
+def test_dump_config_is_checked_before_anything_is_written(fmnist_small, tmp_path):
+    from kdcache.errors import KdcacheError
+    from kdcache.teacher.dump import DumpConfig, dump_teacher
+    for seeds, batch_size, message in (([-1, 0], 8, "seeds are integers from 0 to 999999, got -1"),
+                                       ([], 8, "no seeds to dump"), ([0], 0, "--batch-size must be positive, got 0")):
+        cfg = DumpConfig(data=fmnist_small.root, out=tmp_path / "cache", seeds=seeds, topk=3, batch_size=batch_size,
+                         teacher=ModelSpec(name="resnet10t", random_init=True), progress=False)
+        with pytest.raises(KdcacheError, match=re.escape(message)):
+            dump_teacher(cfg)
+        assert not (tmp_path / "cache").exists()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -203,5 +204,50 @@ def test_a_bad_amp_setting_is_named_before_anything_is_written(fmnist_small, tmp
     cfg = TrainConfig(data=str(fmnist_small.root), out=str(tmp_path / "run"), model="resnet10t", epochs=1,
                       mode="none", amp="fp32")  # e.g. from a TOML recipe, where argparse's choices do not apply
     with pytest.raises(KdcacheError, match="--amp must be bf16, fp16 or off, got 'fp32'"):
+        train_student(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_loss_that_becomes_nan_stops_training_by_name(fmnist_small, teacher_setup, tmp_path):
+    """lr 1e6 really diverges: the loss is NaN within the first epoch (metrics.jsonl held "loss": NaN and
+    the run exited 0). Training stops, naming the first NaN step, and nothing is written as done."""
+    _, cache = teacher_setup
+    args = ["train-student", "--data", fmnist_small.root, "--epochs", 2, "--cache", cache, *COMMON]
+    args[args.index("--lr") + 1] = 1e6
+    errors = {}
+    for interval in (50, 1):   # checked at the epoch's last step (6), or at every step
+        run = tmp_path / f"every-{interval}"
+        proc = kdcache(*args, "--out", run, "--log-interval", interval, check=False)
+        assert proc.returncode == 2, proc.stderr
+        (errors[interval],) = proc.stderr.strip().splitlines()
+        assert not any((run / name).exists() for name in ("last.pt", "best.pt", "model.safetensors", "summary.json"))
+        records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()] if interval == 1 else []
+        assert not [r for r in records if r["kind"] != "train"] and all(np.isfinite(r["loss"]) for r in records)
+    m = re.fullmatch(r"kdcache: error: loss is nan at epoch 1/2, step (\d+): a damaged or incomplete cache "
+                     rf"\(kdcache verify {re.escape(str(cache))}\), or a learning rate too high \(--lr 1e\+06\)", errors[1])
+    assert m and 1 < int(m.group(1)) <= 6, errors[1]     # 400 samples / batch 64: 6 steps an epoch
+    assert [r["step"] for r in records] == list(range(1, int(m.group(1))))   # every finite step logged, not the NaN one
+    assert errors[50] == errors[1]     # the first NaN step, not the step of the check
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--view-seeds=-1:2"], "seed range '-1:2': seeds are integers from 0 to 999999 (the cache names each with 6 digits)"),
+    (["--view-seeds", "2:2"], "seed range '2:2' is empty: A:B is the seeds A to B - 1, so B must be greater than A"),
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+])
+def test_bad_view_seeds_and_batch_sizes_are_refused_before_anything_is_written(fmnist_small, tmp_path, args, message):
+    out = tmp_path / "run"
+    proc = kdcache("train-student", "--data", fmnist_small.root, "--epochs", 1, "--out", out, "--kd", "none",
+                   *COMMON, *args, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"kdcache: error: {message}"], proc.stderr
+    assert not out.exists()
+
+
+def test_train_config_seeds_are_checked_before_anything_is_written(fmnist_small, tmp_path):
+    from kdcache.errors import KdcacheError
+    from kdcache.student.train import TrainConfig, train_student
+    cfg = TrainConfig(data=str(fmnist_small.root), out=str(tmp_path / "run"), model="resnet10t", epochs=1,
+                      mode="none", view_seeds=[3, -1])   # e.g. from Python, where parse_seeds does not apply
+    with pytest.raises(KdcacheError, match=re.escape("--view-seeds: seeds are integers from 0 to 999999, got -1")):
         train_student(cfg)
     assert not (tmp_path / "run").exists()

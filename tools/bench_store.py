@@ -88,7 +88,6 @@ def slab_times(where, seeds: int, repeats: int):
 
 
 def dump_rate(data: str, where: str, teacher: str, seeds: str, batch_size: int) -> dict:
-    from kdcache.augment.recipe import ViewRecipe  # noqa: F401  (imports numba kernels before timing)
     from kdcache.models import ModelSpec
     from kdcache.teacher.dump import DumpConfig, dump_teacher
     a, b = (int(x) for x in seeds.split(":"))

@@ -22,7 +22,6 @@ import math
 import os
 import socket
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -175,6 +174,9 @@ def renderer_record(spec: CacheSpec) -> dict:
     from kdcache.augment.render import RENDERER_VERSION, library_versions
     return {"version": RENDERER_VERSION, "libraries": library_versions(),
             "param_columns": ParamLayout.of(ViewRecipe.from_dict(spec.recipe)).columns()}
+
+
+MAX_SEED = 999_999   # augmentation seeds: unsigned in the view RNG, and 6 digits in the group names
 
 
 def seed_group_name(seed: int) -> str:

@@ -13,7 +13,7 @@
 import json
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Dict, List
 
 import numpy as np
@@ -71,6 +71,22 @@ class PreparedSplit:
         return JpegReader(self.dir, self.info["shards"], self.jpeg_locations)
 
 
+def _stays_inside(entry) -> bool:
+    """A non-empty relative path without '..': joined to a folder, it names something below that folder."""
+    return (isinstance(entry, str) and entry != "" and not PurePosixPath(entry).is_absolute()
+            and ".." not in PurePosixPath(entry).parts)
+
+
+def _check_entries_inside(manifest_path: Path, manifest: dict) -> None:
+    """Every path a manifest names (split folders, betons, shards) lies inside the dataset directory: a
+    dataset may come from anyone, and its manifest must not make kdcache read files elsewhere."""
+    for name, info in manifest.get("splits", {}).items():
+        for entry in [name, info.get("beton"), *info.get("shards", [])]:
+            if not _stays_inside(entry):
+                raise KdcacheError(f"{manifest_path}: entry {entry!r} points outside the dataset directory "
+                                   f"{manifest_path.parent}")
+
+
 class PreparedDataset:
     def __init__(self, root: Path, manifest: dict):
         self.root = Path(root)
@@ -91,6 +107,7 @@ class PreparedDataset:
         if manifest.get("format_version") != DATASET_FORMAT_VERSION:
             raise KdcacheError(f"{path}: dataset format {manifest.get('format_version')} is not "
                                f"{DATASET_FORMAT_VERSION}; prepare it again with this kdcache")
+        _check_entries_inside(path, manifest)
         ds = cls(root, manifest)
         for split in ds.splits.values():
             for p in [split.beton_path, *split.shard_paths]:

@@ -18,6 +18,7 @@ from kdcache import __version__
 from kdcache.data.beton import write_beton
 from kdcache.data.canonical import CanonicalSettings, canonicalize
 from kdcache.data.dataset import DATASET_FORMAT_VERSION, MANIFEST, PreparedDataset
+from kdcache.data.orphans import children_die_with_this_process
 from kdcache.data.shards import JpegReader, ShardSink, jpeg_locations
 from kdcache.data.sources import Source
 from kdcache.errors import KdcacheError
@@ -157,42 +158,44 @@ def prepare(source: Source, out, settings: Optional[CanonicalSettings] = None, s
     tmp.mkdir()
     canonical = settings.to_dict()
     num_classes = source.num_classes
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
-    try:
-        splits = {}
-        for split, make_iter in source.splits.items():
-            splits[split] = _write_split(split, make_iter(), tmp, settings, num_classes, shard_size,
-                                         skip_bad, pool, workers)
-            if num_classes is None:  # shards without a class count: train's labels define it
-                num_classes = splits[split]["max_label"] + 1
-        for info in splits.values():
-            info["fingerprint"] = split_fingerprint(info, num_classes, canonical)
-        manifest = {
-            "kind": "dataset",
-            "format_version": DATASET_FORMAT_VERSION,
-            "kdcache_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": source.description,
-            "num_classes": num_classes,
-            "class_names": source.class_names,
-            "view_size": int(view_size or source.view_size),
-            "canonical": canonical,
-            "shard_size": shard_size,
-            "fingerprint": dataset_fingerprint({s: i["fingerprint"] for s, i in splits.items()}),
-            "splits": splits,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        timm_info = {"name": out.name, "splits": {s: {"name": s, "num_samples": i["num_samples"],
-                                                      "filenames": [f"{s}/{n}" for n in i["shards"]],
-                                                      "shard_lengths": i["shard_counts"]}
-                                                  for s, i in splits.items()}}
-        (tmp / "_info.json").write_text(json.dumps(timm_info, indent=1))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
+    # the pool's workers and FFCV's beton writers: none outlives a killed prepare (orphans.py)
+    with children_die_with_this_process():
+        pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+        try:
+            splits = {}
+            for split, make_iter in source.splits.items():
+                splits[split] = _write_split(split, make_iter(), tmp, settings, num_classes, shard_size,
+                                             skip_bad, pool, workers)
+                if num_classes is None:  # shards without a class count: train's labels define it
+                    num_classes = splits[split]["max_label"] + 1
+            for info in splits.values():
+                info["fingerprint"] = split_fingerprint(info, num_classes, canonical)
+            manifest = {
+                "kind": "dataset",
+                "format_version": DATASET_FORMAT_VERSION,
+                "kdcache_version": __version__,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "source": source.description,
+                "num_classes": num_classes,
+                "class_names": source.class_names,
+                "view_size": int(view_size or source.view_size),
+                "canonical": canonical,
+                "shard_size": shard_size,
+                "fingerprint": dataset_fingerprint({s: i["fingerprint"] for s, i in splits.items()}),
+                "splits": splits,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            timm_info = {"name": out.name, "splits": {s: {"name": s, "num_samples": i["num_samples"],
+                                                          "filenames": [f"{s}/{n}" for n in i["shards"]],
+                                                          "shard_lengths": i["shard_counts"]}
+                                                      for s, i in splits.items()}}
+            (tmp / "_info.json").write_text(json.dumps(timm_info, indent=1))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            if pool is not None:
+                pool.terminate()
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)

@@ -15,6 +15,7 @@ import numpy as np
 from braceexpand import braceexpand
 
 from kdcache.data.idx import read_idx
+from kdcache.data.keys import escape_key
 from kdcache.errors import KdcacheError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -80,11 +81,6 @@ def fashion_mnist(root: str = FASHION_MNIST_DIR, limit: Optional[int] = None) ->
                   view_size=32, max_side=None)
 
 
-def _key_from_name(name: str) -> str:
-    """webdataset splits a member name at the first dot, so keys carry none."""
-    return name.replace(".", "_").replace("/", "_")
-
-
 def imagefolder(root: str, limit: Optional[int] = None, view_size: int = 224,
                 shuffle_seed: Optional[int] = None) -> Source:
     """shuffle_seed: the train split's canonical order is a permutation of the class-sorted listing. Mixing
@@ -106,7 +102,8 @@ def imagefolder(root: str, limit: Optional[int] = None, view_size: int = 224,
                     raise KdcacheError(f"{split_dir / cls}: class folder not present in {train_dir}")
                 for path in sorted((split_dir / cls).iterdir()):
                     if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-                        yield RawSample(key=_key_from_name(path.stem), label=class_to_label[cls],
+                        # the path below the split folder: the class folder and the whole file name
+                        yield RawSample(key=escape_key(f"{cls}/{path.name}"), label=class_to_label[cls],
                                         origin=str(path), payload=path)
         return gen
 
@@ -141,32 +138,31 @@ def expand_shards(pattern: str) -> List[str]:
 
 
 def _iter_wds(shards: List[str]) -> Iterator[RawSample]:
-    from webdataset.tariterators import tar_file_expander, group_by_keys
+    import tarfile
+    from kdcache.data.tar_samples import DamagedShard, iter_tar_samples
     for shard in shards:
         try:
-            stream = open(shard, "rb")
-        except OSError as exc:
-            raise KdcacheError(f"{shard}: cannot open shard: {exc}") from exc
-        with stream:
-            try:
-                for sample in group_by_keys(tar_file_expander([{"url": shard, "stream": stream}])):
-                    key = sample["__key__"]
-                    origin = f"{shard}:{key}"
-                    image_key = next((k for k in WDS_IMAGE_KEYS if k in sample), None)
-                    error = None
-                    label = -1
-                    if image_key is None:
-                        error = f"no image member (looked for {', '.join(WDS_IMAGE_KEYS)})"
-                    try:
-                        label = int(sample["cls"])
-                    except (KeyError, ValueError) as exc:
-                        error = error or f"no valid 'cls' label ({exc!r})"
-                    yield RawSample(key=_key_from_name(key), label=label, origin=origin,
-                                    payload=sample.get(image_key), error=error)
-            except KdcacheError:
-                raise
-            except Exception as exc:  # a truncated or corrupt tar
-                raise KdcacheError(f"{shard}: cannot read shard: {exc}") from exc
+            for key, sample in iter_tar_samples(shard):
+                origin = f"{shard}:{key}"
+                image_key = next((k for k in WDS_IMAGE_KEYS if k in sample), None)
+                error = None
+                label = -1
+                if image_key is None:
+                    error = f"no image member (looked for {', '.join(WDS_IMAGE_KEYS)})"
+                try:
+                    label = int(sample["cls"])
+                except (KeyError, ValueError) as exc:
+                    error = error or f"no valid 'cls' label ({exc!r})"
+                yield RawSample(key=escape_key(key), label=label, origin=origin,
+                                payload=sample.get(image_key), error=error)
+        except DamagedShard as exc:
+            if exc.key is None:
+                raise KdcacheError(f"{shard}: cannot read shard: {exc.reason}") from None
+            # the broken sample, like any bad one: an error naming shard and key, or skipped with --skip-bad
+            yield RawSample(key=escape_key(exc.key), label=-1, origin=f"{shard}:{exc.key}", payload=None,
+                            error=exc.reason)
+        except (OSError, tarfile.ReadError) as exc:   # missing, unreadable, or no tar at all
+            raise KdcacheError(f"{shard}: cannot read shard: {exc}") from None
 
 
 def wds(pattern: str, val_pattern: Optional[str] = None, num_classes: Optional[int] = None,

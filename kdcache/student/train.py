@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from kdcache.augment.params import ParamLayout
 from kdcache.augment.recipe import ViewRecipe
-from kdcache.cache.schema import TeacherCache
+from kdcache.cache.schema import MAX_SEED, TeacherCache
 from kdcache.data.dataset import PreparedDataset
 from kdcache.dist import init_from_env, resolve_amp, resolve_device
 from kdcache.errors import KdcacheError
@@ -29,9 +29,11 @@ from kdcache.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Normalize, bu
 from kdcache.student import checkpoint as ckpt
 from kdcache.student.evaluate import evaluate
 from kdcache.augment.loader import ReplayLoader, eval_loader
+from kdcache.student.loss_watch import LossWatch, likely_causes
 from kdcache.student.losses import LossConfig, StudentLoss
 from kdcache.student.report import MetricsLog, plot_curves
 from kdcache.student.soft_labels import CachedTeacher, MixTargets, NoTeacher, OnlineTeacher, mix_labels_recipe
+from kdcache.weights import load_into
 
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.1, "adamw": 1e-3, "lamb": 5e-3}  # at batch size 256
 
@@ -88,6 +90,11 @@ class TrainConfig:
             raise KdcacheError(f"--epochs must be positive, got {self.epochs}")
         if self.batch_size < 1:
             raise KdcacheError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.view_seeds is not None:
+            bad = [s for s in self.view_seeds if not 0 <= s <= MAX_SEED]
+            if bad or not self.view_seeds:
+                raise KdcacheError(f"--view-seeds: seeds are integers from 0 to {MAX_SEED}, got "
+                                   + (str(bad[0]) if bad else "none"))
         if self.mix_labels and self.mode != "cache":
             raise KdcacheError("--mix-labels mixes cached soft labels: it needs --cache (online/none mix through the recipe)")
 
@@ -184,6 +191,8 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
     scaler = torch.amp.GradScaler("cuda") if amp_name == "fp16" else None
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     criterion = StudentLoss(loss_cfg)
+    watch = LossWatch(device)
+    causes = likely_causes(cfg.mode, cfg.cache, lr, amp_name)
     train_model = torch.compile(model) if cfg.compile else model
     if ctx.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -199,7 +208,7 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
         resume = False
     if resume:
         state = ckpt.load_last(out / "last.pt")
-        model.load_state_dict(state["model"])
+        load_into(model, state["model"], out / "last.pt", cfg.model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
@@ -249,11 +258,13 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                 optimizer.step()
             step += 1
+            watch.observe(loss, step)
             scheduler.step_update(num_updates=step)
             if ema is not None:
                 ema.update(model, step=step)
             seen += images.shape[0]
             if step % cfg.log_interval == 0 or step % steps_per_epoch == 0:
+                watch.check(steps_per_epoch, cfg.epochs, causes)   # a sync here already: loss.item()
                 value = loss.item()
                 if log is not None:
                     rec = {"kind": "train", "epoch": epoch, "step": step,

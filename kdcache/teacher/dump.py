@@ -31,7 +31,7 @@ from kdcache.augment.recipe import ViewRecipe
 from kdcache.augment.render import SampleBuffers, render_samples
 from kdcache.cache.integrity import unit_records
 from kdcache.cache.location import Location
-from kdcache.cache.schema import CacheSpec, TeacherCache, check_compatible, encode_logp
+from kdcache.cache.schema import MAX_SEED, CacheSpec, TeacherCache, check_compatible, encode_logp
 from kdcache.data.dataset import PreparedDataset
 from kdcache.dist import init_from_env, resolve_amp, resolve_device
 from kdcache.errors import KdcacheError
@@ -59,6 +59,20 @@ class DumpConfig:
     split: str = "train"
     cache_root: Optional[str] = None        # find or create the cache of this identity under a cache root
     seeds_per_pass: int = 32                # seeds rendered per decode of a block (and claimed together)
+
+    def validate(self) -> None:
+        """Settings checked before anything is opened or created."""
+        if not self.seeds:
+            raise KdcacheError("--seeds: no seeds to dump")
+        bad = [s for s in self.seeds if not 0 <= s <= MAX_SEED]
+        if bad:
+            raise KdcacheError(f"--seeds: seeds are integers from 0 to {MAX_SEED}, got {bad[0]}")
+        if self.batch_size < 1:
+            raise KdcacheError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.seeds_per_pass < 1:
+            raise KdcacheError(f"--seeds-per-pass must be positive, got {self.seeds_per_pass}")
+        if self.claim_ttl <= 0:
+            raise KdcacheError(f"--claim-ttl must be positive, got {self.claim_ttl}")
 
 
 DEFAULT_UNIT_SIZE = 32768
@@ -220,13 +234,12 @@ def _disk_full(exc: OSError, where: str) -> KdcacheError:
 
 def dump_teacher(cfg: DumpConfig) -> dict:
     t_start = time.time()
+    cfg.validate()
     ctx = init_from_env(cfg.device)
     device = resolve_device(cfg.device, ctx)
     ds = PreparedDataset.open(cfg.data)
     split = ds.split(cfg.split)
     recipe = cfg.recipe or ViewRecipe(size=ds.view_size)
-    if not cfg.seeds:
-        raise KdcacheError("--seeds: empty range")
     model, tinfo = build_model(cfg.teacher, ds.num_classes, what="teacher")
     tinfo["input_size"] = recipe.size
 

@@ -77,15 +77,19 @@ def _check_rows(slab, rows: np.ndarray, num_classes: int, exact_tail: bool) -> l
 
 
 def _replay(cache: TeacherCache, seeds: list, n: int, checkpoint: Optional[str], data: Optional[Path],
-            device: str, seed: int) -> dict:
+            device: str, seed: int, teacher_module: Optional[str]) -> dict:
     from kdcache.augment.preview import ffcv_side_views, replay_loader
     spec = cache.spec
+    recorded = spec.teacher.get("module")
+    if recorded and not teacher_module:  # a shared cache must not make verify run code of its choosing
+        raise KdcacheError(f"{cache.path}: the teacher comes from the module {recorded!r} named in the cache; verify "
+                           f"imports no module a cache names: pass --teacher-module {recorded} if you trust it")
     ds = PreparedDataset.open(data or spec.dataset["path"])
     split = ds.split(spec.dataset["split"])
     if split.fingerprint != spec.dataset["split_fingerprint"]:
         raise KdcacheError(f"{ds.root}: split {split.name} fingerprint {split.fingerprint[:16]} differs from the "
                            f"cache's {spec.dataset['split_fingerprint'][:16]}")
-    model, info = build_model(spec_from_info(spec.teacher, checkpoint), spec.num_classes, what="teacher")
+    model, info = build_model(spec_from_info(spec.teacher, checkpoint, teacher_module), spec.num_classes, what="teacher")
     if info["sha256"] != spec.teacher["sha256"]:
         raise KdcacheError(f"teacher weights sha256 {info['sha256'][:16]} differ from the cache's "
                            f"{spec.teacher['sha256'][:16]} ({info.get('checkpoint') or 'random init'})")
@@ -140,8 +144,11 @@ def compare(fresh: torch.Tensor, logp: torch.Tensor, indices: torch.Tensor, log_
 
 def verify(path, replay: int = 0, checkpoint: Optional[str] = None, data: Optional[Path] = None,
            device: str = "auto", seed: int = 0, min_agreement: Optional[float] = None,
-           max_kl: Optional[float] = None, max_tail_error: Optional[float] = None) -> dict:
-    """Thresholds left None are taken from THRESHOLDS by the precision the dump and the replay ran at."""
+           max_kl: Optional[float] = None, max_tail_error: Optional[float] = None,
+           teacher_module: Optional[str] = None) -> dict:
+    """Thresholds left None are taken from THRESHOLDS by the precision the dump and the replay ran at.
+    teacher_module: the 'package.module:factory' to build the teacher with; the one the cache records is
+    never imported unless given here (importing runs the module's code)."""
     cache = TeacherCache.open(path)
     spec = cache.spec
     problems, missing, complete = [], {}, []
@@ -170,7 +177,7 @@ def verify(path, replay: int = 0, checkpoint: Optional[str] = None, data: Option
     if replay:
         if not complete:
             raise KdcacheError(f"{cache.path}: no complete seed to replay")
-        r = report["replay"] = _replay(cache, sorted(complete), replay, checkpoint, data, device, seed)
+        r = report["replay"] = _replay(cache, sorted(complete), replay, checkpoint, data, device, seed, teacher_module)
         r["renderer"] = renderer_comparison(cache)
         given = {"min_agreement": min_agreement, "max_kl": max_kl, "max_tail_error": max_tail_error}
         t = r["thresholds"] = {key: given[key] if given[key] is not None else default
