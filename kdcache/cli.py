@@ -377,4 +377,15 @@ def main(argv=None) -> None:
     except KdcacheError as exc:
         print(f"kdcache: error: {exc}", file=sys.stderr)
         code = 2
+    except Exception as exc:
+        if not _is_store_error(exc):
+            raise
+        # credentials, permissions, an unreachable endpoint: the store's own message says which
+        print(f"kdcache: error: object store: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 2
     sys.exit(code)
+
+
+def _is_store_error(exc: Exception) -> bool:
+    """An error raised by the object-store client (s3fs, botocore), not a bug of kdcache's."""
+    return type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs", "aiohttp")

@@ -169,8 +169,8 @@ def _convert(opt: Option, value, where: str):
             raise bad("seeds as 'A:B' (B excluded), 'A' or a list of integers")
         try:
             return parse_seeds(value)
-        except argparse.ArgumentTypeError:
-            raise bad("seeds as 'A:B' (B excluded), 'A' or a list of integers") from None
+        except KdcacheError as exc:
+            raise bad(f"seeds as 'A:B' (B excluded), 'A' or a list of integers ({exc})") from None
     if opt.nargs:
         if not isinstance(value, list) or len(value) != opt.nargs:
             raise bad(f"a list of {opt.nargs} values")

@@ -49,12 +49,11 @@ def clean6(fmnist_small, tmp_path_factory):
 
 def test_concurrent_writers_lose_nothing_and_compute_no_unit_twice(fmnist_small, clean6, tmp_path):
     """Reproduced defect: dumps of seeds 0:3 and 3:6 started together both exited 0, but the root attributes
-    listed only seeds 0-2; identical dumps started together exited 1 instead of helping. Here: two
-    separate launches with other seed ranges, an identical pair, and a 2-rank torchrun, all at once, into
-    a cache none of them has created yet."""
+    listed only seeds 0-2; identical dumps started together exited 1 instead of helping. Here: four
+    processes, two separate launches with overlapping seed ranges and the two ranks of a torchrun over all
+    seeds, all at once, into a cache none of them has created yet."""
     out = tmp_path / "shared"
-    cmds = [dump_cmd(fmnist_small.root, out, "0:3"), dump_cmd(fmnist_small.root, out, "3:6"),
-            dump_cmd(fmnist_small.root, out, "0:6"), dump_cmd(fmnist_small.root, out, "0:6"),
+    cmds = [dump_cmd(fmnist_small.root, out, "0:4"), dump_cmd(fmnist_small.root, out, "2:6"),
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29623", "-m",
              "kdcache", *dump_cmd(fmnist_small.root, out, "1:5")[3:]]]
     procs = [_start(c, tmp_path / f"p{i}.log") for i, c in enumerate(cmds)]

@@ -132,10 +132,8 @@ def test_kill9_then_rerun_equals_a_clean_run(clean_cache, fm2000, tmp_path):
     at_create = _run_and_kill(cmd, out, lambda o: (o / "zarr.json").exists())
     # while the first units are being computed and written (claimed, no marker yet)
     in_unit = _run_and_kill(cmd, out, lambda o: any((o / "claims").rglob("*.json")) if (o / "claims").is_dir() else False)
-    assert in_unit < 3
-    after_3 = _run_and_kill(cmd, out, lambda o: _markers(o) >= 3)
     after_half = _run_and_kill(cmd, out, lambda o: _markers(o) >= total // 2)
-    assert at_create < 3 <= after_3 < total // 2 <= after_half < total, (at_create, after_3, after_half)
+    assert at_create <= in_unit < total // 2 <= after_half < total, (at_create, in_unit, after_half)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert _markers(out) == total

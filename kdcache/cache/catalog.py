@@ -31,6 +31,8 @@ def cache_id(spec: CacheSpec) -> str:
 def list_caches(root) -> List[TeacherCache]:
     """The caches directly under a root (anything else there is ignored)."""
     loc = Location.of(root)
+    if loc.is_local and not loc.path.is_dir():
+        raise KdcacheError(f"{root}: no such cache root (not a directory)")
     out = []
     for name in loc.children():
         child = loc.child(name)
