@@ -87,14 +87,16 @@ def slab_times(where, seeds: int, repeats: int):
     return times
 
 
-def dump_rate(data: str, where: str, teacher: str, seeds: str, batch_size: int) -> dict:
+def dump_rate(data: str, where: str, teacher: str, seeds: str, batch_size: int, unit_size: int) -> dict:
     from kdcache.models import ModelSpec
     from kdcache.teacher.dump import DumpConfig, dump_teacher
     a, b = (int(x) for x in seeds.split(":"))
     cfg = DumpConfig(data=Path(data), out=where, seeds=list(range(a, b)), topk=10,
-                     teacher=ModelSpec(name=teacher, random_init=True, seed=0), batch_size=batch_size, progress=False)
+                     teacher=ModelSpec(name=teacher, random_init=True, seed=0), batch_size=batch_size, progress=False,
+                     unit_size=unit_size)
     s = dump_teacher(cfg)
-    return {"img_per_s": s["img_per_s"], "views_per_s": s["views_per_s"], "seconds": s["seconds"]}
+    return {"img_per_s": s["img_per_s"], "views_per_s": s["views_per_s"], "seconds": s["seconds"],
+            "loop_seconds": s["loop_seconds"], "units": len(cfg.seeds) * -(-s["views_written"] // len(cfg.seeds) // unit_size)}
 
 
 def main():
@@ -108,6 +110,8 @@ def main():
     p.add_argument("--teacher", default="resnet10t")
     p.add_argument("--dump-seeds", default="0:2")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--unit-size", type=int, default=1024,
+                   help="dump part: samples per unit (small: several passes, so writes can overlap compute)")
     p.add_argument("--skip-dump", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -134,12 +138,15 @@ def main():
               f"{result['slab_local_s']:.3f} s, S3 {result['slab_s3_s']:.3f} s (median of {len(local)}); "
               f"written in {result['write_local_s']:.1f} s / {result['write_s3_s']:.1f} s")
         if args.data and not args.skip_dump:
-            dump_rate(args.data, str(tmp / "warm-up"), args.teacher, "0:1", args.batch_size)  # numba JIT, caches
-            result["dump_local"] = dump_rate(args.data, str(tmp / "dump"), args.teacher, args.dump_seeds, args.batch_size)
-            result["dump_s3"] = dump_rate(args.data, f"{run}/dump", args.teacher, args.dump_seeds, args.batch_size)
+            u = args.unit_size
+            dump_rate(args.data, str(tmp / "warm-up"), args.teacher, "0:1", args.batch_size, u)  # numba JIT, caches
+            result["dump_local"] = dump_rate(args.data, str(tmp / "dump"), args.teacher, args.dump_seeds, args.batch_size, u)
+            result["dump_s3"] = dump_rate(args.data, f"{run}/dump", args.teacher, args.dump_seeds, args.batch_size, u)
             dl, ds = result["dump_local"], result["dump_s3"]
-            print(f"dump {args.teacher}, seeds {args.dump_seeds}: local disk {dl['img_per_s']:.0f} img/s, "
-                  f"S3 {ds['img_per_s']:.0f} img/s (S3/local {ds['img_per_s'] / dl['img_per_s']:.2f})")
+            extra = (ds["loop_seconds"] - dl["loop_seconds"]) / ds["units"]
+            print(f"dump {args.teacher}, seeds {args.dump_seeds}, {ds['units']} units of {u} samples: local disk "
+                  f"{dl['img_per_s']:.0f} img/s, S3 {ds['img_per_s']:.0f} img/s (S3/local "
+                  f"{ds['img_per_s'] / dl['img_per_s']:.2f}); S3 costs {extra:.3f} s more per unit")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
