@@ -341,7 +341,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="global seed")
     p.add_argument("--out", type=Path, default=Path("views.png"))
     add_recipe_args(p)
+    _show_defaults(parser)
     return parser
+
+
+class _DefaultsHelp(argparse.HelpFormatter):
+    """--help shows every option's default (a default only in config.json once cost a user a whole run),
+    unless the help text already says it, or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False)
+                or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _DefaultsHelp
+    for action in parser._actions:
+        if action.help is None and action.option_strings and action.default not in (None, False):
+            action.help = "(default: %(default)s)"  # argparse prints nothing at all for an option without help
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
 
 
 COMMANDS = {"ls": _cmd_ls, "copy": _cmd_copy, "prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview, "dump-teacher": _cmd_dump,
@@ -364,8 +387,18 @@ def _quiet_numba_finalizer_noise() -> None:
     sys.unraisablehook = hook
 
 
+def _one_line_warnings() -> None:
+    """Warnings as one line, 'kdcache: warning: ...', without Python's file:line and source-line echo."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"kdcache: warning: {message}", file=file or sys.stderr)
+    warnings.showwarning = show
+
+
 def main(argv=None) -> None:
     _quiet_numba_finalizer_noise()
+    _one_line_warnings()
     parser = build_parser()
     try:
         if argv is None:
