@@ -1,6 +1,6 @@
 """Cache schema: identity (what a cache was made from), layout, create-or-open with compatibility checks.
 
-One Zarr v3 group (format version 2). Per augmentation seed s, a group seeds/<s:06d> of four arrays over
+One Zarr v3 group (format version 3). Per augmentation seed s, a group seeds/<s:06d> of four arrays over
 the N samples:
 
     logp      (N, K)  uint16 (or float32)  top-k teacher log-probabilities, descending  fill 65535 (NaN)
@@ -35,8 +35,12 @@ from kdcache.cache.location import Location
 from kdcache.errors import KdcacheError
 
 FORMAT = "kdcache-teacher-cache"
-FORMAT_VERSION = 2                  # what this kdcache writes
-READ_VERSIONS = (1, 2)              # what it reads
+# 3: the root zarr.json is never rewritten (no seed lists in it: seeds are the groups, completeness the
+# markers), markers carry their shards' CRC32C, claims have generations. The arrays are as in version 2,
+# so 2 is read as it is; it is not extended, because a kdcache that reads version 2 would trust the seed
+# list in its root attributes and miss the seeds added since.
+FORMAT_VERSION = 3                  # what this kdcache writes
+READ_VERSIONS = (1, 2, 3)           # what it reads
 ARRAYS = ("logp", "indices", "log_tail", "params")
 V1_ARRAYS = ("values", "indices", "lse", "params")
 TAIL_RULE = "uniform-tail-v2"
@@ -238,7 +242,7 @@ class TeacherCache:
             doc = {"zarr_format": 3, "node_type": "group", "attributes": identity}
             loc.create("zarr.json", json.dumps(doc, indent=2).encode())
         cache = cls.open(loc, mode="r+")
-        if cache.version != FORMAT_VERSION:  # v1 is read (converted per slab), never extended: one layout per cache
+        if cache.version != FORMAT_VERSION:  # v1 and v2 are read, never extended (see FORMAT_VERSION)
             raise IncompatibleCache(f"{loc}: cache format version {cache.version} is read by this kdcache but not "
                                     f"written (it writes version {FORMAT_VERSION}); dump into a new --out")
         check_compatible(loc, cache.spec, spec)
