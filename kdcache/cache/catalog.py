@@ -49,7 +49,7 @@ def describe(cache: TeacherCache) -> dict:
     spec = cache.spec
     done = cache.ledger.done_units()
     seeds = cache.seeds
-    complete = [s for s in seeds if len(done.get(s, ())) >= spec.num_blocks]
+    complete = cache.complete_seeds(seeds, done)
     live = cache.ledger.live_claims()
     writing = sorted({s for s, _ in live})
     from kdcache.cache.schema import _recipe_summary

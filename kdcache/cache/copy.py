@@ -19,14 +19,13 @@ from tqdm import tqdm
 from kdcache.cache.integrity import check_object, object_record
 from kdcache.cache.ledger import Ledger
 from kdcache.cache.location import Location
-from kdcache.cache.schema import TeacherCache, check_compatible
+from kdcache.cache.schema import TeacherCache, check_compatible, refuse_foreign_directory
 from kdcache.errors import KdcacheError
 
 
 def _open_destination(src: TeacherCache, dst: Location) -> TeacherCache:
     if not dst.exists("zarr.json"):
-        if dst.is_local and dst.path.exists() and any(dst.path.iterdir()):
-            raise KdcacheError(f"{dst}: exists and is not a kdcache cache")
+        refuse_foreign_directory(dst)
         dst.create("zarr.json", src.location.read("zarr.json"))  # the identity, byte for byte
     cache = TeacherCache.open(dst, mode="r+")
     if cache.version != src.version:

@@ -235,8 +235,7 @@ class TeacherCache:
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "created_by": _who()}
         if not loc.exists("zarr.json"):
-            if loc.is_local and loc.path.exists() and any(loc.path.iterdir()):
-                raise KdcacheError(f"{loc}: exists and is not a kdcache cache")
+            refuse_foreign_directory(loc)
             # The root group's zarr.json holds the identity and is never rewritten: one exclusive create
             # (two jobs creating one cache: one wins, the other checks the winner's identity)
             doc = {"zarr_format": 3, "node_type": "group", "attributes": identity}
@@ -296,9 +295,10 @@ class TeacherCache:
         done = self.ledger.done_blocks(seed) if done is None else done
         return [b for b in range(self.spec.num_blocks) if b not in done]
 
-    def complete_seeds(self) -> List[int]:
-        done = self.ledger.done_units()
-        return [s for s in self.seeds if len(done.get(s, ())) >= self.spec.num_blocks]
+    def complete_seeds(self, seeds: Optional[List[int]] = None, done=None) -> List[int]:
+        """Seeds (default: all) whose every unit has its marker; `done`: a ledger.done_units() already read."""
+        done = self.ledger.done_units() if done is None else done
+        return [s for s in (self.seeds if seeds is None else seeds) if len(done.get(s, ())) >= self.spec.num_blocks]
 
     def seed_summary(self, seed: int) -> Optional[dict]:
         markers = self.ledger.markers(seed)
@@ -322,7 +322,7 @@ class TeacherCache:
     def summary(self) -> dict:
         seeds = self.seeds
         done = self.ledger.done_units()
-        complete = [s for s in seeds if len(done.get(s, ())) >= self.spec.num_blocks]
+        complete = self.complete_seeds(seeds, done)
         views = len(complete) * self.spec.num_samples
         on_disk = self.bytes_on_disk()
         return {
@@ -347,6 +347,12 @@ class TeacherCache:
             "kdcache_version": self.attrs.get("kdcache_version"), "created": self.attrs.get("created"),
             "created_by": self.attrs.get("created_by"),
         }
+
+
+def refuse_foreign_directory(loc: Location) -> None:
+    """A new cache goes into an empty or absent directory, never over someone's files."""
+    if loc.is_local and loc.path.exists() and any(loc.path.iterdir()):
+        raise KdcacheError(f"{loc}: exists and is not a kdcache cache")
 
 
 def _who() -> str:
