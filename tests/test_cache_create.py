@@ -64,3 +64,13 @@ def test_a_kill_at_any_metadata_write_leaves_a_cache_the_next_run_opens(tmp_path
         cache = TeacherCache.create_or_open(path, _spec(), [0, 1])  # the same command again
         assert cache.spec == _spec() and cache.seeds == [0, 1], kill_at
         assert TeacherCache.open(path).arrays(1)["logp"].shape == (100, 5)
+
+
+def test_an_array_directory_without_its_metadata_is_created_again(tmp_path):
+    """Seen in a kill -9 at creation: the array's folder existed (a temporary file in it), its zarr.json not."""
+    TeacherCache.create_or_open(tmp_path / "c", _spec(), [0, 1])
+    meta = tmp_path / "c" / "seeds" / "000001" / "logp" / "zarr.json"
+    meta.unlink()
+    (meta.parent / "zarr.0123abcd.partial").write_bytes(b"{")
+    cache = TeacherCache.create_or_open(tmp_path / "c", _spec(), [0, 1])
+    assert cache.arrays(1)["logp"].shape == (100, 5)

@@ -254,9 +254,9 @@ class TeacherCache:
         layout = _array_layout(self.spec)
         for s in seeds:
             name = seed_group_name(s)
-            present = set(self.location.children(name))
             for array, kw in layout.items():
-                if array not in present:
+                # by its metadata document: a kill during creation can leave the array's directory without one
+                if not self.location.exists(f"{name}/{array}/zarr.json"):
                     try:
                         self.group.create_array(f"{name}/{array}", compressors=_codecs(kw["dtype"]),
                                                 dimension_names=None, **kw)
