@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 from tqdm import tqdm
 
-from kdcache.cache.integrity import check_object, object_record
+from kdcache.cache.integrity import check_object, object_record, recorded
 from kdcache.cache.ledger import Ledger
 from kdcache.cache.location import Location
 from kdcache.cache.schema import TeacherCache, check_compatible, refuse_foreign_directory
@@ -60,7 +60,7 @@ def copy_cache(src_where, dst_where, seeds: Optional[List[int]] = None, workers:
         data = src.location.read_many(keys.values())
         records: Dict[str, dict] = {}
         for name, key in keys.items():
-            why = check_object(data[key], (marker.get("objects") or {}).get(name))
+            why = check_object(data[key], recorded(marker, name))
             if why:
                 a, b = src.spec.block_bounds(block)
                 damaged.append(f"seed {seed}, unit {block} (samples {a}:{b}), array {name}: {why}")

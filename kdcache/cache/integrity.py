@@ -15,6 +15,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import MemoryStore
 
+from kdcache.cache.schema import seed_group_name
 from kdcache.errors import KdcacheError
 
 
@@ -24,6 +25,11 @@ class DamagedUnit(KdcacheError):
 
 def object_record(data: bytes) -> dict:
     return {"bytes": len(data), "crc32c": f"{google_crc32c.value(data):08x}"}
+
+
+def recorded(marker: dict, name: str) -> Optional[dict]:
+    """The marker's record of one array's shard object (None in markers written before checksums)."""
+    return (marker.get("objects") or {}).get(name)
 
 
 def check_object(data: Optional[bytes], record: Optional[dict]) -> Optional[str]:
@@ -55,12 +61,12 @@ def read_units(cache, seed: int, markers: Dict[int, dict]) -> Dict[str, np.ndarr
     out = {}
     proto = default_buffer_prototype().buffer
     for name, arr in cache.arrays(seed).items():
-        prefix = f"{cache.chunk_key(seed, arr, name, 0).split('/c/')[0]}/"
+        prefix = f"{seed_group_name(seed)}/{name}/"
         keys = {b: cache.chunk_key(seed, arr, name, b) for b in markers}
         got = cache.location.read_many(keys.values())
         store = {"zarr.json": proto.from_bytes(cache.location.read(prefix + "zarr.json"))}
         for b, key in keys.items():
-            why = check_object(got[key], (markers[b].get("objects") or {}).get(name))
+            why = check_object(got[key], recorded(markers[b], name))
             if why:
                 raise damaged(cache, seed, b, name, why)
             store[key[len(prefix):]] = proto.from_bytes(got[key])
@@ -97,7 +103,7 @@ def damaged_units(cache, seed: int, markers: Dict[int, dict]) -> Dict[int, str]:
         keys = {b: cache.chunk_key(seed, arr, name, b) for b in markers}
         got = cache.location.read_many(keys.values())
         for b, key in keys.items():
-            why = check_object(got[key], (markers[b].get("objects") or {}).get(name))
+            why = check_object(got[key], recorded(markers[b], name))
             if why and b not in out:
                 out[b] = str(damaged(cache, seed, b, name, why))
     return out
@@ -112,7 +118,7 @@ def check_sizes(cache, seeds) -> None:
         for block, marker in sorted(cache.ledger.markers(seed).items()):
             for name, arr in arrays.items():
                 key = cache.chunk_key(seed, arr, name, block)
-                record = (marker.get("objects") or {}).get(name)
+                record = recorded(marker, name)
                 if key not in sizes:
                     raise damaged(cache, seed, block, name, "its shard object is missing")
                 if record is not None and sizes[key] != record["bytes"]:
