@@ -1,19 +1,21 @@
-"""Golden views: the sha256 of a fixed set of views made by the current renderer (RENDERER_VERSION).
+"""Golden views: the sha256 of a fixed set of views made by each renderer version (RENDERER_VERSIONS).
 
 An upgrade of ffcv, OpenCV, numba or numpy (or a code change) that alters the pixels of any of these views
 fails here, loudly: such a change must become a new renderer version (docs/views.md), or old caches would
 be replayed with pixels their teacher never scored (FFCV #392, TinyViT #109). The source is a JPEG kept in
-tests/data, so the decoder is covered too.
+tests/data, so the decoder is covered too. Every version keeps its table: old caches replay with the
+renderer that made them.
 """
 
 import hashlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from kdcache.augment import ParamLayout, ViewRecipe
 from kdcache.augment.randaugment import OP_NAMES
-from kdcache.augment.render import RENDERER_VERSION, decode_jpeg, mix_views, render_views
+from kdcache.augment.render import RENDERER_VERSIONS, decode_jpeg, mix_views, render_views
 
 JPEG = Path(__file__).parent / "data" / "golden.jpg"
 SIZE = 40
@@ -23,7 +25,8 @@ RA_ARGS = {"AutoContrast": 0, "Equalize": 0, "Invert": 0, "Rotate": -17.5, "Post
            "SolarizeAdd": 60, "Color": 1.6, "Contrast": 0.4, "Brightness": 1.5, "Sharpness": 1.8, "ShearX": 0.2,
            "ShearY": -0.25, "TranslateX": 0.3, "TranslateY": -0.2}
 
-GOLDEN = {  # renderer version 1, made with ffcv 1.0.2, opencv-python-headless 5.0.0, numba 0.68.1, numpy 2.4.6
+GOLDEN = {}
+GOLDEN[1] = {  # renderer version 1, made with ffcv 1.0.2, opencv-python-headless 5.0.0, numba 0.68.1, numpy 2.4.6
     "decode": "d11dda41d9fa3a77",
     "rrc": "f110e07274dfad29",
     "ra-AutoContrast": "101ddd397d0b91ac",
@@ -47,26 +50,50 @@ GOLDEN = {  # renderer version 1, made with ffcv 1.0.2, opencv-python-headless 5
     "mixup": "f9005edf15d51add",
     "cutmix": "0744b2b09684b53e",
 }
+GOLDEN[2] = {  # renderer version 2, made with ffcv 1.0.2, opencv-python-headless 5.0.0, numba 0.68.1, numpy 2.4.6
+    "decode": "d11dda41d9fa3a77",
+    "rrc": "56849338d97c6252",
+    "ra-AutoContrast": "9d5a4490ccf7152a",
+    "ra-Equalize": "892484597d837bb5",
+    "ra-Invert": "102363e1c1c6503d",
+    "ra-Rotate": "6e5c2e1256a76fac",
+    "ra-Posterize": "3dea4b7d357d0426",
+    "ra-Solarize": "24ca491500159db2",
+    "ra-SolarizeAdd": "4fdc7523a84af389",
+    "ra-Color": "4c053c543b4e24e3",
+    "ra-Contrast": "7f7b4343cf332109",
+    "ra-Brightness": "dc30a7115db6d1c9",
+    "ra-Sharpness": "ebae38f14bd58416",
+    "ra-ShearX": "de4fe18a176f1777",
+    "ra-ShearY": "2e827e13272f7031",
+    "ra-TranslateX": "c39b806bc68cacb3",
+    "ra-TranslateY": "079e036202862f15",
+    "erase-const": "bbd4cd0d1f6a26bd",
+    "erase-rand": "b1128da20950fb61",
+    "erase-pixel": "fd52067bc320da9c",
+    "mixup": "8c0a07e334d07637",
+    "cutmix": "8759b355a07f11d4",
+}
 
 
 def _digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
 
 
-def golden_views() -> dict:
+def golden_views(renderer: int) -> dict:
     image = decode_jpeg(JPEG.read_bytes(), 80, 96)
     out = {"decode": _digest(image)}
-    plain = ViewRecipe(size=SIZE)
+    plain = ViewRecipe(size=SIZE, renderer=renderer)
     out["rrc"] = _digest(render_views(image, np.array(CROP, np.float32), SIZE, ParamLayout.of(plain)))
-    ra_layout = ParamLayout.of(ViewRecipe(size=SIZE, aa="rand-m9-n1"))
+    ra_layout = ParamLayout.of(ViewRecipe(size=SIZE, aa="rand-m9-n1", renderer=renderer))
     for op, name in enumerate(OP_NAMES):
         row = np.array(CROP + [op, RA_ARGS[name]], np.float32)
         out[f"ra-{name}"] = _digest(render_views(image, row, SIZE, ra_layout))
     for mode in ("const", "rand", "pixel"):
-        layout = ParamLayout.of(ViewRecipe(size=SIZE, reprob=1.0, remode=mode, recount=2))
+        layout = ParamLayout.of(ViewRecipe(size=SIZE, reprob=1.0, remode=mode, recount=2, renderer=renderer))
         row = np.array(CROP + [2, 123456, 4, 8, 12, 10, 20, 22, 8, 16], np.float32)
         out[f"erase-{mode}"] = _digest(render_views(image, row, SIZE, layout))
-    layout = ParamLayout.of(ViewRecipe(size=SIZE, mixup=1.0, cutmix=1.0))
+    layout = ParamLayout.of(ViewRecipe(size=SIZE, mixup=1.0, cutmix=1.0, renderer=renderer))
     other = np.array([0.0, 0.0, 1.0, 1.0, 0.0] + [0] * 7, np.float32)
     for name, mix in (("mixup", [1, 1, 0.37, 0, 0, 0, 0]), ("cutmix", [2, 1, 0.75, 10, 12, 20, 20])):
         row = np.array(CROP + mix, np.float32)
@@ -77,16 +104,24 @@ def golden_views() -> dict:
     return out
 
 
-def test_golden_views_have_not_changed():
-    assert RENDERER_VERSION == 1, "a new renderer version needs its own golden table (keep the old one)"
-    got = golden_views()
-    changed = {k: (GOLDEN[k], got[k]) for k in GOLDEN if GOLDEN[k] != got[k]}
-    assert not changed, (f"renderer {RENDERER_VERSION} output changed for {sorted(changed)}: pixels of cached views "
+def test_every_renderer_version_has_a_golden_table():
+    assert sorted(GOLDEN) == sorted(RENDERER_VERSIONS), "a new renderer version needs its own table (keep the old ones)"
+
+
+@pytest.mark.parametrize("renderer", RENDERER_VERSIONS)
+def test_golden_views_have_not_changed(renderer):
+    got = golden_views(renderer)
+    golden = GOLDEN[renderer]
+    changed = {k: (golden[k], got[k]) for k in golden if golden[k] != got[k]}
+    assert not changed, (f"renderer {renderer} output changed for {sorted(changed)}: pixels of cached views "
                          f"would differ from what their teacher scored; make it a new renderer version. {changed}")
 
 
 def test_golden_views_see_every_op():
-    """Guards the table itself: every entry is a distinct image (an op that did nothing would repeat rrc)."""
-    got = golden_views()
-    ra = [v for k, v in got.items() if k.startswith("ra-")]
-    assert len(set(ra)) == len(ra) and got["rrc"] not in ra
+    """Guards the tables: every entry is a distinct image (an op that did nothing would repeat rrc), and the
+    versions differ where the resize runs (and only there: the decode is shared)."""
+    got = {r: golden_views(r) for r in RENDERER_VERSIONS}
+    for views in got.values():
+        ra = [v for k, v in views.items() if k.startswith("ra-")]
+        assert len(set(ra)) == len(ra) and views["rrc"] not in ra
+    assert got[1]["decode"] == got[2]["decode"] and got[1]["rrc"] != got[2]["rrc"]

@@ -1,12 +1,21 @@
 #!/usr/bin/env python
-"""Diagnostic: how the multi-view renderer (decode + crop/resize/flip, numba prange) scales with threads,
-and (--breakdown) where one thread's time goes: JPEG decode per image vs crop/resize/flip per view, with
-OpenCV's INTER_AREA (the renderer's, via FFCV's resize_crop) and INTER_LINEAR on the same crops for scale.
+"""The renderer's cost and quality, renderer 1 (OpenCV INTER_AREA via FFCV's resize_crop) against renderer 2
+(kdcache.augment.area_resize), on the same views:
 
-    python tools/render_scaling.py --data DIR [--size 224] [--views 1] [--breakdown]
+  --breakdown        one thread: JPEG decode per image and crop + resize + flip per view for each renderer,
+                     then the cost per view at S = 1, 4, 16 views per decoded image; with OpenCV's
+                     INTER_LINEAR (not antialiased) and a JPEG decode at 1/2 scale (DCT-domain) for scale
+  --photos DIR       quality: PSNR of renderer 2 against INTER_AREA, and of both against an exact float64
+                     area resample, over RandomResizedCrop views of the photographs in DIR (any PNG/JPEG)
+  (default)          the multi-view renderer (decode once, S views, numba threads) against the thread count
+
+    python tools/render_scaling.py --data DIR --size 224 --breakdown
+    python tools/render_scaling.py --photos DIR --size 224
+    python tools/render_scaling.py --data DIR --size 224 --views 4 [--renderer 1]
 """
 
 import argparse
+import glob
 import os
 import time
 
@@ -16,13 +25,22 @@ import numpy as np
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True)
-    p.add_argument("--size", type=int, default=None)
-    p.add_argument("--views", type=int, default=1)
-    p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--breakdown", action="store_true", help="one-thread decode vs resize cost, then exit")
+    p.add_argument("--data", help="a prepared dataset (kdcache prepare)")
+    p.add_argument("--photos", help="a folder of photographs (PNG/JPEG) for --quality")
+    p.add_argument("--size", type=int, default=None, help="view size (default: the dataset's view size; 224 for --photos)")
+    p.add_argument("--views", type=int, default=1, help="views per decoded image (thread scaling)")
+    p.add_argument("--samples", type=int, default=256, help="images used")
+    p.add_argument("--renderer", type=int, default=None, help="renderer version (thread scaling; default: current)")
+    p.add_argument("--breakdown", action="store_true", help="one-thread decode vs resize cost per renderer, then exit")
+    p.add_argument("--views-per-photo", type=int, default=200, help="RRC views per photograph (--photos)")
     args = p.parse_args()
-    from kdcache.augment import ViewRecipe, view_params
+    if args.photos:
+        quality(args.photos, args.size or 224, args.views_per_photo)
+        return
+    if not args.data:
+        p.error("--data (or --photos) is required")
+    from kdcache.augment import ParamLayout, ViewRecipe, view_params
+    from kdcache.augment.recipe import RENDERER_VERSION
     from kdcache.augment.render import SampleBuffers, render_samples
     from kdcache.data.dataset import PreparedDataset
     ds = PreparedDataset.open(args.data)
@@ -32,22 +50,25 @@ def main():
     reader = split.jpeg_reader()
     jpegs = [reader[i] for i in range(m)]
     h, w = split.sizes[:m, 0], split.sizes[:m, 1]
-    params = np.stack([view_params(ViewRecipe(size=size), 0, s, np.arange(m), h, w) for s in range(args.views)], 1)
+    recipe = ViewRecipe(size=size, renderer=args.renderer or RENDERER_VERSION)
+    params = np.stack([view_params(recipe, 0, s, np.arange(m), h, w) for s in range(args.views)], 1)
     if args.breakdown:
         breakdown(jpegs, h, w, params[:, 0], size)
         return
+    layout = ParamLayout.of(recipe)
     out = np.empty((m, args.views, size, size, 3), np.uint8)
     buffers = SampleBuffers()
-    render_samples(jpegs, h, w, params, size, out=out, buffers=buffers)
-    print(f"cpu_count {os.cpu_count()}, affinity {len(os.sched_getaffinity(0))}, numba {numba.__version__}, "
-          f"threading layer {numba.threading_layer()}, default threads {numba.config.NUMBA_NUM_THREADS}")
+    render_samples(jpegs, h, w, params, size, layout, out=out, buffers=buffers)
+    print(f"renderer {recipe.renderer}; cpu_count {os.cpu_count()}, affinity {len(os.sched_getaffinity(0))}, "
+          f"numba {numba.__version__}, threading layer {numba.threading_layer()}, "
+          f"default threads {numba.config.NUMBA_NUM_THREADS}")
     threads = sorted({t for t in (1, 2, 4, 8, 16) if t <= numba.config.NUMBA_NUM_THREADS} | {numba.config.NUMBA_NUM_THREADS})
     for t in threads:
         numba.set_num_threads(t)
         best = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()
-            render_samples(jpegs, h, w, params, size, out=out, buffers=buffers)
+            render_samples(jpegs, h, w, params, size, layout, out=out, buffers=buffers)
             best = min(best, time.perf_counter() - t0)
         print(f"threads {t:>2}: {best / (m * args.views) * 1e6:8.1f} us/view, {m / best:8.0f} img/s")
 
@@ -64,28 +85,94 @@ def _best_us(fn, items, repeats=3):
 
 def breakdown(jpegs, heights, widths, params, size):
     import cv2
+    from kdcache.augment import ParamLayout, ViewRecipe
     from kdcache.augment.render import _renderer, crop_box
     cv2.setNumThreads(1)
+    numba.set_num_threads(1)
     r = _renderer()
     images = [np.empty((hh, ww, 3), np.uint8) for hh, ww in zip(heights, widths)]
+    half = [np.empty(((hh + 1) // 2, (ww + 1) // 2, 3), np.uint8) for hh, ww in zip(heights, widths)]
     out = np.empty((size, size, 3), np.uint8)
-    jobs = list(zip(jpegs, heights, widths, images, params))
+    scratch = np.empty_like(out)
+    jobs = list(zip(jpegs, heights, widths, images, params, half))
     decode_us = _best_us(lambda j: r.decode_into(np.frombuffer(j[0], np.uint8), np.uint32(j[1]), np.uint32(j[2]), j[3]), jobs)
-    render_us = _best_us(lambda j: r.render_into(j[3], j[4], out), jobs)
+    from ffcv.libffcv import imdecode
+    half_us = _best_us(lambda j: imdecode(np.frombuffer(j[0], np.uint8), j[5], j[1], j[2], j[1], j[2], 0, 0, 1, 2,
+                                          False, False), jobs)
+    render_us = {}
+    for version in (1, 2):
+        layout = ParamLayout.of(ViewRecipe(size=size, renderer=version)).as_array()
+        render_us[version] = _best_us(lambda j: r.render_into(j[3], j[4], layout, out, scratch), jobs)
     crops = []
-    for _, hh, ww, image, row in jobs:
+    for _, hh, ww, image, row, _ in jobs:
         top, left, ch, cw = crop_box(hh, ww, row)
         crops.append(image[top:top + ch, left:left + cw])
     area_us = _best_us(lambda c: cv2.resize(c, (size, size), dst=out, interpolation=cv2.INTER_AREA), crops)
     linear_us = _best_us(lambda c: cv2.resize(c, (size, size), dst=out, interpolation=cv2.INTER_LINEAR), crops)
     side = np.mean([np.sqrt(c.shape[0] * c.shape[1]) for c in crops])
+    shrink = np.mean([c.shape[0] >= size and c.shape[1] >= size for c in crops])
     print(f"{len(jobs)} images of mean {np.mean(heights):.0f}x{np.mean(widths):.0f} px, views at {size} px "
-          f"(mean crop side {side:.0f} px), one thread:")
-    print(f"  JPEG decode            {decode_us:7.0f} us per image")
-    print(f"  crop + resize + flip   {render_us:7.0f} us per view (renderer: OpenCV INTER_AREA)")
-    print(f"  cv2 INTER_AREA alone   {area_us:7.0f} us per view; INTER_LINEAR {linear_us:.0f} us (for scale)")
+          f"(mean crop side {side:.0f} px; both sides shrink in {shrink:.0%} of views), one thread:")
+    print(f"  JPEG decode                     {decode_us:7.0f} us per image (at 1/2 scale, DCT-domain: {half_us:.0f} us)")
+    print(f"  crop + resize + flip, renderer 1 {render_us[1]:6.0f} us per view (OpenCV INTER_AREA)")
+    print(f"  crop + resize + flip, renderer 2 {render_us[2]:6.0f} us per view (area resample, "
+          f"{render_us[1] / render_us[2]:.2f}x faster)")
+    print(f"  for scale: cv2 INTER_AREA alone {area_us:.0f} us, INTER_LINEAR {linear_us:.0f} us (aliases)")
+    print("  per view, decode shared by S views:      renderer 1          renderer 2      speed-up")
     for s in (1, 4, 16):
-        print(f"  S={s:<2}: {decode_us / s + render_us:7.0f} us per view, resize share {render_us / (decode_us / s + render_us):.0%}")
+        t1, t2 = decode_us / s + render_us[1], decode_us / s + render_us[2]
+        print(f"    S={s:<2}  {t1:7.0f} us (resize {render_us[1] / t1:4.0%})  {t2:7.0f} us (resize {render_us[2] / t2:4.0%})"
+              f"   {t1 / t2:.2f}x")
+
+
+def _exact_area(crop: np.ndarray, size: int) -> np.ndarray:
+    """Float64 area resample (each output pixel: the mean over its footprint), the ideal both renderers aim at."""
+    def matrix(src, dst):
+        s = src / dst
+        i = np.arange(dst)[:, None]
+        j = np.arange(src)[None, :]
+        return np.clip(np.minimum((i + 1) * s, j + 1) - np.maximum(i * s, j), 0, None) / s
+    wy, wx = matrix(crop.shape[0], size), matrix(crop.shape[1], size)
+    return np.stack([wy @ crop[:, :, c].astype(np.float64) @ wx.T for c in range(3)], -1)
+
+
+def _psnr(a, b) -> float:
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def quality(folder: str, size: int, per_photo: int):
+    import cv2
+    from kdcache.augment import ParamLayout, ViewRecipe, view_params
+    from kdcache.augment.render import crop_box, render_views
+    files = sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith((".png", ".jpg", ".jpeg")))
+    if not files:
+        raise SystemExit(f"{folder}: no PNG or JPEG photographs")
+    layouts = {v: ParamLayout.of(ViewRecipe(size=size, renderer=v)) for v in (1, 2)}
+    rows = {"both shrink": [], "both grow": [], "one each way": []}
+    for n, f in enumerate(files):
+        image = np.ascontiguousarray(cv2.imread(f, cv2.IMREAD_COLOR)[:, :, ::-1])
+        H, W = image.shape[:2]
+        params = view_params(ViewRecipe(size=size), n, 0, np.arange(per_photo), np.full(per_photo, H), np.full(per_photo, W))
+        for row in params:
+            top, left, h, w = crop_box(H, W, row)
+            v1 = render_views(image, row, size, layouts[1])[0]
+            v2 = render_views(image, row, size, layouts[2])[0]
+            ideal = _exact_area(image[top:top + h, left:left + w], size)
+            if row[4] > 0.5:
+                ideal = ideal[:, ::-1]
+            case = "both shrink" if h >= size and w >= size else "both grow" if h <= size and w <= size else "one each way"
+            rows[case].append((_psnr(v2, v1), _psnr(v1, ideal), _psnr(v2, ideal)))
+    print(f"{len(files)} photographs ({', '.join(os.path.basename(f) for f in files)}), {per_photo} RRC views each "
+          f"at {size} px. PSNR in dB (median over views; inf = identical):")
+    print(f"  {'views':<14}{'n':>6}  {'r2 vs INTER_AREA':>17}  {'r1 vs exact area':>17}  {'r2 vs exact area':>17}")
+    every = [v for vals in rows.values() for v in vals]
+    for case, vals in list(rows.items()) + [("all", every)]:
+        if vals:
+            med = np.median(np.array(vals), 0)
+            print(f"  {case:<14}{len(vals):>6}  {med[0]:17.1f}  {med[1]:17.1f}  {med[2]:17.1f}")
+    low = min(v[0] for v in every)
+    print(f"  lowest r2 vs INTER_AREA over all views: {low:.1f} dB")
 
 
 if __name__ == "__main__":

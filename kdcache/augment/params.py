@@ -21,7 +21,7 @@ import numpy as np
 
 from kdcache.augment import erasing, mixing
 from kdcache.augment.randaugment import draw_rand_augment, parse_rand_augment
-from kdcache.augment.recipe import ViewRecipe
+from kdcache.augment.recipe import RENDERER_VERSION, ViewRecipe
 from kdcache.augment.rng import STREAM_FLIP, STREAM_RRC, uniform, view_keys
 from kdcache.errors import KdcacheError
 
@@ -77,12 +77,13 @@ class ParamLayout:
     erase_boxes: int = 0
     erase_mode: int = 0
     mixing: bool = False
+    renderer: int = RENDERER_VERSION     # the renderer version that makes the pixels
 
     @classmethod
     def of(cls, recipe: ViewRecipe) -> "ParamLayout":
         ra = parse_rand_augment(recipe.aa)
         return cls(ra_layers=ra.num_layers if ra else 0, erase_boxes=recipe.recount if recipe.reprob > 0 else 0,
-                   erase_mode=erasing.MODE_IDS[recipe.remode], mixing=recipe.mixing)
+                   erase_mode=erasing.MODE_IDS[recipe.remode], mixing=recipe.mixing, renderer=recipe.renderer)
 
     @property
     def ra_offset(self) -> int:
@@ -104,9 +105,10 @@ class ParamLayout:
                 + (mixing.MIX_COLUMNS if self.mixing else 0))
 
     def as_array(self) -> np.ndarray:
-        """What the compiled renderer reads: [ra offset, ra layers, erase offset, erase mode, mix offset], -1 = absent."""
+        """What the compiled renderer reads: [ra offset, ra layers, erase offset, erase mode, mix offset, renderer
+        version], -1 = absent."""
         return np.array([self.ra_offset, self.ra_layers, -1 if self.erase_offset is None else self.erase_offset,
-                         self.erase_mode, -1 if self.mix_offset is None else self.mix_offset], np.int64)
+                         self.erase_mode, -1 if self.mix_offset is None else self.mix_offset, self.renderer], np.int64)
 
     def columns(self) -> list:
         """Column names, for docs, `info` and the plain-zarr reader."""

@@ -13,6 +13,14 @@ from typing import Optional, Tuple
 
 from kdcache.errors import KdcacheError
 
+# Pixels are part of a cache's meaning: a change of any op's output is a new renderer version
+# (tests/test_golden_views.py keeps a table per version). kdcache.augment.render implements them:
+# 1: FFCV imdecode + resize_crop (OpenCV INTER_AREA) + flip; RandAugment, erasing and pair mixing (docs/views.md).
+# 2: as 1, with the crop + area resample + flip of kdcache.augment.area_resize (about 4x faster per 224 px view).
+# New recipes get RENDERER_VERSION; every version in RENDERER_VERSIONS is kept, so old caches replay as made.
+RENDERER_VERSION = 2
+RENDERER_VERSIONS = (1, 2)
+
 # 1: RandomResizedCrop + flip only (fields size..hflip; older fields refused unless default).
 # 2: RandAugment, random erasing, pair mixing, repeated augmentation, the mixing block and the renderer version.
 RECIPE_VERSION = 2
@@ -47,7 +55,7 @@ class ViewRecipe:
     mixup_switch_prob: float = 0.5
     mix_block: int = 256
     aug_repeats: int = 0
-    renderer: int = 1
+    renderer: int = RENDERER_VERSION
 
     def __post_init__(self):
         object.__setattr__(self, "scale", tuple(float(x) for x in self.scale))
@@ -80,7 +88,6 @@ class ViewRecipe:
             raise KdcacheError(f"recipe: --mix-block must be an even integer >= 2, got {self.mix_block!r}")
         if not (isinstance(self.aug_repeats, int) and self.aug_repeats >= 0):
             raise KdcacheError(f"recipe: --aug-repeats must be a non-negative integer, got {self.aug_repeats!r}")
-        from kdcache.augment.render import RENDERER_VERSIONS
         if self.renderer not in RENDERER_VERSIONS:
             raise KdcacheError(f"recipe: renderer version {self.renderer} is not known to this kdcache "
                                f"(it renders versions {sorted(RENDERER_VERSIONS)}); upgrade kdcache to read this cache")
@@ -106,6 +113,8 @@ class ViewRecipe:
         version = d.pop("version", RECIPE_VERSION)
         if version not in (1, RECIPE_VERSION):
             raise KdcacheError(f"recipe: version {version} is not understood (this kdcache reads 1 and {RECIPE_VERSION})")
+        if version == 1:  # format-1 recipes predate the field; their pixels are renderer 1's
+            d.setdefault("renderer", 1)
         names = {f.name for f in dataclasses.fields(cls)}
         extra = sorted(set(d) - names)
         if extra:
@@ -147,6 +156,8 @@ _FLAG_HELP = {
     "mixup_switch_prob": "probability of cutmix rather than mixup when both are on",
     "mix_block": "pairs are drawn inside blocks of this many consecutive samples",
     "aug_repeats": "repeated augmentation: R passes over 1/R of the data per epoch, R different views",
+    "renderer": "renderer version that makes the pixels: 2 = area resample (new caches), "
+                "1 = OpenCV INTER_AREA (caches made before it; docs/views.md)",
 }
 RECIPE_FLAGS = tuple(_FLAG_HELP)
 

@@ -3,8 +3,10 @@ RandAugment and random erasing (when the recipe has them); mixing of a pair's tw
 
 Both stages run this code: the teacher side directly (decode_jpeg, render_views), the student side
 inside kdcache's FFCV decoder. Decode is FFCV's libffcv imdecode (turbojpeg with TJFLAG_FASTDCT, so
-not PIL's pixels) and resize is FFCV's resize_crop (cv::resize INTER_AREA), so the student's replayed
-view of (i, s) is the image the teacher scored, bit for bit (tests/test_views.py checks it).
+not PIL's pixels); the resize is renderer 2's separable area resample (kdcache.augment.area_resize), or
+for caches made by renderer 1, FFCV's resize_crop (cv::resize INTER_AREA). The version travels in the
+layout array (ParamLayout.renderer), so the student's replayed view of (i, s) is the image the teacher
+scored, bit for bit, whichever version made the cache (tests/test_views.py, tests/test_golden_views.py).
 
 Every FFCV pipeline gets its own compiled copies (make_renderer), as FFCV's own decoders do: with
 numba 0.68, a dispatcher that a second FFCV pipeline compiles against again raises KeyError from its
@@ -18,13 +20,10 @@ import numba
 import numpy as np
 from ffcv.libffcv import imdecode, resize_crop
 
-from kdcache.augment import erasing, mixing
+from kdcache.augment import area_resize, erasing, mixing
 from kdcache.augment.randaugment import compile_rand_augment
 
-# Pixels are part of a cache's meaning: a change of any op's output is a new version (tests/test_golden_views.py).
-# 1: FFCV imdecode + resize_crop (INTER_AREA) + flip; RandAugment, erasing and pair mixing as in docs/views.md.
-RENDERER_VERSION = 1
-RENDERER_VERSIONS = (1,)
+from kdcache.augment.recipe import RENDERER_VERSION, RENDERER_VERSIONS  # noqa: F401 (what callers import from here)
 
 
 def library_versions() -> dict:
@@ -62,7 +61,7 @@ def flip_horizontal(image):
 
 class Renderer(NamedTuple):
     decode_into: object   # (jpeg u8[:], height, width, out u8[h, w, 3]) -> turbojpeg status (0 = ok)
-    render_into: object   # (image u8[h, w, 3], params f32[P], layout i64[5], out u8[S, S, 3], scratch like out) -> None
+    render_into: object   # (image u8[h, w, 3], params f32[P], layout i64[6], out u8[S, S, 3], scratch like out) -> None
     render_many: object   # (image, params f32[V, P], layout, out u8[V, S, S, 3]) -> None
     render_samples: object  # parallel over samples: decode each once, render all its views (teacher side)
     mix_pair: object      # (view a, view b, params of a (f32[P]), layout) -> None: a pair's mixing, in place
@@ -91,6 +90,8 @@ def make_renderer(rand_augment: bool = True, erasing_boxes: bool = True) -> Rend
     strict = numba.njit(**STRICT)
     imdecode_c = strict(imdecode)
     resize_crop_c = strict(resize_crop)
+    area_taps_c = strict(area_resize.area_taps)
+    resize_area_c = strict(_with_globals(area_resize.resize_area, area_taps=area_taps_c))
     crop_box_c = strict(crop_box)
     flip_c = strict(flip_horizontal)
     rand_augment_c = compile_rand_augment(with_scratch=True) if rand_augment else strict(_no_rand_augment)
@@ -110,9 +111,14 @@ def make_renderer(rand_augment: bool = True, erasing_boxes: bool = True) -> Rend
     @strict
     def render_into(image, params, layout, out, scratch):
         top, left, h, w = crop_box_c(image.shape[0], image.shape[1], params)
-        resize_crop_c(image, top, top + h, left, left + w, out)
-        if params[4] > 0.5:
-            flip_c(out)
+        # renderer 2 keeps OpenCV for crops that grow on both axes: there INTER_AREA is the same area filter
+        # on OpenCV's SIMD linear path, twice as fast as the separable resample (kdcache.augment.area_resize)
+        if layout[5] == 1 or (h <= out.shape[0] and w <= out.shape[1]):
+            resize_crop_c(image, top, top + h, left, left + w, out)
+            if params[4] > 0.5:
+                flip_c(out)
+        else:
+            resize_area_c(image, top, left, h, w, out, params[4] > 0.5)
         if layout[1] > 0:
             rand_augment_c(out, params[layout[0]:layout[0] + 2 * layout[1]].reshape((layout[1], 2)), scratch)
         if layout[2] >= 0:

@@ -175,9 +175,10 @@ def renderer_record(spec: CacheSpec) -> dict:
     """What made the pixels: the renderer version, the libraries' versions and the parameter columns."""
     from kdcache.augment.params import ParamLayout
     from kdcache.augment.recipe import ViewRecipe
-    from kdcache.augment.render import RENDERER_VERSION, library_versions
-    return {"version": RENDERER_VERSION, "libraries": library_versions(),
-            "param_columns": ParamLayout.of(ViewRecipe.from_dict(spec.recipe)).columns()}
+    from kdcache.augment.render import library_versions
+    recipe = ViewRecipe.from_dict(spec.recipe)
+    return {"version": recipe.renderer, "libraries": library_versions(),
+            "param_columns": ParamLayout.of(recipe).columns()}
 
 
 MAX_SEED = 999_999   # augmentation seeds: unsigned in the view RNG, and 6 digits in the group names
@@ -377,6 +378,14 @@ def check_compatible(path, existing: CacheSpec, wanted: CacheSpec) -> None:
     old, new = existing.identity(), wanted.identity()
     for key in old:
         if old[key] != new[key]:
+            if isinstance(old[key], dict) and isinstance(new[key], dict):  # name the fields, not two long dicts
+                fields = sorted(k for k in set(old[key]) | set(new[key]) if old[key].get(k) != new[key].get(k))
+                was = ", ".join(f"{key}.{k}={_short(old[key].get(k))}" for k in fields)
+                now = ", ".join(f"{key}.{k}={_short(new[key].get(k))}" for k in fields)
+                hint = (" (pass --renderer %s to extend it with the renderer that made it)" % old[key]["renderer"]
+                        if "renderer" in fields and key == "recipe" else "")
+                raise IncompatibleCache(f"{path}: cache was made with {was}, this run has {now}; write to another "
+                                        f"--out{hint}")
             raise IncompatibleCache(f"{path}: cache was made with {key}={_short(old[key])}, this run has "
                                     f"{key}={_short(new[key])}; write to another --out")
 

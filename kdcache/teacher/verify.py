@@ -204,7 +204,9 @@ def renderer_comparison(cache: TeacherCache) -> dict:
     now = library_versions()
     differ = {k: [made["libraries"].get(k), v] for k, v in now.items()
               if made["libraries"] is not None and made["libraries"].get(k) != v}
-    return {"cache_version": made["version"], "current_version": RENDERER_VERSION, "cache_libraries": made["libraries"],
+    # every renderer version is kept, so the replay renders with the cache's own version
+    return {"cache_version": made["version"], "replayed_version": made["version"], "current_version": RENDERER_VERSION,
+            "cache_libraries": made["libraries"],
             "current_libraries": now, "libraries_differ": differ}
 
 
