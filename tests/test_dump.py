@@ -206,7 +206,8 @@ def test_extending_seeds_leaves_old_seeds_untouched(fmnist_small, small_copy):
 @pytest.mark.parametrize("change,field", [
     (["--topk", "3"], "topk"),
     (["--seed", "1"], "teacher.sha256"),           # the random teacher's init follows the global seed
-    (["--scale", "0.5", "1"], "recipe"),
+    (["--scale", "0.5", "1"], "recipe.scale"),
+    (["--renderer", "1"], "recipe.renderer"),      # other pixels: never mixed into one cache
     (["--values-dtype", "float32"], "values_dtype"),
 ])
 def test_incompatible_runs_are_refused_by_name(fmnist_small, small_copy, change, field):
@@ -214,6 +215,8 @@ def test_incompatible_runs_are_refused_by_name(fmnist_small, small_copy, change,
     before = read_all(out)
     proc = kdcache(*dump_args(fmnist_small.root, out, "2:3"), *change, check=False)
     assert proc.returncode == 2 and f"cache was made with {field}=" in proc.stderr, proc.stderr
+    if field == "recipe.renderer":  # the way to extend it is named
+        assert "pass --renderer 2 to extend it" in proc.stderr, proc.stderr
     after = read_all(out)
     assert after.keys() == before.keys() and TeacherCache.open(out).seeds == [0, 1]
     assert all(np.array_equal(after[k], before[k]) for k in before)

@@ -125,3 +125,11 @@ def test_golden_views_see_every_op():
         ra = [v for k, v in views.items() if k.startswith("ra-")]
         assert len(set(ra)) == len(ra) and views["rrc"] not in ra
     assert got[1]["decode"] == got[2]["decode"] and got[1]["rrc"] != got[2]["rrc"]
+
+
+def test_recipes_written_before_renderer_2_replay_with_renderer_1():
+    """A format-1 recipe has no renderer field: its pixels are renderer 1's; recipes of now record 2."""
+    old = {"size": 32, "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "hflip": 0.5, "version": 1}
+    assert ViewRecipe.from_dict(old).renderer == 1 and ParamLayout.of(ViewRecipe.from_dict(old)).as_array()[5] == 1
+    assert ViewRecipe.from_dict(ViewRecipe(size=32).to_dict()).renderer == 2
+    assert ViewRecipe.from_dict(ViewRecipe(size=32, renderer=1).to_dict()).renderer == 1
