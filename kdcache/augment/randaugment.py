@@ -600,5 +600,5 @@ def compile_rand_augment(with_scratch: bool = False):
     for fn in _KERNELS:
         copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
         # flags set explicitly: a callee inherits unset flags from its caller, and FFCV's decoders are fastmath
-        scope[fn.__name__] = numba.njit(fastmath=False, error_model="python")(copy)
+        scope[fn.__name__] = numba.njit(fastmath=False, error_model="python", cache=True)(copy)
     return scope["apply_rand_augment_into" if with_scratch else "apply_rand_augment"]

@@ -85,26 +85,29 @@ def _no_erasing(image, row, mode):
 
 def make_renderer(rand_augment: bool = True, erasing_boxes: bool = True) -> Renderer:
     """Fresh compiled copies of the renderer (see the module docstring for why never shared). Without
-    rand_augment / erasing_boxes those steps are no-ops that compile in no time (RandAugment's kernels take
-    5-8 s to compile: a loader of a recipe without them does not pay for them)."""
+    rand_augment / erasing_boxes those steps are no-ops that compile in no time.
+
+    The kernels in pure numba go through numba's on-disk cache (`cached`): a fresh copy then loads the
+    machine code an earlier process compiled for this CPU instead of compiling it again (RandAugment's
+    kernels: 5-8 s per process). What calls FFCV's ctypes functions (decode, resize_crop) and the closures
+    below cannot be cached by numba; they compile in about a second."""
     strict = numba.njit(**STRICT)
+    cached = numba.njit(cache=True, **STRICT)
     imdecode_c = strict(imdecode)
     resize_crop_c = strict(resize_crop)
-    # numba's on-disk cache: a fresh copy still loads the machine code compiled by an earlier process (2 s saved)
-    cached = numba.njit(cache=True, **STRICT)
     area_taps_c = cached(area_resize.area_taps)
     resize_area_c = cached(_with_globals(area_resize.resize_area, area_taps=area_taps_c))
-    crop_box_c = strict(crop_box)
-    flip_c = strict(flip_horizontal)
+    crop_box_c = cached(crop_box)
+    flip_c = cached(flip_horizontal)
     rand_augment_c = compile_rand_augment(with_scratch=True) if rand_augment else strict(_no_rand_augment)
     if erasing_boxes:
-        splitmix_c = strict(erasing._splitmix)
-        noise_c = strict(_with_globals(erasing.noise_normal, _splitmix=splitmix_c))
-        fill_c = strict(erasing.fill_value)
-        erase_c = strict(_with_globals(erasing.apply_erasing, noise_normal=noise_c, fill_value=fill_c))
+        splitmix_c = cached(erasing._splitmix)
+        noise_c = cached(_with_globals(erasing.noise_normal, _splitmix=splitmix_c))
+        fill_c = cached(erasing.fill_value)
+        erase_c = cached(_with_globals(erasing.apply_erasing, noise_normal=noise_c, fill_value=fill_c))
     else:
         erase_c = strict(_no_erasing)
-    mix_c = strict(mixing.mix_pair)
+    mix_c = cached(mixing.mix_pair)
 
     @strict
     def decode_into(jpeg, height, width, out):
