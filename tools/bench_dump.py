@@ -42,6 +42,7 @@ def main():
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--skip-bytes", action="store_true", help="skip part 3 (bytes per view)")
     p.add_argument("--a2", action="store_true", help="A2 views: RandAugment rand-m7-mstd0.5, mixup 0.1, cutmix 1.0")
+    p.add_argument("--renderer", type=int, default=None, help="renderer version of the views (default: the current one)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -57,7 +58,7 @@ def main():
     split = ds.split("train")
     device = resolve_device(args.device, DistContext())
     recipe = ViewRecipe(size=ds.view_size, **(dict(aa="rand-m7-mstd0.5", mixup=0.1, cutmix=1.0, mix_block=64)
-                                              if args.a2 else {}))
+                                              if args.a2 else {}), **({"renderer": args.renderer} if args.renderer else {}))
     tmp = Path(tempfile.mkdtemp(prefix="bench_dump_"))
     sub = ds
     n = split.num_samples

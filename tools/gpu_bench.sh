@@ -19,6 +19,9 @@ python3 -m kdcache prepare imagefolder $D/src --out $D/ds --shard-size 2048 2>&1
 echo "data ready in $(( $(date +%s) - t )) s" | tee -a "$OUT/gpu.txt"
 python3 tools/bench_dump.py --data $D/ds --teacher resnet50 --device cuda --batch-size 256 --seeds 4 \
   --json "$OUT/bench_dump_gpu.json" 2>&1 | grep -v "it/s" | tee "$OUT/bench_dump_gpu.txt"
+# the same with renderer 1 (OpenCV INTER_AREA), the before of issue 11's faster resize
+python3 tools/bench_dump.py --data $D/ds --teacher resnet50 --device cuda --batch-size 256 --seeds 4 --renderer 1 \
+  --skip-bytes --json "$OUT/bench_dump_gpu_renderer1.json" 2>&1 | grep -v "it/s" | tee "$OUT/bench_dump_gpu_renderer1.txt"
 python3 tools/bench_train.py --data $D/ds --student resnet50 --teacher resnet152 --device cuda --batch-size 256 \
   --epochs ${TRAIN_EPOCHS:-3} --rounds ${TRAIN_ROUNDS:-2} --json "$OUT/bench_train_gpu.json" 2>&1 | grep -v "it/s" \
   | grep -v -e "^round" | tee "$OUT/bench_train_gpu.txt"
