@@ -17,8 +17,9 @@ import torch
 
 
 # An AVX2-only machine of this kind, emulated on an AVX-512 one: oneDNN's AVX2 kernels (most of the gap for
-# convolutions), numba code for Haswell, OpenCV and numpy without their AVX-512 paths. Measured on CPU-2:
-# 3.3-3.6x the plain calibration (BENCHMARKS.md, "The demo"); the real machines were 4-5x slower.
+# convolutions), numba code for Haswell, OpenCV and numpy without their AVX-512 paths (the pip OpenCV has no
+# AVX-512 dispatch: it says "unknown CPU feature" and runs as before). Measured on CPU-2: 3.3x the plain
+# calibration (BENCHMARKS.md, "The demo"); the real machines were 4-5x slower.
 AVX2_ENV = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "NUMBA_CPU_NAME": "haswell",
