@@ -3,6 +3,7 @@ harmless changes keep every output, the cache grows with new seeds, meaningful c
 deleted; the pipeline calls the library, not cli.py."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,25 @@ def test_shipped_recipes_parse(recipe):
             parsed = parser.parse_args([command, *base[command], *_argv(r[table])])
             assert {k: getattr(ns, k.replace("-", "_")) for k in r[table]} == \
                    {k: getattr(parsed, k.replace("-", "_")) for k in r[table]}
+
+
+def test_every_step_prints_progress_lines_with_rate_and_eta_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
+    """`make demo | tee demo.log`, CI: no terminal, so no tqdm bar; each step prints plain lines with its
+    rate and ETA (here at every update: KDCACHE_PROGRESS_INTERVAL=0), and no carriage returns."""
+    monkeypatch.setenv("KDCACHE_PROGRESS_INTERVAL", "0")
+    recipe = _recipe(tmp_path / "tiny.toml", students=["cache"])
+    recipe.write_text(recipe.read_text().replace("no-progress = true\n", ""))
+    err = kdcache("run", recipe, "--out", tmp_path / "run").stderr
+    assert "\r" not in err
+    for line in (r"prepare train: \d+/300 img, \d+ img/s, ETA \d", r"teacher: epoch 1/1: \d+/256 img, \d+ img/s, ETA \d",
+                 r"dump rank 0: \d+/600 views, \d+ img/s, \d+ view/s, ETA \d",
+                 r"cache: epoch 1/1: \d+/256 img, \d+ img/s, ETA \d"):
+        assert re.search(line, err), f"no line like {line!r} in:\n{err}"
+
+    # --no-progress (no-progress = true in a recipe): none of them
+    run = tmp_path / "run"
+    quiet = kdcache("dump-teacher", "--data", run / "data", "--out", tmp_path / "quiet", "--seeds", "0:2", "--topk", 3,
+                    "--teacher", "resnet10t", "--teacher-checkpoint", run / "teacher" / "model.safetensors",
+                    "--no-progress")
+    assert "600 views written" in quiet.stdout
+    assert "dump rank 0" not in quiet.stderr and "ETA" not in quiet.stderr, quiet.stderr

@@ -7,13 +7,17 @@ the stock decoders and kdcache's replay decoder read it as any RGBImageField.
 """
 
 import contextlib
+import functools
+import sys
 from pathlib import Path
 
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.types import TYPE_ID_HANDLER
+import ffcv.writer
 from ffcv.writer import DatasetWriter
+from tqdm import tqdm
 
 from kdcache.data.shards import JpegReader
 
@@ -62,5 +66,17 @@ def write_beton(path: Path, reader: JpegReader, labels: np.ndarray, sizes: np.nd
     page_size = 1 << max(21, int(np.ceil(np.log2(largest * 2))))  # every sample must fit one page
     fields = {"image": CanonicalJPEGField(write_mode="jpg"), "label": IntField(), "index": IntField()}
     writer = DatasetWriter(str(path), fields, page_size=page_size, num_workers=max(1, workers))
-    with _rgb_type_id_for_canonical_field():
+    with _rgb_type_id_for_canonical_field(), _bar_on_terminal_only():
         writer.from_indexed_dataset(_SplitRows(reader, labels, sizes), chunksize=256)
+
+
+@contextlib.contextmanager
+def _bar_on_terminal_only():
+    """FFCV's writer always draws a tqdm bar, which in a log is a line of carriage returns: a bar on a
+    terminal only (prepare says what it wrote in plain lines)."""
+    saved = ffcv.writer.tqdm
+    ffcv.writer.tqdm = functools.partial(tqdm, disable=None, file=sys.stderr, mininterval=1.0)
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = saved

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -23,6 +24,7 @@ from kdcache.data.shards import JpegReader, ShardSink, jpeg_locations
 from kdcache.data.sources import Source
 from kdcache.errors import KdcacheError
 from kdcache.files import write_text_atomic
+from kdcache.progress import ProgressLines, duration, rate_eta
 
 
 class IncompatibleDataset(KdcacheError):
@@ -60,7 +62,7 @@ def dataset_fingerprint(split_fingerprints: dict) -> str:
 
 
 def _write_split(split: str, samples, out: Path, settings: CanonicalSettings, num_classes: Optional[int],
-                 shard_size: int, skip_bad: bool, pool, workers: int) -> dict:
+                 shard_size: int, skip_bad: bool, pool, workers: int, total: Optional[int] = None) -> dict:
     split_dir = out / split
     split_dir.mkdir(parents=True)
     sink = ShardSink(split_dir, split, shard_size)
@@ -68,7 +70,10 @@ def _write_split(split: str, samples, out: Path, settings: CanonicalSettings, nu
     first_origin = {}
     labels, sizes, skipped = [], [], []
     kl_hash, content_hash = hashlib.sha256(), hashlib.sha256()
-    bar = tqdm(desc=f"prepare {split}", unit="img", file=sys.stderr, mininterval=1.0, disable=None)
+    lines = ProgressLines()   # not a terminal: a plain line every 10 s instead of the bar
+    bar = tqdm(desc=f"prepare {split}", unit="img", total=total, file=sys.stderr, mininterval=1.0,
+               disable=lines.tqdm_disabled())
+    t0 = time.time()
     for key, label, origin, image, error in _canonicalized(samples, settings, pool):
         if error is None and key in first_origin:
             error = f"duplicate key (first seen at {first_origin[key]})"
@@ -88,7 +93,11 @@ def _write_split(split: str, samples, out: Path, settings: CanonicalSettings, nu
         content_hash.update(len(image.jpeg).to_bytes(8, "little"))
         content_hash.update(image.jpeg)
         bar.update()
+        if lines.due():
+            lines.line(f"prepare {split}: {len(keys)}" + (f"/{total}" if total else "") + " img, "
+                       + rate_eta(len(keys) + len(skipped), total, time.time() - t0))
     bar.close()
+    t_beton = time.time()
     names, counts = sink.close()
     if not keys:
         raise KdcacheError(f"split {split!r}: the source has no usable samples"
@@ -102,6 +111,9 @@ def _write_split(split: str, samples, out: Path, settings: CanonicalSettings, nu
     (split_dir / "keys.txt").write_text("".join(k + "\n" for k in keys))
     beton = split_dir / f"{split}.beton"
     write_beton(beton, JpegReader(split_dir, names, locations), labels, sizes, workers)
+    if lines.active:
+        lines.line(f"prepare {split}: {len(keys)} img in {duration(time.time() - t0)} "
+                   f"({len(keys) / max(t_beton - t0, 1e-9):.0f} img/s; FFCV beton {duration(time.time() - t_beton)})")
     return {"num_samples": len(keys), "shards": names, "shard_counts": counts,
             "beton": f"{split}/{beton.name}", "keys_labels_sha256": kl_hash.hexdigest(),
             "content_sha256": content_hash.hexdigest(), "max_label": int(labels.max()), "skipped": skipped}
@@ -165,7 +177,7 @@ def prepare(source: Source, out, settings: Optional[CanonicalSettings] = None, s
             splits = {}
             for split, make_iter in source.splits.items():
                 splits[split] = _write_split(split, make_iter(), tmp, settings, num_classes, shard_size,
-                                             skip_bad, pool, workers)
+                                             skip_bad, pool, workers, (source.counts or {}).get(split))
                 if num_classes is None:  # shards without a class count: train's labels define it
                     num_classes = splits[split]["max_label"] + 1
             for info in splits.values():

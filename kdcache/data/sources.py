@@ -43,6 +43,7 @@ class Source:
     class_names: Optional[List[str]] = None
     view_size: int = 224
     max_side: Optional[int] = 500
+    counts: Optional[Dict[str, int]] = None   # samples per split, where known up front (progress ETA)
 
 
 def _limited(make: Callable[[], Iterator[RawSample]], limit: Optional[int]):
@@ -76,9 +77,22 @@ def fashion_mnist(root: str = FASHION_MNIST_DIR, limit: Optional[int] = None) ->
         return gen
 
     splits = {s: _limited(split_iter(s), limit) for s in files}
+    counts = {s: _idx_count(locate(files[s][1]), limit) for s in files}
     return Source(kind="fashion-mnist", description={"kind": "fashion-mnist", "root": str(root), "limit": limit},
                   splits=splits, num_classes=10, class_names=list(FASHION_MNIST_CLASSES),
-                  view_size=32, max_side=None)
+                  view_size=32, max_side=None, counts=counts)
+
+
+def _idx_count(path: Path, limit: Optional[int]) -> Optional[int]:
+    """The item count in an IDX file's header (None where it cannot be read: prepare reports that)."""
+    import gzip
+    import struct
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            n = struct.unpack(">I", f.read(8)[4:8])[0]
+    except (OSError, struct.error):
+        return None
+    return n if limit is None else min(n, limit)
 
 
 def imagefolder(root: str, limit: Optional[int] = None, view_size: int = 224,

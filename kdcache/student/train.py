@@ -26,6 +26,7 @@ from kdcache.dist import init_from_env, resolve_amp, resolve_device
 from kdcache.errors import KdcacheError
 from kdcache.files import write_text_atomic
 from kdcache.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Normalize, build_model, create_timm_model
+from kdcache.progress import ProgressLines, rate_eta
 from kdcache.student import checkpoint as ckpt
 from kdcache.student.evaluate import evaluate
 from kdcache.augment.loader import ReplayLoader, eval_loader
@@ -223,13 +224,17 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
 
     # --- the loop --------------------------------------------------------------------------------
     t_run = time.time()
+    # a terminal gets tqdm's bar; a log or a pipe a plain line every 10 s (kdcache.progress)
+    lines = ProgressLines(cfg.progress and ctx.is_coordinator)
+    epoch_images = steps_per_epoch * cfg.batch_size * ctx.world_size
+    value = None
     for epoch in range(start_epoch, cfg.epochs):
         train_model.train()
         source.teacher_seconds = 0.0
         t0 = time.time()
         seen = 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, leave=False,
-                   disable=not (cfg.progress and ctx.is_coordinator) or None, mininterval=1.0)
+                   disable=lines.tqdm_disabled(cfg.progress and ctx.is_coordinator), mininterval=1.0)
         for images, labels, indices, views, mix in _passes(source, loader, epoch, passes, layout, device):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
@@ -275,6 +280,12 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
                 bar.set_postfix_str(f"loss {value:.3f} lr {optimizer.param_groups[0]['lr']:.2e} "
                                     f"{seen * ctx.world_size / (time.time() - t0):.0f} img/s", refresh=False)
             bar.update()
+            if lines.due():
+                done = seen * ctx.world_size
+                left = epoch_images - done + (cfg.epochs - epoch - 1) * epoch_images   # to the end of the run
+                lines.line(f"{Path(cfg.out).name}: epoch {epoch + 1}/{cfg.epochs}: {done}/{epoch_images} img, "
+                           + rate_eta(done, done + left, time.time() - t0)
+                           + (f", loss {value:.3f}" if value is not None else ""))
         bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -299,7 +310,7 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
                            ema=ema.state_dict() if ema else None, epoch=epoch + 1, step=step, best_top1=best_top1,
                            history=history, config=asdict(cfg))
             log.write(record)
-            done = f"epoch {epoch + 1}/{cfg.epochs}: {epoch_time:.1f} s, {record['img_per_s']:.0f} img/s"
+            done = f"{Path(cfg.out).name}: epoch {epoch + 1}/{cfg.epochs}: {epoch_time:.1f} s, {record['img_per_s']:.0f} img/s"
             if "top1" in record:
                 done += f", val top-1 {record['top1']:.2f} %" + (f" (EMA {record['ema_top1']:.2f} %)" if "ema_top1" in record else "")
             remaining = (cfg.epochs - epoch - 1) * statistics.median([h["seconds"] for h in history])

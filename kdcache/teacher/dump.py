@@ -36,6 +36,7 @@ from kdcache.data.dataset import PreparedDataset
 from kdcache.dist import init_from_env, resolve_amp, resolve_device
 from kdcache.errors import KdcacheError
 from kdcache.models import ModelSpec, Normalize, build_model, forward_u8
+from kdcache.progress import ProgressLines, rate_eta
 
 
 @dataclass
@@ -330,8 +331,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     stop = threading.Event()
     producer = threading.Thread(target=_produce, args=(cache, split, recipe, cfg, blocks, run, out_q, stop, workers, device.type == "cuda"),
                                 daemon=True, name="kdcache-render")
+    lines = ProgressLines(cfg.progress)   # not a terminal: a plain line every 10 s instead of the bar
     bar = tqdm(total=views_todo, unit="view", desc=f"dump rank {ctx.rank}", file=sys.stderr,
-               disable=not cfg.progress or None, mininterval=1.0, smoothing=0.05)
+               disable=lines.tqdm_disabled(cfg.progress), mininterval=1.0, smoothing=0.05)
     log = {"run": run, "rank": ctx.rank, "world_size": ctx.world_size, "device": str(device), "amp": runner.amp,
            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "teacher"},
            "teacher": tinfo, "units": [], "lost": []}
@@ -352,6 +354,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                 raise item[1]
             if kind == "waiting":
                 bar.set_postfix_str(f"waiting for {item[1]} units held by other writers", refresh=True)
+                if lines.due():
+                    lines.line(f"dump rank {ctx.rank}: waiting for {item[1]} units held by other writers")
             elif kind == "pass":
                 _, pid, block, seeds, params = item
                 a, b = spec.block_bounds(block)
@@ -379,6 +383,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                 bar.update(logp.shape[0])
                 elapsed = time.time() - t_loop
                 bar.set_postfix_str(f"{samples_done / elapsed:.0f} img/s", refresh=False)
+                if lines.due():
+                    lines.line(f"dump rank {ctx.rank}: {views_done}/{views_todo} views, {samples_done / elapsed:.0f} img/s, "
+                               + rate_eta(views_done, views_todo, elapsed, "view"))
             elif kind == "end":
                 st = state.pop(item[1])
                 writer.put(lambda st=st: _finish_pass(cache, st, log, {"run": run, "rank": ctx.rank,
