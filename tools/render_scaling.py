@@ -99,10 +99,16 @@ def breakdown(jpegs, heights, widths, params, size):
     from ffcv.libffcv import imdecode
     half_us = _best_us(lambda j: imdecode(np.frombuffer(j[0], np.uint8), j[5], j[1], j[2], j[1], j[2], 0, 0, 1, 2,
                                           False, False), jobs)
-    render_us = {}
+    render_us, by_kind = {}, {}
+    grows = [crop_box(j[1], j[2], j[4])[2] <= size and crop_box(j[1], j[2], j[4])[3] <= size for j in jobs]
     for version in (1, 2):
         layout = ParamLayout.of(ViewRecipe(size=size, renderer=version)).as_array()
         render_us[version] = _best_us(lambda j: r.render_into(j[3], j[4], layout, out, scratch), jobs)
+        for kind, want in (("shrinking on a side", False), ("growing on both sides", True)):
+            some = [j for j, g in zip(jobs, grows) if g == want]
+            if some:
+                by_kind.setdefault(kind, [len(some)]).append(
+                    _best_us(lambda j: r.render_into(j[3], j[4], layout, out, scratch), some))
     crops = []
     for _, hh, ww, image, row, _ in jobs:
         top, left, ch, cw = crop_box(hh, ww, row)
@@ -117,6 +123,8 @@ def breakdown(jpegs, heights, widths, params, size):
     print(f"  crop + resize + flip, renderer 1 {render_us[1]:6.0f} us per view (OpenCV INTER_AREA)")
     print(f"  crop + resize + flip, renderer 2 {render_us[2]:6.0f} us per view (area resample, "
           f"{render_us[1] / render_us[2]:.2f}x faster)")
+    for kind, (n, us1, us2) in by_kind.items():
+        print(f"    {n} views {kind}: renderer 1 {us1:.0f} us, renderer 2 {us2:.0f} us ({us1 / us2:.2f}x)")
     print(f"  for scale: cv2 INTER_AREA alone {area_us:.0f} us, INTER_LINEAR {linear_us:.0f} us (aliases)")
     print("  per view, decode shared by S views:      renderer 1          renderer 2      speed-up")
     for s in (1, 4, 16):
