@@ -6,6 +6,13 @@ decoder; compiled code reaches it by address, because numba freezes global and c
 compile time. Refilling the table in place (set_views) between epochs therefore needs no recompilation.
 Fill it before `iter(loader)`: FFCV's epoch thread starts decoding as soon as the iterator exists.
 
+The output size may change between epochs (progressive resizing): set `output_size` before `iter(loader)`,
+as ffcv-imagenet does. FFCV asks every operation for its memory again at each epoch's start
+(Graph.allocate_memory -> declare_state_and_memory), and the compiled code reads the size from its output
+buffer, so a new size needs new buffers but no compilation. The stored rows' pixel boxes (erasing, cutmix)
+refer to `view_size`; each row is copied to a per-sample buffer and its boxes scaled to the size rendered
+(kdcache.augment.rescale).
+
 Mixing happens in the same decode call, after every view of the batch is rendered: the sample order
 (kdcache.augment.loader.PairedOrder) puts partners next to each other in one batch, so each image is
 decoded once per epoch. A partner missing from its batch is caught by the loader, which raises: a view
@@ -20,16 +27,21 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.utils import cast_int_to_byte_ptr
 
 from kdcache.augment.params import ParamLayout
-from kdcache.augment.render import make_renderer
+from kdcache.augment.render import STRICT, make_renderer
+from kdcache.augment.rescale import scale_view_row
 
 
 class ReplayViewDecoder(ResizedCropRGBImageDecoder):
     """Decode + crop + resize + flip of view (i, params[i]) for every sample id i of the batch."""
 
-    def __init__(self, num_samples: int, output_size: int, layout: ParamLayout = None):
+    def __init__(self, num_samples: int, output_size: int, layout: ParamLayout = None, view_size: int = None,
+                 table: np.ndarray = None):
+        """view_size: the size the rows' pixel boxes refer to (the recipe's; default output_size). table: another
+        decoder's table to read (a second rendering of the same views, e.g. at the teacher's size)."""
         super().__init__((output_size, output_size))
         self.layout = layout or ParamLayout()
-        self.table = np.full((num_samples, self.layout.width), np.nan, np.float32)
+        self.view_size = int(view_size or output_size)
+        self.table = np.full((num_samples, self.layout.width), np.nan, np.float32) if table is None else table
 
     def set_views(self, params: np.ndarray) -> None:
         """Copy one epoch's (N, P) view parameters into the table (in place: the address is compiled in)."""
@@ -42,9 +54,10 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
 
     def declare_state_and_memory(self, previous_state):
         """The parent's output and decode buffers, plus a view-sized scratch image per sample for RandAugment
-        (allocated once by FFCV, not per op)."""
+        (allocated by FFCV per epoch, not per op) and a row per sample for the boxes scaled to this size."""
         state, (output, decoded) = super().declare_state_and_memory(previous_state)
-        return state, (output, decoded, AllocationQuery(output.shape, output.dtype))
+        return state, (output, decoded, AllocationQuery(output.shape, output.dtype),
+                       AllocationQuery((self.layout.width,), np.float32))
 
     @property
     def get_crop_generator(self):  # abstract in the parent; the crop comes from the table instead
@@ -62,9 +75,12 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
         # this pipeline's own compiled copies (see kdcache.augment.render), with only the steps it uses
         renderer = make_renderer(self.layout.ra_layers > 0, self.layout.erase_boxes > 0)
         decode_into, render_into, mix_pair = renderer.decode_into, renderer.render_into, renderer.mix_pair
+        scale_row = numba.njit(**STRICT)(scale_view_row)   # this pipeline's own copy, as make_renderer's
+        view_size = self.view_size
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage, scratch_storage = my_storage
+            destination, temp_storage, scratch_storage, row_storage = my_storage
+            size = destination.shape[1]        # this epoch's output size (FFCV allocated the buffers for it)
             table = numba.carray(cast_int_to_byte_ptr(address), (nbytes,)).view(np.float32).reshape((rows, columns))
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
@@ -78,7 +94,10 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
                     image = temp.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     image = image_data.reshape(height, width, 3)
-                render_into(image, table[source_ix], layout, destination[dst_ix], scratch_storage[dst_ix])
+                row = row_storage[dst_ix]
+                row[:] = table[source_ix]
+                scale_row(row, layout, view_size, size)
+                render_into(image, row, layout, destination[dst_ix], scratch_storage[dst_ix])
             if mix_offset >= 0:
                 n = len(batch_indices)
                 for dst_ix in my_range(n):
@@ -94,7 +113,7 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
                                 if batch_indices[q] == partner:
                                     at = q
                         if at >= 0:  # (a partner missing from the batch is caught by ReplayLoader.__iter__)
-                            mix_pair(destination[dst_ix], destination[at], table[source_ix], layout)
+                            mix_pair(destination[dst_ix], destination[at], row_storage[dst_ix], layout)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

@@ -17,6 +17,7 @@ import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline import PipelineSpec
 from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 
 from kdcache.augment.ffcv_ops import ReplayViewDecoder
@@ -86,23 +87,31 @@ class ReplayLoader:
 
     With a mixing layout, `repeats` > 1 or `subsets` (set_views(params, active) chooses the samples of each
     pass) the order is PairedOrder (partners in one batch; an even batch size is required); otherwise
-    FFCV's own order."""
+    FFCV's own order.
+
+    `size` is the output size, changeable per epoch with set_size (progressive resizing); `view_size` the size
+    the views were drawn at (the recipe's; their pixel boxes refer to it). With `teacher_size`, batches carry a
+    fourth tensor: the same views rendered at that fixed size (a second decoder on the same field and table;
+    each image is decoded once more), for an online teacher that scores what a cache would hold."""
 
     def __init__(self, beton: Path, num_samples: int, size: int, batch_size: int, workers: Optional[int] = None,
                  order: str = "random", seed: int = 0, indices: Optional[Sequence[int]] = None,
                  drop_last: bool = True, distributed: bool = False, os_cache: bool = True,
                  batches_ahead: int = 3, layout: Optional[ParamLayout] = None, repeats: int = 1,
-                 subsets: bool = False):
-        self.decoder = ReplayViewDecoder(num_samples, size, layout)
+                 subsets: bool = False, view_size: Optional[int] = None, teacher_size: Optional[int] = None):
+        self.decoder = ReplayViewDecoder(num_samples, size, layout, view_size)
         paired = self.decoder.layout.mixing or repeats > 1 or subsets
         if paired and batch_size % 2:
             raise KdcacheError(f"--batch-size {batch_size}: a mixing recipe needs an even batch size (pairs share a batch)")
+        pipelines = {"image": [self.decoder, ToTensor(), ToTorchImage()],
+                     "label": _int_pipeline(), "index": _int_pipeline()}
+        if teacher_size is not None:   # FFCV outputs custom pipelines after the fields: batch[3]
+            teacher = ReplayViewDecoder(num_samples, teacher_size, layout, self.decoder.view_size, self.decoder.table)
+            pipelines["teacher_image"] = PipelineSpec("image", decoder=teacher, transforms=[ToTensor(), ToTorchImage()])
         self.loader = Loader(
             str(beton), batch_size=batch_size, num_workers=usable_workers(workers), order=ORDERS[order],
             seed=seed, indices=None if indices is None else np.asarray(indices), drop_last=drop_last,
-            distributed=distributed, os_cache=os_cache, batches_ahead=batches_ahead,
-            pipelines={"image": [self.decoder, ToTensor(), ToTorchImage()],
-                       "label": _int_pipeline(), "index": _int_pipeline()})
+            distributed=distributed, os_cache=os_cache, batches_ahead=batches_ahead, pipelines=pipelines)
         self.order = None
         if paired:
             allowed = None if indices is None else np.asarray(indices)
@@ -122,6 +131,14 @@ class ReplayLoader:
             self.order.active = self.order.allowed if active is None else np.intersect1d(self.order.allowed, active)
         elif active is not None:
             raise KdcacheError("a subset of samples per pass needs the paired order (repeats > 1)")
+
+    def set_size(self, size: int) -> None:
+        """The output size of the next epochs (before iter(): FFCV allocates an epoch's buffers when it starts)."""
+        self.decoder.output_size = (int(size), int(size))
+
+    @property
+    def size(self) -> int:
+        return self.decoder.output_size[0]
 
     def __len__(self) -> int:
         return len(self.loader)
