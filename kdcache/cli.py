@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kdcache import __version__
 from kdcache.errors import KdcacheError
-from kdcache.options import parse_seeds, seed_ranges as _ranges
+from kdcache.options import parse_seeds, parse_size, seed_ranges as _ranges
 
 
 def _add_prepare(sub) -> None:
@@ -157,7 +157,7 @@ def _cmd_verify(args) -> int:
 
 
 def _add_train(sub) -> None:
-    from kdcache.augment.recipe import add_recipe_args
+    from kdcache.augment.recipe import TRAIN_RENAMED, add_recipe_args
     p = sub.add_parser("train-student", help="train a student: cached KD (--cache), online KD, or no KD")
     p.add_argument("--config", type=Path, default=None,
                    help="TOML recipe: keys are these options' long names (dashes or underscores); flags override it")
@@ -218,7 +218,20 @@ def _add_train(sub) -> None:
     p.add_argument("--crop-pct", type=float, default=0.875, help="eval: centre crop of this fraction of the short side")
     p.add_argument("--log-interval", type=int, default=50)
     p.add_argument("--no-progress", action="store_true")
-    add_recipe_args(p)
+    g = p.add_argument_group("training size (progressive resizing, FFCV's names and ramp)")
+    g.add_argument("--size", type=parse_size, default=None, metavar="N|START:END",
+                   help="the student's image size: fixed N, or START up to --ramp-start, then a linear ramp "
+                        "(multiples of --size-step) to END at --ramp-end; the views (crop box, augmentations, "
+                        "cached teacher answers) stay those of the recipe's size (default: the views' size)")
+    g.add_argument("--ramp-start", type=int, default=None,
+                   help="last epoch at START, counted from 0 (default: floor(epochs * 65/88), as ffcv-imagenet)")
+    g.add_argument("--ramp-end", type=int, default=None,
+                   help="first epoch at END (default: floor(epochs * 76/88), at most the last epoch)")
+    g.add_argument("--size-step", type=int, default=32,
+                   help="ramp sizes are multiples of this (FFCV: 32; e.g. 8 for 32-px images)")
+    g.add_argument("--val-res", type=int, default=None,
+                   help="evaluation size (centre crop; default: the last training size)")
+    add_recipe_args(p, renamed=TRAIN_RENAMED)
 
 
 def _cmd_train(args) -> int:
@@ -261,6 +274,8 @@ def _load_toml_defaults(parser: argparse.ArgumentParser, argv) -> None:
         action = dests[dest]
         if dest in ("view_seeds",) and isinstance(value, str):
             value = parse_seeds(value)
+        elif dest == "size" and value is not None:
+            value = parse_size(value)
         elif action.type is Path and value is not None:
             value = Path(value)
         defaults[dest] = value

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from kdcache.errors import KdcacheError
+from kdcache.student.resolution import parse_size   # (numpy only: cheap to import with the parser)
 
 
 def parse_seeds(text: str):
@@ -60,18 +61,19 @@ class Option:
     nargs: Optional[int] = None
 
 
-def _recipe_options() -> Dict[str, Option]:
+def _recipe_options(renamed: Optional[dict] = None) -> Dict[str, Option]:
     """The view-recipe flags (kdcache.augment.recipe.add_recipe_args): all default to None, "not given"."""
-    from kdcache.augment.recipe import DEFAULTS, RECIPE_FLAGS
+    from kdcache.augment.recipe import DEFAULTS, RECIPE_FLAGS, flag_dest
     out = {}
     for name in RECIPE_FLAGS:
         default = DEFAULTS[name].default
+        dest = flag_dest(name, renamed)
         if name in ("scale", "ratio"):
-            out[name] = Option(None, float, nargs=2)
+            out[dest] = Option(None, float, nargs=2)
         elif name in ("aa", "remode"):
-            out[name] = Option(None, str)
+            out[dest] = Option(None, str)
         else:
-            out[name] = Option(None, type(default))
+            out[dest] = Option(None, type(default))
     return out
 
 
@@ -116,7 +118,8 @@ _TRAIN = {
     "hard_loss": Option(None, str, ("none", "ce", "bce")), "hard_weight": Option(1.0, float),
     "smoothing": Option(0.0, float), "dkd_alpha": Option(1.0, float), "dkd_beta": Option(8.0, float),
     "eval_every": Option(1, int), "crop_pct": Option(0.875, float), "log_interval": Option(50, int),
-    "no_progress": Option(False, bool),
+    "no_progress": Option(False, bool), "size": Option(None, parse_size), "ramp_start": Option(None, int),
+    "ramp_end": Option(None, int), "size_step": Option(32, int), "val_res": Option(None, int),
 }
 
 
@@ -129,7 +132,8 @@ def options(command: str, source: Optional[str] = None) -> Dict[str, Option]:
     if command == "dump-teacher":
         return {**_DUMP, **_recipe_options()}
     if command == "train-student":
-        return {**_TRAIN, **_recipe_options()}
+        from kdcache.augment.recipe import TRAIN_RENAMED
+        return {**_TRAIN, **_recipe_options(TRAIN_RENAMED)}
     raise KeyError(command)
 
 
@@ -160,6 +164,10 @@ def _convert(opt: Option, value, where: str):
         except (TypeError, ValueError):
             raise bad("an integer" if kind is int else "a number") from None
 
+    if opt.type is parse_size:
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise bad("a size N or 'START:END'")
+        return parse_size(value)
     if opt.type is parse_seeds:
         if isinstance(value, int) and not isinstance(value, bool):
             return [value]
@@ -284,18 +292,20 @@ def train_config(o):
     teacher = None
     if mode == "online":  # TrainConfig.validate checks that the teacher has weights
         teacher = asdict(teacher_spec(o))
-    from kdcache.augment.recipe import ViewRecipe, check_flags_match, given_recipe_flags, recipe_from_args
+    from kdcache.augment.recipe import (TRAIN_RENAMED, ViewRecipe, check_flags_match, given_recipe_flags,
+                                        recipe_from_args)
     recipe = None
     if mode == "cache":
         from kdcache.cache.schema import TeacherCache
         cache_recipe = ViewRecipe.from_dict(TeacherCache.open(o.cache).spec.recipe)
         mixing_flags = ("mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mix_block")
-        check_flags_match(o, cache_recipe, str(o.cache), allowed=mixing_flags if o.mix_labels else ())
+        check_flags_match(o, cache_recipe, str(o.cache), allowed=mixing_flags if o.mix_labels else (),
+                          renamed=TRAIN_RENAMED)
         if o.mix_labels:
-            recipe = {k: v for k, v in given_recipe_flags(o).items() if k in mixing_flags}
-    elif given_recipe_flags(o):
+            recipe = {k: v for k, v in given_recipe_flags(o, TRAIN_RENAMED).items() if k in mixing_flags}
+    elif given_recipe_flags(o, TRAIN_RENAMED):
         from kdcache.data.dataset import PreparedDataset
-        recipe = recipe_from_args(o, PreparedDataset.open(o.data).view_size).to_dict()
+        recipe = recipe_from_args(o, PreparedDataset.open(o.data).view_size, renamed=TRAIN_RENAMED).to_dict()
     loss = {"kd_loss": o.kd_loss if mode != "none" else "none", "kd_weight": o.kd_weight,
             "temperature": o.temperature, "hard_loss": o.hard_loss or ("ce" if mode == "none" else "none"),
             "hard_weight": o.hard_weight, "smoothing": o.smoothing, "dkd_alpha": o.dkd_alpha,
@@ -309,4 +319,6 @@ def train_config(o):
                        workers=o.workers, device=o.device, seed=o.seed, view_global_seed=o.view_global_seed,
                        view_seeds=o.view_seeds, seed_choice=o.seed_choice, recipe=recipe,
                        mix_labels=o.mix_labels, loss=loss, eval_every=o.eval_every,
-                       crop_pct=o.crop_pct, log_interval=o.log_interval, progress=not o.no_progress)
+                       crop_pct=o.crop_pct, log_interval=o.log_interval, progress=not o.no_progress,
+                       size=o.size, ramp_start=o.ramp_start, ramp_end=o.ramp_end, size_step=o.size_step,
+                       val_res=o.val_res)

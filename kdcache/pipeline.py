@@ -357,13 +357,13 @@ class Pipeline:
     def _cache_views(ns, spec) -> None:
         """none and online do not read the cache: they get its whole view recipe and its global seed
         explicitly, so they train on the very views the cached student replays."""
-        from kdcache.augment.recipe import RECIPE_FLAGS, ViewRecipe
+        from kdcache.augment.recipe import RECIPE_FLAGS, TRAIN_RENAMED, ViewRecipe, flag_dest
         recipe = ViewRecipe.from_dict(spec.recipe)
         ns.view_global_seed = spec.global_seed
-        for name in RECIPE_FLAGS:
+        for name in RECIPE_FLAGS:   # (the views' size is train-student's --view-size; --size is the student's)
             value = getattr(recipe, name)
             if value is not None:
-                setattr(ns, name, list(value) if isinstance(value, tuple) else value)
+                setattr(ns, flag_dest(name, TRAIN_RENAMED), list(value) if isinstance(value, tuple) else value)
 
     # ---- training runs ------------------------------------------------------------------------------
     def _train_step(self, name: str, run_dir: Path, cfg, upstream: dict, outputs: List[Path]) -> None:

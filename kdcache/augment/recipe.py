@@ -160,18 +160,26 @@ _FLAG_HELP = {
                 "1 = OpenCV INTER_AREA (caches made before it; docs/views.md)",
 }
 RECIPE_FLAGS = tuple(_FLAG_HELP)
+# train-student's --size is the size the student trains at (a fixed size or a ramp, kdcache.student.resolution);
+# the views' own size (where their pixel boxes are drawn, what a cache's teacher scored) is --view-size there.
+TRAIN_RENAMED = {"size": "view_size"}
+
+
+def flag_dest(name: str, renamed: Optional[dict] = None) -> str:
+    """The argparse dest of recipe field `name` in a parser made with add_recipe_args(renamed=...)."""
+    return (renamed or {}).get(name, name)
 
 
 def _default(name: str):
     return DEFAULTS[name].default
 
 
-def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+def add_recipe_args(parser: argparse.ArgumentParser, renamed: Optional[dict] = None) -> None:
     """timm train.py names for the view recipe. Every flag defaults to None ("not given"); the value
-    used is then the ViewRecipe default shown in the help."""
+    used is then the ViewRecipe default shown in the help. renamed: field -> dest of another name."""
     g = parser.add_argument_group("view recipe (timm names)")
     for name in RECIPE_FLAGS:
-        flag = "--" + name.replace("_", "-")
+        flag = "--" + flag_dest(name, renamed).replace("_", "-")
         default = _default(name)
         shown = "" if name == "size" else f" (default {default if not isinstance(default, tuple) else ' '.join(f'{x:g}' for x in default)})"
         kw = dict(default=None, help=_FLAG_HELP[name] + shown)
@@ -184,15 +192,17 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
         g.add_argument(flag, **kw)
 
 
-def given_recipe_flags(args: argparse.Namespace) -> dict:
+def given_recipe_flags(args: argparse.Namespace, renamed: Optional[dict] = None) -> dict:
     """The recipe flags the user set (not None), by field name."""
-    return {n: getattr(args, n) for n in RECIPE_FLAGS if getattr(args, n, None) is not None}
+    return {n: getattr(args, flag_dest(n, renamed)) for n in RECIPE_FLAGS
+            if getattr(args, flag_dest(n, renamed), None) is not None}
 
 
-def recipe_from_args(args: argparse.Namespace, default_size: int, base: Optional[ViewRecipe] = None) -> ViewRecipe:
+def recipe_from_args(args: argparse.Namespace, default_size: int, base: Optional[ViewRecipe] = None,
+                     renamed: Optional[dict] = None) -> ViewRecipe:
     """The recipe of the given flags on top of `base` (default: the ViewRecipe defaults at the dataset's size)."""
     base = base or ViewRecipe(size=default_size)
-    given = given_recipe_flags(args)
+    given = given_recipe_flags(args, renamed)
     for k in ("scale", "ratio"):
         if k in given:
             given[k] = tuple(given[k])
@@ -200,9 +210,9 @@ def recipe_from_args(args: argparse.Namespace, default_size: int, base: Optional
 
 
 def check_flags_match(args: argparse.Namespace, recipe: ViewRecipe, where: str,
-                      allowed: Tuple[str, ...] = ()) -> None:
+                      allowed: Tuple[str, ...] = (), renamed: Optional[dict] = None) -> None:
     """Cached KD takes the recipe from the cache: a flag that contradicts it is refused, by name."""
-    for name, value in given_recipe_flags(args).items():
+    for name, value in given_recipe_flags(args, renamed).items():
         if name in allowed:
             continue
         have = getattr(recipe, name)
@@ -214,5 +224,5 @@ def check_flags_match(args: argparse.Namespace, recipe: ViewRecipe, where: str,
         else:
             same = value == have
         if not same:
-            raise KdcacheError(f"--{name.replace('_', '-')} {value} contradicts the cache's recipe "
+            raise KdcacheError(f"--{flag_dest(name, renamed).replace('_', '-')} {value} contradicts the cache's recipe "
                                f"({name} = {have}) at {where}; the views come from the cache")

@@ -33,6 +33,7 @@ from kdcache.augment.loader import ReplayLoader, eval_loader
 from kdcache.student.loss_watch import LossWatch, likely_causes
 from kdcache.student.losses import LossConfig, StudentLoss
 from kdcache.student.report import MetricsLog, plot_curves
+from kdcache.student.resolution import DEFAULT_STEP, SizeSchedule
 from kdcache.student.soft_labels import CachedTeacher, MixTargets, NoTeacher, OnlineTeacher, mix_labels_recipe
 from kdcache.weights import load_into
 
@@ -73,6 +74,12 @@ class TrainConfig:
                                                # cache + mix_labels: the mixing settings to add
     mix_labels: bool = False                   # cache: mix the views in the loader and the cached targets by lambda
     loss: dict = field(default_factory=dict)   # LossConfig fields
+    size: Optional[List[int]] = None           # [START, END] training size per epoch (FFCV's ramp; START == END:
+                                               # fixed); None: the views' size (the recipe's)
+    ramp_start: Optional[int] = None           # default: FFCV's fractions of the epochs (kdcache.student.resolution)
+    ramp_end: Optional[int] = None
+    size_step: int = DEFAULT_STEP
+    val_res: Optional[int] = None              # eval size; default: the last training size
     eval_every: int = 1
     crop_pct: float = 0.875
     log_interval: int = 50
@@ -98,6 +105,15 @@ class TrainConfig:
                                    + (str(bad[0]) if bad else "none"))
         if self.mix_labels and self.mode != "cache":
             raise KdcacheError("--mix-labels mixes cached soft labels: it needs --cache (online/none mix through the recipe)")
+        if self.size is not None or self.ramp_start is not None or self.ramp_end is not None:
+            self.schedule(self.size[0] if self.size else 1)   # a bad schedule is named before anything is written
+        if self.val_res is not None and self.val_res < 1:
+            raise KdcacheError(f"--val-res must be positive, got {self.val_res}")
+
+    def schedule(self, view_size: int) -> SizeSchedule:
+        """The training size of every epoch (default: the views' size throughout)."""
+        return SizeSchedule.build(self.size or [view_size, view_size], self.epochs, self.ramp_start, self.ramp_end,
+                                  self.size_step)
 
 
 def _loss_config(cfg: TrainConfig) -> LossConfig:
@@ -109,18 +125,20 @@ def _loss_config(cfg: TrainConfig) -> LossConfig:
     return lc
 
 
-def _passes(source, loader: ReplayLoader, epoch: int, passes: int, layout: ParamLayout, device):
-    """The batches of one epoch: R passes, each with its own views (repeated augmentation), and the
-    pass's mixing weights when the recipe mixes."""
+def _passes(source, loader: ReplayLoader, epoch: int, passes: int, layout: ParamLayout, device, size: int):
+    """The batches of one epoch at the epoch's size: R passes, each with its own views (repeated augmentation),
+    and the pass's mixing weights when the recipe mixes. A batch is (images, labels, indices, teacher images
+    or None, views, mix)."""
     for r in range(passes):
         views = source.begin_pass(epoch, r)
         loader.set_views(views.params, views.active)
+        loader.set_size(size)                          # before iter(): FFCV allocates the epoch's buffers then
         loader.loader.next_epoch = epoch * passes + r   # the order is a function of (seed, pass): resumable
         mix = getattr(source, "mix", None)        # a cached source has them already for this pass
         if mix is None and layout.mixing:
             mix = MixTargets(views.params, layout, device)
-        for images, labels, indices in loader:
-            yield images, labels, indices, views, mix
+        for batch in loader:
+            yield (*batch[:3], batch[3] if len(batch) > 3 else None, views, mix)
 
 
 def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -178,9 +196,14 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.opt, 0.1) * cfg.batch_size * ctx.world_size / 256
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     layout = ParamLayout.of(recipe)
-    loader = ReplayLoader(train_split.beton_path, train_split.num_samples, recipe.size, cfg.batch_size, cfg.workers,
-                          order="random", seed=cfg.seed, drop_last=True, distributed=ctx.enabled, layout=layout,
-                          repeats=recipe.repeats)
+    schedule = cfg.schedule(recipe.size)
+    val_res = cfg.val_res or schedule.final
+    # Online KD scores the views at the recipe's size, the size a cache holds the teacher's answer for, whatever
+    # size the student trains at: a second rendering of each view (docs/training.md).
+    teacher_size = recipe.size if cfg.mode == "online" and set(schedule.sizes()) != {recipe.size} else None
+    loader = ReplayLoader(train_split.beton_path, train_split.num_samples, schedule.size(0), cfg.batch_size,
+                          cfg.workers, order="random", seed=cfg.seed, drop_last=True, distributed=ctx.enabled,
+                          layout=layout, repeats=recipe.repeats, view_size=recipe.size, teacher_size=teacher_size)
     passes = recipe.repeats
     steps_per_epoch = len(loader) * passes
     labels_all = torch.from_numpy(train_split.labels).to(device)
@@ -198,7 +221,7 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
     if ctx.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    val = eval_loader(val_split.beton_path, recipe.size, cfg.batch_size, cfg.workers, crop_ratio=cfg.crop_pct)
+    val = eval_loader(val_split.beton_path, val_res, cfg.batch_size, cfg.workers, crop_ratio=cfg.crop_pct)
 
     # --- run directory and resume ---------------------------------------------------------------
     start_epoch, step, best_top1, history = 0, 0, None, []
@@ -235,10 +258,15 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
         seen = 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, leave=False,
                    disable=lines.tqdm_disabled(cfg.progress and ctx.is_coordinator), mininterval=1.0)
-        for images, labels, indices, views, mix in _passes(source, loader, epoch, passes, layout, device):
+        size = schedule.size(epoch)
+        for images, labels, indices, teacher_images, views, mix in _passes(source, loader, epoch, passes, layout,
+                                                                           device, size):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            teacher_logits = source.logits(images, indices) if source.uses_teacher else None
+            if teacher_images is not None:
+                teacher_images = teacher_images.to(device, non_blocking=True)
+            teacher_logits = source.logits(images if teacher_images is None else teacher_images,
+                                           indices) if source.uses_teacher else None
             hard_target = None
             if mix is not None:  # the hard-label term of a mixed view: timm's mixup_target with the same lambda
                 hard_target = mix.hard_target(labels_all, indices.to(device), ds.num_classes, loss_cfg.smoothing)
@@ -290,12 +318,12 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_time = time.time() - t0
-        record = {"kind": "epoch", "epoch": epoch, "seconds": epoch_time,
+        record = {"kind": "epoch", "epoch": epoch, "seconds": epoch_time, "size": size,
                   "seed": int(views.seeds) if np.isscalar(views.seeds) else "per-sample",
                   "teacher_seconds": source.teacher_seconds, "img_per_s": seen * ctx.world_size / epoch_time}
         if ctx.is_coordinator and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             ev = evaluate(model, val, normalize, device, amp_dtype)
-            record.update({"top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["loss"]})
+            record.update({"top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["loss"], "val_res": val_res})
             if ema is not None:
                 ev_ema = evaluate(ema.module, val, normalize, device, amp_dtype)
                 record.update({"ema_top1": ev_ema["top1"], "ema_top5": ev_ema["top5"]})
@@ -310,9 +338,12 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
                            ema=ema.state_dict() if ema else None, epoch=epoch + 1, step=step, best_top1=best_top1,
                            history=history, config=asdict(cfg))
             log.write(record)
-            done = f"{Path(cfg.out).name}: epoch {epoch + 1}/{cfg.epochs}: {epoch_time:.1f} s, {record['img_per_s']:.0f} img/s"
+            at = f" at {size} px" if size != recipe.size or val_res != recipe.size else ""
+            done = (f"{Path(cfg.out).name}: epoch {epoch + 1}/{cfg.epochs}{at}: {epoch_time:.1f} s, "
+                    f"{record['img_per_s']:.0f} img/s")
             if "top1" in record:
-                done += f", val top-1 {record['top1']:.2f} %" + (f" (EMA {record['ema_top1']:.2f} %)" if "ema_top1" in record else "")
+                done += f", val top-1 {record['top1']:.2f} %" + (f" at {val_res} px" if at else "")
+                done += (f" (EMA {record['ema_top1']:.2f} %)" if "ema_top1" in record else "")
             remaining = (cfg.epochs - epoch - 1) * statistics.median([h["seconds"] for h in history])
             print(done + (f", ETA {remaining / 60:.1f} min" if remaining else ""), file=sys.stderr)
         ctx.barrier()
@@ -330,6 +361,7 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
         "teacher": {k: teacher_info.get(k) for k in ("name", "sha256")} if teacher_info else None,
         "cache": str(Path(cfg.cache).resolve()) if cfg.cache else None,
         "recipe": recipe.to_dict(), "dataset_fingerprint": ds.fingerprint,
+        "size_schedule": schedule.to_dict(), "val_res": val_res,
     }
     if ctx.is_coordinator:
         ckpt.export_safetensors(out / "model.safetensors", model.state_dict(), cfg.model, ds.num_classes, mean, std)
