@@ -45,6 +45,7 @@ TOP_LEVEL = ("name", "seed", "teacher_seed", "students", "out", "prepare", "teac
 SETTINGS = "pipeline-settings.json"      # in a teacher or student run directory: what it was made with
 # train-student settings that change how a run goes, not what it makes (not in a run's key)
 RUN_HARMLESS = ("eval_every", "log_interval", "workers", "progress", "device", "compile")
+_SIZE_DEFAULTS = {"size": None, "ramp_start": None, "ramp_end": None, "size_step": 32, "val_res": None}
 # dump-teacher settings that change how the dump goes, not the cache (not in the dump's key; seeds extend)
 DUMP_HARMLESS = ("batch_size", "workers", "device", "amp", "compile", "claim_ttl", "progress", "seeds")
 
@@ -167,6 +168,9 @@ def run_settings(cfg, upstream: dict) -> dict:
     d = asdict(cfg)
     for name in RUN_HARMLESS + ("data", "out", "cache"):
         d.pop(name, None)
+    for name, default in _SIZE_DEFAULTS.items():   # added with issue 11: runs recorded before keep their key
+        if d.get(name) == default:
+            d.pop(name)
     d.update(d.pop("loss") or {})
     teacher = d.pop("teacher") or {}
     teacher.pop("checkpoint", None)   # a path: the weights' sha256 is in upstream
