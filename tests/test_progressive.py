@@ -329,3 +329,20 @@ def test_bad_sizes_are_refused_by_name_before_anything_is_written(fmnist_small, 
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(f"kdcache: error: {message}"), proc.stderr
     assert not out.exists()
+
+
+def test_size_from_a_recipe_table_and_a_toml_config_means_what_the_flag_means(tmp_path):
+    from kdcache import options
+    from kdcache.cli import _load_toml_defaults, build_parser
+    for value, expected in ((24, [24, 24]), ("16:32", [16, 32])):
+        assert options.table_options("train-student", {"size": value}, "[student]").size == expected
+        config = tmp_path / "s.toml"
+        config.write_text(f"size = {json.dumps(value)}\nsize-step = 8\n")
+        parser = build_parser()
+        argv = ["train-student", "--config", str(config)]
+        _load_toml_defaults(parser, argv)
+        args = parser.parse_args(argv)
+        assert args.size == expected and args.size_step == 8
+        assert build_parser().parse_args(["train-student", "--size", str(value)]).size == expected
+    with pytest.raises(KdcacheError, match=r"\[student\] size: expected a size N or 'START:END'"):
+        options.table_options("train-student", {"size": [16, 32]}, "[student]")
