@@ -8,6 +8,12 @@ the ramp's end, ffcv-imagenet's default ramp epochs), side by side; every studen
 The teacher (resnet10t, --kd none) and the cache (one seed per student epoch, k = 10: lossless here) are made
 once in --out and reused; finished students are skipped when run again. Prints a markdown table (also
 results.json in --out).
+
+Wall-clock times on a shared 2-core machine swing with the neighbours' load (the calibration step moved from
+87 ms to 1.4 s within minutes while this was written), so the table also gives the CPU time the run used
+(this process, all threads: waiting for a time slice does not count) and a model-compute estimate: the
+student's train step timed at each size in interleaved rounds (CPU time, the fastest), summed over the
+schedule's steps.
 """
 
 import argparse
@@ -27,6 +33,30 @@ def kd(*args):
     except SystemExit as exc:
         if exc.code:
             raise SystemExit(f"kdcache {' '.join(map(str, args))} exited {exc.code}") from None
+
+
+def step_ms(model_name: str, sizes, batch: int = 128, rounds: int = 8, steps: int = 2) -> dict:
+    """The fastest CPU ms (all threads) of one train step (forward, backward, SGD; channels_last as train-student) per size, the
+    sizes interleaved round by round so that a quiet moment is met by all of them."""
+    import timm
+    import torch
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, num_classes=10).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    times = {s: [] for s in sizes}
+    for r in range(rounds + 1):
+        for size in sizes:
+            x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, 10, (batch,))
+            for _ in range(steps):
+                t = time.process_time()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if r:   # round 0 warms up
+                    times[size].append(1000 * (time.process_time() - t))
+    return {s: min(v) for s, v in times.items()}
 
 
 def main():
@@ -62,29 +92,38 @@ def main():
     for size in args.sizes.split(","):
         run = out / f"size-{size.replace(':', '-')}"
         if not (run / "summary.json").exists():
-            t = time.time()
+            t, cpu = time.time(), time.process_time()
             kd("train-student", "--data", data, "--cache", cache, "--model", args.model, "--epochs", args.epochs,
                "--batch-size", 128, "--lr", 0.1, "--hard-loss", "ce", "--eval-every", args.epochs, "--size", size,
                "--size-step", args.size_step, "--out", run, "--no-progress", *dev)
-            (run / "wall.json").write_text(json.dumps({"wall_s": time.time() - t}))
+            (run / "wall.json").write_text(json.dumps({"wall_s": time.time() - t, "cpu_s": time.process_time() - cpu}))
         s = json.loads((run / "summary.json").read_text())
         epochs = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
         rows.append({"size": size, "sizes": s["size_schedule"]["sizes"], "top1": s["final_top1"],
-                     "train_s": sum(r["seconds"] for r in epochs), "wall_s": json.loads((run / "wall.json").read_text())["wall_s"],
-                     "val_res": s["val_res"]})
+                     "train_s": sum(r["seconds"] for r in epochs), "val_res": s["val_res"],
+                     **json.loads((run / "wall.json").read_text())})
+    ms = step_ms(args.model, sorted({s for r in rows for s in r["sizes"]}))
+    steps = json.loads((out / f"size-{rows[0]['size'].replace(':', '-')}" / "summary.json").read_text())["steps"]
+    for r in rows:   # the schedule's model compute: steps per epoch x ms per step at the epoch's size
+        r["compute_s"] = sum(ms[s] for s in r["sizes"]) * steps / args.epochs / 1000
     teacher_top1 = json.loads((teacher / "summary.json").read_text())["final_top1"]
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cpus",
               "args": {k: str(v) for k, v in vars(args).items()}, "teacher_top1": teacher_top1, "rows": rows,
-              "seconds": time.time() - t0}
+              "step_ms": ms, "seconds": time.time() - t0}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     print(f"\nteacher resnet10t: {teacher_top1:.2f} %; students {args.model}, cached KD, {args.epochs} epochs, "
           f"views 32 px {' '.join(map(str, views))}, val at {rows[0]['val_res']} px")
-    base = rows[0]["train_s"]
-    print("| --size | size per epoch | val top-1 (%) | training s (sum of epochs) | vs first | run s (with eval, compile) |")
-    print("|---|---|---|---|---|---|")
+    print("student train step, batch 128 (CPU ms, fastest of interleaved rounds): "
+          + ", ".join(f"{s} px {v:.1f}" for s, v in ms.items()))
+    base, cbase = rows[0]["train_s"], rows[0]["compute_s"]
+    ubase = rows[0]["cpu_s"]
+    print("| --size | size per epoch | val top-1 (%) | training s (sum of epochs) | vs first | run wall s (with eval, "
+          "compile) | run CPU s | vs first | model compute CPU s (est.) | vs first |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {' '.join(map(str, r['sizes']))} | {r['top1']:.2f} | {r['train_s']:.1f} | "
-              f"{r['train_s'] / base:.2f}x | {r['wall_s']:.1f} |")
+              f"{r['train_s'] / base:.2f}x | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['cpu_s'] / ubase:.2f}x | "
+              f"{r['compute_s']:.1f} | {r['compute_s'] / cbase:.2f}x |")
     return 0
 
 
