@@ -223,6 +223,7 @@ def test_online_teacher_images_are_the_views_at_the_recipe_size(fmnist_small):
 # ---- train-student --size ---------------------------------------------------------------------------------
 
 RAMP = ["--size", "16:32", "--size-step", 8, "--ramp-start", 0, "--ramp-end", 2]      # epochs 0, 1, 2: 16, 24, 32
+EVERY_STEP = ["--log-interval", 1]
 COMMON = ["--model", "resnet10t", "--batch-size", 64, "--lr", 0.05, "--no-progress", "--workers", 2, "--epochs", 3]
 
 
@@ -243,7 +244,8 @@ def ramp_run(fmnist_small, exact_cache, tmp_path_factory):
     """Cached KD from the lossless 32-px cache with the student ramped 16 -> 24 -> 32 px."""
     from conftest import kdcache
     run = tmp_path_factory.mktemp("ramp") / "run"
-    kdcache("train-student", "--data", fmnist_small.root, "--out", run, "--cache", exact_cache, *COMMON, *RAMP)
+    kdcache("train-student", "--data", fmnist_small.root, "--out", run, "--cache", exact_cache, *COMMON, *RAMP,
+            *EVERY_STEP)
     return run
 
 
@@ -299,17 +301,18 @@ def test_fixed_size_and_val_res(fmnist_small, exact_cache, tmp_path, monkeypatch
 
 def test_online_kd_at_another_size_scores_the_cached_views(fmnist_small, random_teacher, ramp_run, tmp_path):
     """The online teacher scores each view at the recipe's size, as the cache's teacher did: with a lossless cache,
-    a ramped online run takes the ramped cached run's steps. Measured: the losses agree to 1.3e-4 (float32
-    log-probabilities in the cache, as in test_train); a teacher scoring the student's 16/24-px images instead
-    differed by 2e-3 to 4e-2."""
+    a ramped online run takes the ramped cached run's steps. Measured, every step logged: the losses agree to
+    1e-6 through the first epoch (16 px) and to 2e-3 by the end (the cache's float32 log-probabilities differ
+    from the logits by ~1e-7, as in test_train, and training amplifies it); a teacher scoring the student's
+    own 16/24-px images instead differed by 1.4e-3 at the first step and up to 1e-1 later."""
     from conftest import kdcache
     run = tmp_path / "online"
     kdcache("train-student", "--data", fmnist_small.root, "--out", run, "--kd", "online", "--teacher", "resnet10t",
-            "--teacher-checkpoint", random_teacher[2], "--view-seeds", "0:3", *COMMON, *RAMP)
+            "--teacher-checkpoint", random_teacher[2], "--view-seeds", "0:3", *COMMON, *RAMP, *EVERY_STEP)
     cached, online = _records(ramp_run, "train"), _records(run, "train")
     assert [r["step"] for r in cached] == [r["step"] for r in online]
     for a, b in zip(cached, online):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5 if a["epoch"] == 0 else 5e-3)
 
 
 @pytest.mark.parametrize("args,message", [
