@@ -224,7 +224,8 @@ def _add_train(sub) -> None:
                         "(multiples of --size-step) to END at --ramp-end; the views (crop box, augmentations, "
                         "cached teacher answers) stay those of the recipe's size (default: the views' size)")
     g.add_argument("--ramp-start", type=int, default=None,
-                   help="last epoch at START, counted from 0 (default: floor(epochs * 65/88), as ffcv-imagenet)")
+                   help="last epoch at START, counted from 0 (default: floor(epochs * 65/88) as ffcv-imagenet, "
+                        "before --ramp-end)")
     g.add_argument("--ramp-end", type=int, default=None,
                    help="first epoch at END (default: floor(epochs * 76/88), at most the last epoch)")
     g.add_argument("--size-step", type=int, default=32,
