@@ -63,15 +63,16 @@ def test_params_do_not_depend_on_batching_order_or_workers():
     perm = np.random.default_rng(1).permutation(n)
     shuffled = view_params(recipe, 7, 3, idx[perm], H[perm], W[perm])
     assert np.array_equal(shuffled[np.argsort(perm)], whole)
-    # any number of worker processes, each taking strided shares
-    for workers in (2, 3):
-        jobs = [(recipe, 7, 3, idx[w::workers], H[w::workers], W[w::workers]) for w in range(workers)]
-        with multiprocessing.get_context("spawn").Pool(2) as pool:
-            parts = pool.map(_params_worker, jobs)
-        merged = np.empty_like(whole)
-        for w, part in enumerate(parts):
-            merged[w::workers] = part
-        assert np.array_equal(merged, whole)
+    # any number of worker processes, each taking strided shares (one pool for both splits: a spawned
+    # worker's start-up, importing torch, is most of this test's time)
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        for workers in (2, 3):
+            jobs = [(recipe, 7, 3, idx[w::workers], H[w::workers], W[w::workers]) for w in range(workers)]
+            parts = pool.map(_params_worker, jobs, chunksize=1)
+            merged = np.empty_like(whole)
+            for w, part in enumerate(parts):
+                merged[w::workers] = part
+            assert np.array_equal(merged, whole)
 
 
 def test_params_change_with_each_input_and_stay_valid():

@@ -52,9 +52,18 @@ def _files(root: Path) -> dict:
 
 
 def test_run_recipe_end_to_end_then_skip_and_rerun_changed_steps(tmp_path):
-    recipe = _recipe(tmp_path / "tiny.toml")
+    """One pipeline run serves every step below (each run prepares, trains a teacher and dumps: shared here)."""
     out = tmp_path / "run"
+    # a failed step is named, and the next run resumes there (prepare, teacher and dump are not done again)
+    recipe = _recipe(tmp_path / "tiny.toml", student="no_such_model")
+    proc = kdcache("run", recipe, "--out", out, check=False)
+    assert proc.returncode == 2 and "step 'student-none' failed" in proc.stderr and "no_such_model" in proc.stderr
+    steps = json.loads((out / "steps.json").read_text())
+    assert set(steps) == {"prepare", "teacher", "dump"}
+    _recipe(recipe)
     first = kdcache("run", recipe, "--out", out)
+    for step in ("prepare", "teacher", "dump"):
+        assert f"{step}: up to date, skipped" in first.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["students"]) == {"none", "online", "cache"}
     for mode, s in summary["students"].items():
@@ -201,20 +210,6 @@ def test_pipeline_does_not_import_the_cli(tmp_path, fmnist_small):
     proc = subprocess.run([sys.executable, "-c", code, str(recipe), str(out)], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "already prepared from the same source and settings" in proc.stderr
-
-
-def test_failed_step_is_named_and_the_next_run_resumes_there(tmp_path):
-    recipe = _recipe(tmp_path / "tiny.toml", student="no_such_model")
-    out = tmp_path / "run"
-    proc = kdcache("run", recipe, "--out", out, check=False)
-    assert proc.returncode == 2 and "step 'student-none' failed" in proc.stderr and "no_such_model" in proc.stderr
-    steps = json.loads((out / "steps.json").read_text())
-    assert set(steps) == {"prepare", "teacher", "dump"}
-    _recipe(recipe, student="test_resnet")
-    fixed = kdcache("run", recipe, "--out", out)
-    for step in ("prepare", "teacher", "dump"):
-        assert f"{step}: up to date, skipped" in fixed.stderr
-    assert (out / "report.md").is_file()
 
 
 def test_recipe_errors(tmp_path):

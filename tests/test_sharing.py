@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import kdcache, run_cli
+from conftest import kdcache
 from kdcache.cache.schema import TeacherCache
 from kdcache.cache.slabs import read_slab
 
@@ -149,7 +149,7 @@ def test_s3_dump_train_verify_ls_copy_equal_local(fmnist_small, tmp_path, s3_roo
     assert_same_slabs(slabs(local), slabs(remote))
     assert json.loads(kdcache("verify", remote, "--json").stdout)["ok"]
     assert json.loads(kdcache("info", remote, "--json").stdout)["seeds_complete"] == [0, 1]
-    run_cli("train-student", "--data", fmnist_small.root, "--model", "test_resnet", "--epochs", 1, "--batch-size", 64,
+    kdcache("train-student", "--data", fmnist_small.root, "--model", "test_resnet", "--epochs", 1, "--batch-size", 64,
             "--workers", 2, "--no-progress", "--cache-root", f"{s3_root}/root", "--out", tmp_path / "student")
     assert json.loads((tmp_path / "student" / "summary.json").read_text())["epochs"] == 1
     after = {k: v["ETag"] for k, v in fs.find(remote, detail=True).items()}
