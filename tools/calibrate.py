@@ -18,10 +18,11 @@ import torch
 
 # An AVX2-only machine of this kind, emulated on an AVX-512 one: oneDNN's AVX2 kernels (most of the gap for
 # convolutions), numba code for Haswell, OpenCV and numpy without their AVX-512 paths (the pip OpenCV has no
-# AVX-512 dispatch: it says "unknown CPU feature" and runs as before). Measured on CPU-2: 3.3x the plain
-# calibration (BENCHMARKS.md, "The demo"); the real machines were 4-5x slower.
+# AVX-512 dispatch: it says "unknown CPU feature" and runs as before). Measured on CPU-2, uncontended: 2.2-2.4x
+# the plain calibration (BENCHMARKS.md, "The demo"); the real machines were about 4x slower.
 AVX2_ENV = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",     # torch's own vectorised kernels (oneDNN's limit does not reach them)
     "NUMBA_CPU_NAME": "haswell",
     "OPENCV_CPU_DISABLE": "AVX512_SKX,AVX512_COMMON,AVX512_ICL,AVX512_CLX,AVX512_CNL,AVX512_KNL,AVX512_KNM",
     "NPY_DISABLE_CPU_FEATURES": "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR "
