@@ -16,7 +16,8 @@ from kdcache.errors import KdcacheError
 # Pixels are part of a cache's meaning: a change of any op's output is a new renderer version
 # (tests/test_golden_views.py keeps a table per version). kdcache.augment.render implements them:
 # 1: FFCV imdecode + resize_crop (OpenCV INTER_AREA) + flip; RandAugment, erasing and pair mixing (docs/views.md).
-# 2: as 1, with the crop + area resample + flip of kdcache.augment.area_resize (about 4x faster per 224 px view).
+# 2: as 1, with the crop + area resample + flip of kdcache.augment.area_resize for crops that shrink (2.2x faster
+#    crop + resize per 224 px view, BENCHMARKS.md).
 # New recipes get RENDERER_VERSION; every version in RENDERER_VERSIONS is kept, so old caches replay as made.
 RENDERER_VERSION = 2
 RENDERER_VERSIONS = (1, 2)
