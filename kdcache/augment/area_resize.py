@@ -54,52 +54,50 @@ def area_taps(src_len, dst_len):
     return start, weights
 
 
+def weighted_lines(acc, data, base, stride, weights, start):
+    """acc[:L] <- start + sum over k of weights[k] * data[base + k*stride : ... + L] (L = len(acc)), skipping
+    zero weights: one output line of either pass, a sum of whole contiguous lines (what numba vectorises)."""
+    n = acc.shape[0]
+    w0 = weights[0]
+    line = data[base:base + n]
+    for i in range(n):
+        acc[i] = start + w0 * np.int32(line[i])
+    for k in range(1, weights.shape[0]):
+        wk = weights[k]
+        if wk != 0:
+            line = data[base + k * stride:base + k * stride + n]
+            for i in range(n):
+                acc[i] += wk * np.int32(line[i])
+
+
 def resize_area(image, top, left, height, width, out, mirror):
     """out (S_y, S_x, 3) uint8 <- the crop image[top:top+height, left:left+width], area-resampled, mirrored
     left-right when `mirror`. Pass 1 sums source rows into one output row at a time and stores it transposed;
-    pass 2 sums rows of that transpose (source columns) into one output column at a time."""
+    pass 2 sums rows of that transpose (source columns) into one output column at a time. Each sum starts
+    at half its final shift's unit, so the shift rounds half up."""
     out_h, out_w = out.shape[0], out.shape[1]
     row_start, row_w = area_taps(height, out_h)
     col_start, col_w = area_taps(width, out_w)
     src = image.reshape(-1)
     src_stride = image.shape[1] * 3
-    n = width * 3
-    m = out_h * 3
-    acc = np.empty(max(n, m), np.int32)
+    acc = np.empty(max(width, out_h) * 3, np.int32)
+    row_acc = acc[:width * 3]
+    col_acc = acc[:out_h * 3]
     columns = np.empty((width, out_h, 3), np.int16)   # columns[x, y]: output row y at source column x
     round1 = np.int32(1 << (KEEP_BITS - 1))
     for y in range(out_h):
-        base = (top + row_start[y]) * src_stride + left * 3
-        w0 = row_w[y, 0]
-        line = src[base:base + n]
-        for i in range(n):
-            acc[i] = w0 * np.int32(line[i])
-        for k in range(1, row_w.shape[1]):
-            wk = row_w[y, k]
-            if wk != 0:
-                line = src[base + k * src_stride:base + k * src_stride + n]
-                for i in range(n):
-                    acc[i] += wk * np.int32(line[i])
+        weighted_lines(row_acc, src, (top + row_start[y]) * src_stride + left * 3, src_stride, row_w[y], round1)
         for x in range(width):
-            columns[x, y, 0] = (acc[3 * x] + round1) >> KEEP_BITS
-            columns[x, y, 1] = (acc[3 * x + 1] + round1) >> KEEP_BITS
-            columns[x, y, 2] = (acc[3 * x + 2] + round1) >> KEEP_BITS
+            columns[x, y, 0] = row_acc[3 * x] >> KEEP_BITS
+            columns[x, y, 1] = row_acc[3 * x + 1] >> KEEP_BITS
+            columns[x, y, 2] = row_acc[3 * x + 2] >> KEEP_BITS
     flat = columns.reshape(-1)
+    m = out_h * 3
     round2 = np.int32(1 << (FINAL_SHIFT - 1))
     for x in range(out_w):
-        base = col_start[x] * m
-        w0 = col_w[x, 0]
-        line = flat[base:base + m]
-        for i in range(m):
-            acc[i] = round2 + w0 * np.int32(line[i])
-        for k in range(1, col_w.shape[1]):
-            wk = col_w[x, k]
-            if wk != 0:
-                line = flat[base + k * m:base + k * m + m]
-                for i in range(m):
-                    acc[i] += wk * np.int32(line[i])
+        weighted_lines(col_acc, flat, col_start[x] * m, m, col_w[x], round2)
         x_out = out_w - 1 - x if mirror else x
         for y in range(out_h):
-            out[y, x_out, 0] = min(acc[3 * y] >> FINAL_SHIFT, 255)
-            out[y, x_out, 1] = min(acc[3 * y + 1] >> FINAL_SHIFT, 255)
-            out[y, x_out, 2] = min(acc[3 * y + 2] >> FINAL_SHIFT, 255)
+            out[y, x_out, 0] = min(col_acc[3 * y] >> FINAL_SHIFT, 255)
+            out[y, x_out, 1] = min(col_acc[3 * y + 1] >> FINAL_SHIFT, 255)
+            out[y, x_out, 2] = min(col_acc[3 * y + 2] >> FINAL_SHIFT, 255)

@@ -96,7 +96,9 @@ def make_renderer(rand_augment: bool = True, erasing_boxes: bool = True) -> Rend
     imdecode_c = strict(imdecode)
     resize_crop_c = strict(resize_crop)
     area_taps_c = cached(area_resize.area_taps)
-    resize_area_c = cached(_with_globals(area_resize.resize_area, area_taps=area_taps_c))
+    lines_c = cached(area_resize.weighted_lines)
+    resize_area_c = cached(_with_globals(area_resize.resize_area, area_taps=area_taps_c,
+                                         weighted_lines=lines_c))
     crop_box_c = cached(crop_box)
     flip_c = cached(flip_horizontal)
     rand_augment_c = compile_rand_augment(with_scratch=True) if rand_augment else strict(_no_rand_augment)

@@ -21,7 +21,7 @@ from kdcache.augment.mixing import MODE_CUTMIX
 
 def scale_view_row(row, layout, view_size, size):
     """In place: the erasing and cutmix boxes of one row (float32 [P]) from view_size to size pixels.
-    layout is ParamLayout.as_array(): [ra offset, ra layers, erase offset, erase mode, mix offset]."""
+    layout is ParamLayout.as_array(): [ra offset, ra layers, erase offset, erase mode, mix offset, renderer]."""
     if size == view_size:
         return
     f = np.float64(size) / np.float64(view_size)
