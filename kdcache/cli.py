@@ -435,6 +435,19 @@ def main(argv=None) -> None:
     sys.exit(code)
 
 
+def run(*args, check: bool = True) -> int:
+    """One kdcache command in this process (tools, tests: imports and compiled code shared between commands):
+    its exit code; with `check`, a failure raises SystemExit naming the command."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if check and code:
+        raise SystemExit(f"kdcache {' '.join(map(str, args))} exited {code}")
+    return code
+
+
 def _is_store_error(exc: Exception) -> bool:
     """An error raised by the object-store client (s3fs, botocore), not a bug of kdcache's."""
     return type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs", "aiohttp")

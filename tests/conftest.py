@@ -87,14 +87,10 @@ def kdcache(*args, check=True) -> CliResult:
     """Run the kdcache command in this process (no interpreter start-up, imports and JIT shared)."""
     import contextlib
     import io
-    from kdcache.cli import main
+    from kdcache.cli import run
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        code = run(*args, check=False)
     result = CliResult(code, out.getvalue(), err.getvalue())
     if check and code != 0:
         raise AssertionError(f"kdcache {' '.join(map(str, args))} failed ({code}):\n{result.stderr}")

@@ -23,16 +23,6 @@ import time
 from pathlib import Path
 
 
-def kd(*args):
-    """One kdcache command in this process (the JIT-compiled renderer is shared between steps)."""
-    from kdcache.cli import main
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        if exc.code:
-            raise SystemExit(f"kdcache {' '.join(map(str, args))} exited {exc.code}") from None
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/function-matching"))
@@ -45,6 +35,7 @@ def main():
     p.add_argument("--cutmix", type=float, default=1.0)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
+    from kdcache.cli import run as kd   # one command in this process: imports and compiled code shared
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     data, teacher = out / "data", out / "teacher"

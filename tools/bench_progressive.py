@@ -25,16 +25,6 @@ import time
 from pathlib import Path
 
 
-def kd(*args):
-    """One kdcache command in this process (imports shared between steps)."""
-    from kdcache.cli import main
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        if exc.code:
-            raise SystemExit(f"kdcache {' '.join(map(str, args))} exited {exc.code}") from None
-
-
 def step_ms(model_name: str, sizes, batch: int = 128, rounds: int = 8, steps: int = 2) -> dict:
     """The fastest CPU ms (all threads) of one train step (forward, backward, SGD; channels_last as train-student) per size, the
     sizes interleaved round by round so that a quiet moment is met by all of them."""
@@ -71,6 +61,7 @@ def main():
     p.add_argument("--size-step", type=int, default=8)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
+    from kdcache.cli import run as kd   # one command in this process: imports and compiled code shared
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     data = args.data or out / "data"
