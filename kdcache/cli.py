@@ -96,7 +96,7 @@ def _add_dump(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (under torchrun: the local GPU)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast (auto: bf16 on CUDA, off on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
-    p.add_argument("--workers", type=int, default=None, help="render threads (default: usable cores)")
+    p.add_argument("--workers", type=int, default=None, help="render threads (default: usable cores; on a GPU two fewer, for the threads that feed it and write)")
     p.add_argument("--values-dtype", default="uint16", choices=["uint16", "float32"],
                    help="top-k log-probabilities as uint16 fixed point (step 1/2048, default) or float32")
     p.add_argument("--unit-size", type=int, default=None,

@@ -95,7 +95,9 @@ class TeacherRunner:
         return forward_u8(self.model, self.normalize, x, self.amp_dtype)
 
     @torch.inference_mode()
-    def topk_outputs(self, views_nhwc: np.ndarray):
+    def launch(self, views_nhwc: np.ndarray) -> "TopkResult":
+        """Start the forward of one batch; on CUDA it returns before the GPU is done, so the caller can
+        queue the next batch first (the GPU never waits for the host between batches)."""
         logits = self.logits(views_nhwc)
         values, indices = logits.topk(self.topk, dim=1, sorted=True)
         # float64 from the full fp32 logits: the tail mass is summed over its own classes, never taken as
@@ -107,7 +109,38 @@ class TeacherRunner:
             log_tail = torch.logsumexp(full.scatter(1, indices, -torch.inf), dim=1) - lse[:, 0]
         else:  # no other classes: tail mass 0
             log_tail = torch.full_like(lse[:, 0], -torch.inf)
-        return logp.float().cpu().numpy(), indices.cpu().numpy(), log_tail.float().cpu().numpy()
+        outputs = (logp.float(), indices, log_tail.float())
+        if self.device.type != "cuda":
+            return TopkResult(outputs, None)
+        # pinned host copies, asynchronous; the event says when they have landed
+        host = tuple(t.to("cpu", non_blocking=True) for t in outputs)
+        done = torch.cuda.Event()
+        done.record()
+        return TopkResult(host, done)
+
+    def topk_outputs(self, views_nhwc: np.ndarray):
+        """(top-k log-probabilities, top-k indices, log tail mass) of one batch, as numpy arrays."""
+        return self.launch(views_nhwc).get()
+
+
+class TopkResult:
+    """A launched batch's outputs; get() waits for them (a no-op off CUDA)."""
+
+    def __init__(self, tensors, done):
+        self.tensors, self.done = tensors, done
+
+    def get(self):
+        if self.done is not None:
+            self.done.synchronize()
+        return tuple(t.numpy() for t in self.tensors)
+
+
+def default_render_threads(device: torch.device) -> int:
+    """Every usable core renders on the CPU (where the teacher's forward takes turns with the render); on a
+    GPU two are left to the thread that feeds it and the unit writer. Measured on an H200 with 16 cores
+    (BENCHMARKS.md): 14 render threads dumped 12.5 k views/s, 16 threads 11.7 k, 12 threads 10.7 k."""
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores - 2) if device.type == "cuda" else cores
 
 
 def _dataset_identity(ds: PreparedDataset, split_name: str) -> dict:
@@ -118,8 +151,9 @@ def _dataset_identity(ds: PreparedDataset, split_name: str) -> dict:
 
 
 QUEUE_DEPTH = 4
-# A slot is rewritten only after RING_SLOTS - 1 later chunks were rendered; the queue holds at most
-# QUEUE_DEPTH of them, so the consumer has finished with the slot (its forward ends in a device->host sync).
+# A slot is rewritten only after RING_SLOTS - 1 later chunks were rendered; at most QUEUE_DEPTH of them wait
+# in the queue and one more is in flight on the device, so the consumer has finished with the slot (it
+# waits for a batch's results, which come after its host->device copy, before it takes the next but one).
 RING_SLOTS = QUEUE_DEPTH + 4
 
 
@@ -325,7 +359,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     views_todo = sum(len(range(*spec.block_bounds(b))) for b in blocks for s in cfg.seeds if b not in done.get(s, ()))
     runner = TeacherRunner(model, tinfo, device, cfg.amp, cfg.compile, cfg.topk)
     labels = split.labels
-    workers = cfg.workers or len(os.sched_getaffinity(0))
+    workers = cfg.workers or default_render_threads(device)
 
     out_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
     stop = threading.Event()
@@ -342,12 +376,43 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     t_forward = 0.0
     t_loop = time.time()
     writer = UnitWriter()
+    in_flight = None    # (TopkResult, pass id, c0, c1): one batch queued on the device ahead of its results
+
+    def finish_chunk():
+        """Store the results of the batch in flight into its pass's arrays."""
+        nonlocal in_flight, t_forward, views_done, samples_done
+        if in_flight is None:
+            return
+        result, pid, c0, c1 = in_flight
+        in_flight = None
+        t = time.perf_counter()
+        logp, indices, log_tail = result.get()
+        t_forward += time.perf_counter() - t
+        st = state[pid]
+        a = spec.block_bounds(st["block"])[0]
+        nv = len(st["seeds"])
+        rows = slice(c0 - a, c1 - a)
+        st["logp"][:, rows] = logp.reshape(c1 - c0, nv, -1).transpose(1, 0, 2)
+        st["indices"][:, rows] = indices.reshape(c1 - c0, nv, -1).transpose(1, 0, 2)
+        st["log_tail"][:, rows] = log_tail.reshape(c1 - c0, nv).T
+        st["correct"] += (st["indices"][:, rows, 0] == labels[c0:c1][None, :]).sum(1)
+        views_done += logp.shape[0]
+        samples_done += c1 - c0
+        bar.update(logp.shape[0])
+        elapsed = time.time() - t_loop
+        bar.set_postfix_str(f"{samples_done / elapsed:.0f} img/s", refresh=False)
+        if lines.due():
+            lines.line(f"dump rank {ctx.rank}: {views_done}/{views_todo} views, {samples_done / elapsed:.0f} img/s, "
+                       + rate_eta(views_done, views_todo, elapsed, "view"))
+
     cache.ledger.start_heartbeat()
     producer.start()
     try:
         while True:
             item = out_q.get()
             kind = item[0]
+            if kind != "chunk":
+                finish_chunk()
             if kind == "done":
                 break
             if kind == "error":
@@ -367,25 +432,12 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                               "correct": np.zeros(len(seeds), np.int64)}
             elif kind == "chunk":
                 _, pid, c0, c1, images = item
-                st = state[pid]
-                a = spec.block_bounds(st["block"])[0]
-                nv = len(st["seeds"])
                 t = time.perf_counter()
-                logp, indices, log_tail = runner.topk_outputs(images.reshape(-1, *images.shape[2:]))
+                launched = (runner.launch(images.reshape(-1, *images.shape[2:])), pid, c0, c1)
                 t_forward += time.perf_counter() - t
-                rows = slice(c0 - a, c1 - a)
-                st["logp"][:, rows] = logp.reshape(c1 - c0, nv, -1).transpose(1, 0, 2)
-                st["indices"][:, rows] = indices.reshape(c1 - c0, nv, -1).transpose(1, 0, 2)
-                st["log_tail"][:, rows] = log_tail.reshape(c1 - c0, nv).T
-                st["correct"] += (st["indices"][:, rows, 0] == labels[c0:c1][None, :]).sum(1)
-                views_done += logp.shape[0]
-                samples_done += c1 - c0
-                bar.update(logp.shape[0])
-                elapsed = time.time() - t_loop
-                bar.set_postfix_str(f"{samples_done / elapsed:.0f} img/s", refresh=False)
-                if lines.due():
-                    lines.line(f"dump rank {ctx.rank}: {views_done}/{views_todo} views, {samples_done / elapsed:.0f} img/s, "
-                               + rate_eta(views_done, views_todo, elapsed, "view"))
+                finish_chunk()      # the previous batch's results, while this one runs on the device
+                in_flight = launched
+                continue
             elif kind == "end":
                 st = state.pop(item[1])
                 writer.put(lambda st=st: _finish_pass(cache, st, log, {"run": run, "rank": ctx.rank,
