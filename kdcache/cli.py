@@ -387,22 +387,6 @@ COMMANDS = {"ls": _cmd_ls, "copy": _cmd_copy, "prepare": _cmd_prepare, "info": _
             "verify": _cmd_verify, "train-student": _cmd_train, "run": _cmd_run}
 
 
-def _quiet_numba_finalizer_noise() -> None:
-    """numba 0.68 prints a KeyError from a dispatcher finalizer when FFCV pipelines are garbage-collected
-    (also in ffcv's own test suite; harmless). Drop that one report; every other one still prints."""
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        tb, frames = unraisable.exc_traceback, []
-        while tb is not None:
-            frames.append(tb.tb_frame.f_code.co_filename)
-            tb = tb.tb_next
-        if unraisable.exc_type is KeyError and any(f.endswith("numba/core/dispatcher.py") for f in frames):
-            return
-        previous(unraisable)
-    sys.unraisablehook = hook
-
-
 def _one_line_warnings() -> None:
     """Warnings as one line, 'kdcache: warning: ...', without Python's file:line and source-line echo."""
     import warnings
@@ -413,7 +397,6 @@ def _one_line_warnings() -> None:
 
 
 def main(argv=None) -> None:
-    _quiet_numba_finalizer_noise()
     _one_line_warnings()
     parser = build_parser()
     try:

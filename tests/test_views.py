@@ -105,3 +105,22 @@ def test_preview_cli_writes_side_by_side_picture(fmnist_small, tmp_path):
     view = teacher_side_views(split, [0], params, ViewRecipe(size=32))[(0, 0)]
     tile = np.asarray(img)[28:28 + 96, 4:4 + 96][::3, ::3]
     assert np.array_equal(tile, view)
+
+
+def test_an_ffcv_loader_leaves_numbas_shared_array_types_alone(fmnist_small):
+    """FFCV 1.0.2's OSCacheManager sets `mutable = False` on numba's interned uint8[::1] type when a Loader is
+    built. Every compiled signature holding that type then hashes differently, numba's overload table of a
+    dispatcher compiled before raises KeyError at its next use, and a Loader whose thread dies that way hangs."""
+    import numba
+    bytes_type = numba.uint8[::1]
+    decode = numba.njit(lambda a: a.shape[0])
+    data = np.zeros(4, np.uint8)
+    assert decode(data) == 4
+    signature = list(decode.overloads)[0]
+    split = fmnist_small.split("train")
+    for _ in range(2):
+        loader = ReplayLoader(split.beton_path, split.num_samples, 32, 50, workers=1, order="sequential")
+        loader.set_views(_params(split, ViewRecipe(size=32), 0))
+        next(iter(loader))
+    assert bytes_type.mutable and numba.uint8[::1] is bytes_type
+    assert signature in decode.overloads and decode(data) == 4

@@ -19,6 +19,8 @@ decoded once per epoch. A partner missing from its batch is caught by the loader
 is never silently left unmixed.
 """
 
+import functools
+
 import numba
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
@@ -29,6 +31,11 @@ from ffcv.utils import cast_int_to_byte_ptr
 from kdcache.augment.params import ParamLayout
 from kdcache.augment.render import STRICT, make_renderer
 from kdcache.augment.rescale import scale_view_row
+
+
+@functools.lru_cache(maxsize=None)
+def _scale_row():
+    return numba.njit(**STRICT)(scale_view_row)
 
 
 class ReplayViewDecoder(ResizedCropRGBImageDecoder):
@@ -72,10 +79,11 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
         nbytes = self.table.nbytes
         layout = self.layout.as_array()
         mix_offset = int(layout[4])
-        # this pipeline's own compiled copies (see kdcache.augment.render), with only the steps it uses
+        # the process's compiled renderer with only the steps this layout uses; the view is rendered through
+        # its C function, so that this pipeline's compilation does not compile the renderer again
         renderer = make_renderer(self.layout.ra_layers > 0, self.layout.erase_boxes > 0)
-        decode_into, render_into, mix_pair = renderer.decode_into, renderer.render_into, renderer.mix_pair
-        scale_row = numba.njit(**STRICT)(scale_view_row)   # this pipeline's own copy, as make_renderer's
+        decode_into, mix_pair, render_view = renderer.decode_into, renderer.mix_pair, renderer.render_view.ctypes
+        scale_row = _scale_row()
         view_size = self.view_size
 
         def decode(batch_indices, my_storage, metadata, storage_state):
@@ -97,7 +105,9 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
                 row = row_storage[dst_ix]
                 row[:] = table[source_ix]
                 scale_row(row, layout, view_size, size)
-                render_into(image, row, layout, destination[dst_ix], scratch_storage[dst_ix])
+                out = destination[dst_ix]
+                render_view(image.ctypes.data, image.shape[0], image.shape[1], row.ctypes.data, row.shape[0],
+                            layout.ctypes.data, out.ctypes.data, size, scratch_storage[dst_ix].ctypes.data)
             if mix_offset >= 0:
                 n = len(batch_indices)
                 for dst_ix in my_range(n):

@@ -8,18 +8,24 @@ for caches made by renderer 1, FFCV's resize_crop (cv::resize INTER_AREA). The v
 layout array (ParamLayout.renderer), so the student's replayed view of (i, s) is the image the teacher
 scored, bit for bit, whichever version made the cache (tests/test_views.py, tests/test_golden_views.py).
 
-Every FFCV pipeline gets its own compiled copies (make_renderer), as FFCV's own decoders do: with
-numba 0.68, a dispatcher that a second FFCV pipeline compiles against again raises KeyError from its
-overload table inside the loader thread, and the Loader then hangs (reproduced with two loaders in
-one process). Same source, same flags (fastmath off): the same machine code in both stages.
+One compiled renderer per process (per set of steps) serves every FFCV pipeline and the teacher side.
+FFCV's decoders reach it through a C function pointer (render_view, a numba cfunc) rather than by calling
+its dispatcher: a numba function links the code of every dispatcher it calls into its own module and
+optimizes it again, so each FFCV loader would otherwise recompile the whole renderer (2.6 s per loader
+with the crop alone, 8.6 s with RandAugment, on the 2-core machine). Sharing needs kdcache.augment.ffcv_fixes:
+FFCV 1.0.2 mutates one of numba's shared types when it builds a Loader, which broke every dispatcher
+shared between pipelines (KeyError in the loader thread, then a hang). Same source, same flags (fastmath
+off) in both stages: the student's view is the teacher's, bit for bit (tests/test_views.py).
 """
 
+import functools
 from typing import NamedTuple
 
 import numba
 import numpy as np
 from ffcv.libffcv import imdecode, resize_crop
 
+from kdcache.augment import ffcv_fixes  # noqa: F401 (corrects FFCV before any Loader is built)
 from kdcache.augment import area_resize, erasing, mixing
 from kdcache.augment.randaugment import compile_rand_augment
 
@@ -66,6 +72,7 @@ class Renderer(NamedTuple):
     render_samples: object  # parallel over samples: decode each once, render all its views (teacher side)
     mix_pair: object      # (view a, view b, params of a (f32[P]), layout) -> None: a pair's mixing, in place
     mix_chunk: object     # (views u8[n, V, S, S, 3], params f32[n, V, P], layout) -> None: every pair of a chunk
+    render_view: object   # render_into as a C function (RENDER_VIEW_SIGNATURE), for compiled callers: .ctypes
 
 
 # Every kernel sets its floating-point flags explicitly: numba (>= 0.54) lets a callee inherit flags it does
@@ -73,6 +80,12 @@ class Renderer(NamedTuple):
 # with inherited fastmath, AutoContrast of a full-range image turned 132 into 131 (255 / 255 computed as a
 # reciprocal) in the student's views only.
 STRICT = dict(fastmath=False, error_model="python")
+
+# render_view(image, height, width, params, n_params, layout, out, size, scratch): C-contiguous buffers by
+# address (uint8 image h x w x 3, float32 params, int64 layout[6], uint8 out and scratch size x size x 3)
+RENDER_VIEW_SIGNATURE = numba.types.void(numba.types.voidptr, numba.types.int64, numba.types.int64,
+                                         numba.types.voidptr, numba.types.int64, numba.types.voidptr,
+                                         numba.types.voidptr, numba.types.int64, numba.types.voidptr)
 
 
 def _no_rand_augment(image, ops, scratch):
@@ -83,14 +96,15 @@ def _no_erasing(image, row, mode):
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def make_renderer(rand_augment: bool = True, erasing_boxes: bool = True) -> Renderer:
-    """Fresh compiled copies of the renderer (see the module docstring for why never shared). Without
-    rand_augment / erasing_boxes those steps are no-ops that compile in no time.
+    """This process's compiled renderer for these steps (compiled on first use, then shared: see the module
+    docstring). Without rand_augment / erasing_boxes those steps are no-ops that compile in no time.
 
-    The kernels in pure numba go through numba's on-disk cache (`cached`): a fresh copy then loads the
-    machine code an earlier process compiled for this CPU instead of compiling it again (RandAugment's
+    The kernels in pure numba go through numba's on-disk cache (`cached`): a later process loads the
+    machine code an earlier one compiled for this CPU instead of compiling it again (RandAugment's
     kernels: 5-8 s per process). What calls FFCV's ctypes functions (decode, resize_crop) and the closures
-    below cannot be cached by numba; they compile in about a second."""
+    below cannot be cached by numba; they compile in a few seconds, once per process."""
     strict = numba.njit(**STRICT)
     cached = numba.njit(cache=True, **STRICT)
     imdecode_c = strict(imdecode)
@@ -113,7 +127,8 @@ def make_renderer(rand_augment: bool = True, erasing_boxes: bool = True) -> Rend
 
     @strict
     def decode_into(jpeg, height, width, out):
-        return imdecode_c(jpeg, out, height, width, height, width, 0, 0, 1, 1, False, False)
+        zero, one, no = np.uint32(0), np.uint32(1), np.bool_(False)
+        return imdecode_c(jpeg, out, height, width, height, width, zero, zero, one, one, no, no)
 
     @strict
     def render_into(image, params, layout, out, scratch):
@@ -131,11 +146,25 @@ def make_renderer(rand_augment: bool = True, erasing_boxes: bool = True) -> Rend
         if layout[2] >= 0:
             erase_c(out, params[layout[2]:], layout[3])
 
+    @numba.cfunc(RENDER_VIEW_SIGNATURE, **STRICT)
+    def render_view(image, height, width, params, n_params, layout, out, size, scratch):
+        render_into(numba.carray(image, (height, width, 3), numba.uint8),
+                    numba.carray(params, (n_params,), numba.float32), numba.carray(layout, (6,), numba.int64),
+                    numba.carray(out, (size, size, 3), numba.uint8), numba.carray(scratch, (size, size, 3), numba.uint8))
+
+    render_view_c = render_view.ctypes
+
+    @strict
+    def render_one(image, params, layout, out, scratch):
+        """One view through the C function: the machine code every caller runs."""
+        render_view_c(image.ctypes.data, image.shape[0], image.shape[1], params.ctypes.data, params.shape[0],
+                      layout.ctypes.data, out.ctypes.data, out.shape[0], scratch.ctypes.data)
+
     @strict
     def render_many(image, params, layout, out):
         scratch = np.empty_like(out[0])
         for v in range(params.shape[0]):
-            render_into(image, params[v], layout, out[v], scratch)
+            render_one(image, params[v], layout, out[v], scratch)
 
     @strict
     def mix_pair(a, b, params, layout):
@@ -162,9 +191,9 @@ def make_renderer(rand_augment: bool = True, erasing_boxes: bool = True) -> Rend
             image = temp[j, :h * w * 3].reshape((h, w, 3))
             status[j] = decode_into(data[offsets[j]:offsets[j] + lengths[j]], np.uint32(h), np.uint32(w), image)
             for v in range(params.shape[1]):
-                render_into(image, params[j, v], layout, out[j, v], scratch[j])
+                render_one(image, params[j, v], layout, out[j, v], scratch[j])
 
-    return Renderer(decode_into, render_into, render_many, render_samples, mix_pair, mix_chunk)
+    return Renderer(decode_into, render_into, render_many, render_samples, mix_pair, mix_chunk, render_view)
 
 
 def _with_globals(fn, **names):
@@ -176,15 +205,9 @@ def _with_globals(fn, **names):
     return types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
-_teacher_side = {}
-
-
 def _renderer(layout: np.ndarray = None) -> Renderer:
-    """The teacher side's renderer for this layout's steps (compiled once per process and kind)."""
-    kind = (False, False) if layout is None else (bool(layout[1] > 0), bool(layout[2] >= 0))
-    if kind not in _teacher_side:
-        _teacher_side[kind] = make_renderer(*kind)
-    return _teacher_side[kind]
+    """The renderer for this layout's steps (compiled once per process and kind)."""
+    return make_renderer(False, False) if layout is None else make_renderer(bool(layout[1] > 0), bool(layout[2] >= 0))
 
 
 def decode_jpeg(jpeg: bytes, height: int, width: int, what: str = "image") -> np.ndarray:
