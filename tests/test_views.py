@@ -124,3 +124,21 @@ def test_an_ffcv_loader_leaves_numbas_shared_array_types_alone(fmnist_small):
         next(iter(loader))
     assert bytes_type.mutable and numba.uint8[::1] is bytes_type
     assert signature in decode.overloads and decode(data) == 4
+
+
+def test_importing_kdcaches_ffcv_parts_compiles_nothing():
+    """Every kdcache command that touches FFCV imports it: FFCV 1.0.2 builds a numba typed Dict at import,
+    which compiles numba's dictionary code in every process. kdcache imports FFCV with a plain dict there."""
+    import subprocess
+    import sys
+    code = ("from numba.core import event\n"
+            "class Count(event.Listener):\n"
+            "    n = 0\n"
+            "    def on_start(self, e): Count.n += 1\n"
+            "    def on_end(self, e): pass\n"
+            "event.register('numba:compile', Count())\n"
+            "import kdcache.augment.loader, kdcache.data.beton, kdcache.teacher.verify\n"
+            "import ffcv.fields.rgb_image as rgb\n"
+            "print(Count.n, rgb.IMAGE_MODES['jpg'], rgb.IMAGE_MODES['raw'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", "0", "1"]

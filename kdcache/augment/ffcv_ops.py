@@ -23,6 +23,7 @@ import functools
 
 import numba
 import numpy as np
+import kdcache.ffcv_fixes  # noqa: F401 (first: corrects FFCV as it is imported)
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler

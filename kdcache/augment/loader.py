@@ -14,6 +14,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import kdcache.ffcv_fixes  # noqa: F401 (first: corrects FFCV as it is imported)
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption

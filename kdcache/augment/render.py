@@ -12,7 +12,7 @@ One compiled renderer per process (per set of steps) serves every FFCV pipeline 
 FFCV's decoders reach it through a C function pointer (render_view, a numba cfunc) rather than by calling
 its dispatcher: a numba function links the code of every dispatcher it calls into its own module and
 optimizes it again, so each FFCV loader would otherwise recompile the whole renderer (2.6 s per loader
-with the crop alone, 8.6 s with RandAugment, on the 2-core machine). Sharing needs kdcache.augment.ffcv_fixes:
+with the crop alone, 8.6 s with RandAugment, on the 2-core machine). Sharing needs kdcache.ffcv_fixes:
 FFCV 1.0.2 mutates one of numba's shared types when it builds a Loader, which broke every dispatcher
 shared between pipelines (KeyError in the loader thread, then a hang). Same source, same flags (fastmath
 off) in both stages: the student's view is the teacher's, bit for bit (tests/test_views.py).
@@ -23,9 +23,9 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
+import kdcache.ffcv_fixes  # noqa: F401 (first: corrects FFCV as it is imported)
 from ffcv.libffcv import imdecode, resize_crop
 
-from kdcache.augment import ffcv_fixes  # noqa: F401 (corrects FFCV before any Loader is built)
 from kdcache.augment import area_resize, erasing, mixing
 from kdcache.augment.randaugment import compile_rand_augment
 

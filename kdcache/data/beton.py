@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import kdcache.ffcv_fixes  # noqa: F401 (first: corrects FFCV as it is imported)
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.types import TYPE_ID_HANDLER
