@@ -264,7 +264,7 @@ def render_samples(jpegs, heights, widths, params: np.ndarray, size: int, layout
     renderer.render_samples(data, offsets, lengths, heights, widths, params, layout, temp, views_scratch, out, status)
     if status.any():
         raise ValueError(f"{what} {int(np.flatnonzero(status)[0])} of this batch: JPEG decode failed")
-    if mix:
+    if mix and layout[4] >= 0:  # (not called without mixing: its parallel loop takes 0.5 s to compile)
         renderer.mix_chunk(out, params, layout)
     return out
 
