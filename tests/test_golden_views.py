@@ -133,3 +133,26 @@ def test_recipes_written_before_renderer_2_replay_with_renderer_1():
     assert ViewRecipe.from_dict(old).renderer == 1 and ParamLayout.of(ViewRecipe.from_dict(old)).as_array()[5] == 1
     assert ViewRecipe.from_dict(ViewRecipe(size=32).to_dict()).renderer == 2
     assert ViewRecipe.from_dict(ViewRecipe(size=32, renderer=1).to_dict()).renderer == 1
+
+
+def test_a_changed_renderer_source_drops_the_renderers_numba_cache(tmp_path):
+    """numba checks only a cached function's own file; the renderer's kernels in render.py compile in code
+    from the other renderer files, so a change in any of them must drop render.py's cache entries."""
+    from kdcache.augment.render import RENDERER_SOURCES, _invalidate_stale_cache
+    for name in RENDERER_SOURCES:
+        (tmp_path / name).write_text(f"# {name}\n")
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    entries = ["render.render_into-1.py311.nbi", "render.render_into-1.py311.1.nbc"]
+    kept = ["render.cpython-311.pyc", "erasing.apply_erasing-1.py311.nbi"]
+    for name in entries + kept:
+        (cache / name).write_bytes(b"x")
+    _invalidate_stale_cache(str(tmp_path))            # no stamp yet: dropped, stamp written
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".sha256")) == sorted(kept)
+    for name in entries:
+        (cache / name).write_bytes(b"x")
+    _invalidate_stale_cache(str(tmp_path))            # nothing changed: kept
+    assert all((cache / name).exists() for name in entries)
+    (tmp_path / "mixing.py").write_text("# changed\n")
+    _invalidate_stale_cache(str(tmp_path))            # another file of the renderer changed: dropped
+    assert not any((cache / name).exists() for name in entries) and all((cache / n).exists() for n in kept)

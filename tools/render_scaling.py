@@ -86,16 +86,16 @@ def _best_us(fn, items, repeats=3):
 def breakdown(jpegs, heights, widths, params, size):
     import cv2
     from kdcache.augment import ParamLayout, ViewRecipe
-    from kdcache.augment.render import _renderer, crop_box
+    from kdcache.augment.render import C_FUNCTIONS, crop_box, decode_into, render_into
     cv2.setNumThreads(1)
     numba.set_num_threads(1)
-    r = _renderer()
     images = [np.empty((hh, ww, 3), np.uint8) for hh, ww in zip(heights, widths)]
     half = [np.empty(((hh + 1) // 2, (ww + 1) // 2, 3), np.uint8) for hh, ww in zip(heights, widths)]
     out = np.empty((size, size, 3), np.uint8)
     scratch = np.empty_like(out)
     jobs = list(zip(jpegs, heights, widths, images, params, half))
-    decode_us = _best_us(lambda j: r.decode_into(np.frombuffer(j[0], np.uint8), np.uint32(j[1]), np.uint32(j[2]), j[3]), jobs)
+    decode_us = _best_us(lambda j: decode_into(np.frombuffer(j[0], np.uint8), np.uint32(j[1]), np.uint32(j[2]), j[3],
+                                                C_FUNCTIONS), jobs)
     from ffcv.libffcv import imdecode
     half_us = _best_us(lambda j: imdecode(np.frombuffer(j[0], np.uint8), j[5], j[1], j[2], j[1], j[2], 0, 0, 1, 2,
                                           False, False), jobs)
@@ -103,12 +103,12 @@ def breakdown(jpegs, heights, widths, params, size):
     grows = [crop_box(j[1], j[2], j[4])[2] <= size and crop_box(j[1], j[2], j[4])[3] <= size for j in jobs]
     for version in (1, 2):
         layout = ParamLayout.of(ViewRecipe(size=size, renderer=version)).as_array()
-        render_us[version] = _best_us(lambda j: r.render_into(j[3], j[4], layout, out, scratch), jobs)
+        render_us[version] = _best_us(lambda j: render_into(j[3], j[4], layout, out, scratch, C_FUNCTIONS), jobs)
         for kind, want in (("shrinking on a side", False), ("growing on both sides", True)):
             some = [j for j, g in zip(jobs, grows) if g == want]
             if some:
                 by_kind.setdefault(kind, [len(some)]).append(
-                    _best_us(lambda j: r.render_into(j[3], j[4], layout, out, scratch), some))
+                    _best_us(lambda j: render_into(j[3], j[4], layout, out, scratch, C_FUNCTIONS), some))
     crops = []
     for _, hh, ww, image, row, _ in jobs:
         top, left, ch, cw = crop_box(hh, ww, row)

@@ -19,8 +19,6 @@ decoded once per epoch. A partner missing from its batch is caught by the loader
 is never silently left unmixed.
 """
 
-import functools
-
 import numba
 import numpy as np
 import kdcache.ffcv_fixes  # noqa: F401 (first: corrects FFCV as it is imported)
@@ -30,13 +28,11 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.utils import cast_int_to_byte_ptr
 
 from kdcache.augment.params import ParamLayout
-from kdcache.augment.render import STRICT, make_renderer
+from kdcache.augment import render
 from kdcache.augment.rescale import scale_view_row
 
 
-@functools.lru_cache(maxsize=None)
-def _scale_row():
-    return numba.njit(**STRICT)(scale_view_row)
+_scale_row = numba.njit(cache=True, **render.STRICT)(scale_view_row)
 
 
 class ReplayViewDecoder(ResizedCropRGBImageDecoder):
@@ -80,11 +76,10 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
         nbytes = self.table.nbytes
         layout = self.layout.as_array()
         mix_offset = int(layout[4])
-        # the process's compiled renderer with only the steps this layout uses; the view is rendered through
-        # its C function, so that this pipeline's compilation does not compile the renderer again
-        renderer = make_renderer(self.layout.ra_layers > 0, self.layout.erase_boxes > 0)
-        decode_into, mix_pair, render_view = renderer.decode_into, renderer.mix_pair, renderer.render_view.ctypes
-        scale_row = _scale_row()
+        # the view is rendered through the renderer's C function, so that this pipeline's compilation does not
+        # compile the renderer again (kdcache.augment.render)
+        render_view = render.render_view.ctypes
+        decode_into, mix_pair, clib = render.decode_into, render.mix_pair, render.C_FUNCTIONS
         view_size = self.view_size
 
         def decode(batch_indices, my_storage, metadata, storage_state):
@@ -99,16 +94,17 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
                 width = np.uint32(field["width"])
                 if field["mode"] == jpg:
                     temp = temp_storage[dst_ix]
-                    decode_into(image_data, height, width, temp)
+                    decode_into(image_data, height, width, temp, clib)
                     image = temp.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     image = image_data.reshape(height, width, 3)
                 row = row_storage[dst_ix]
                 row[:] = table[source_ix]
-                scale_row(row, layout, view_size, size)
+                _scale_row(row, layout, view_size, size)
                 out = destination[dst_ix]
                 render_view(image.ctypes.data, image.shape[0], image.shape[1], row.ctypes.data, row.shape[0],
-                            layout.ctypes.data, out.ctypes.data, size, scratch_storage[dst_ix].ctypes.data)
+                            layout.ctypes.data, out.ctypes.data, size, scratch_storage[dst_ix].ctypes.data,
+                            clib.ctypes.data)
             if mix_offset >= 0:
                 n = len(batch_indices)
                 for dst_ix in my_range(n):

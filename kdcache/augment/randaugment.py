@@ -592,9 +592,9 @@ _KERNELS = (apply_lut, histograms, autocontrast, equalize, invert, posterize, so
 
 
 def compile_rand_augment(with_scratch: bool = False):
-    """A freshly compiled apply_rand_augment (image, ops) with its own compiled helpers (make_renderer calls
-    this once per process and kind); no fastmath, so every copy computes the same bytes. The helpers' global
-    names are rebound to their compiled copies (numba resolves globals when it compiles)."""
+    """A freshly compiled apply_rand_augment (image, ops) with its own compiled helpers (the renderer's copy is
+    made once, in kdcache.augment.render); no fastmath, so every copy computes the same bytes. The helpers'
+    global names are rebound to their compiled copies (numba resolves globals when it compiles)."""
     scope = dict(globals())
     for fn in _KERNELS:
         copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)

@@ -8,23 +8,31 @@ for caches made by renderer 1, FFCV's resize_crop (cv::resize INTER_AREA). The v
 layout array (ParamLayout.renderer), so the student's replayed view of (i, s) is the image the teacher
 scored, bit for bit, whichever version made the cache (tests/test_views.py, tests/test_golden_views.py).
 
-One compiled renderer per process (per set of steps) serves every FFCV pipeline and the teacher side.
-FFCV's decoders reach it through a C function pointer (render_view, a numba cfunc) rather than by calling
-its dispatcher: a numba function links the code of every dispatcher it calls into its own module and
-optimizes it again, so each FFCV loader would otherwise recompile the whole renderer (2.6 s per loader
-with the crop alone, 8.6 s with RandAugment, on the 2-core machine). Sharing needs kdcache.ffcv_fixes:
-FFCV 1.0.2 mutates one of numba's shared types when it builds a Loader, which broke every dispatcher
-shared between pipelines (KeyError in the loader thread, then a hang). Same source, same flags (fastmath
-off) in both stages: the student's view is the teacher's, bit for bit (tests/test_views.py).
+The renderer is compiled once and kept in numba's on-disk cache, so a later process loads it. Two things
+make that possible: FFCV's C functions (decode, resize) are called through addresses passed at run time
+(C_FUNCTIONS) instead of their ctypes objects, whose addresses numba would compile in; and the kernels are
+module-level functions (numba never caches closures). FFCV's decoders call the renderer through a C
+function pointer (render_view, a numba cfunc) rather than its dispatcher: a numba function links and
+optimizes again the code of every dispatcher it calls, so each FFCV loader would recompile the whole
+renderer (2.6 s per loader with the crop alone, 8.6 s with RandAugment, on the 2-core machine). Sharing
+compiled code between pipelines needs kdcache.ffcv_fixes (FFCV 1.0.2 mutates one of numba's shared types
+when it builds a Loader). Same source, same flags (fastmath off) in both stages: the student's view is the
+teacher's, bit for bit (tests/test_views.py).
+
+numba checks only a cached function's own source file; the renderer's code spans several files, so
+_invalidate_stale_cache (below) drops render.py's cache entries when any of them changed.
 """
 
-import functools
-from typing import NamedTuple
+import ctypes
+import os
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.extending import intrinsic
+
 import kdcache.ffcv_fixes  # noqa: F401 (first: corrects FFCV as it is imported)
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.libffcv import ctypes_imdecode, ctypes_resize
 
 from kdcache.augment import area_resize, erasing, mixing
 from kdcache.augment.randaugment import compile_rand_augment
@@ -65,155 +73,199 @@ def flip_horizontal(image):
                 image[r, width - 1 - c, ch] = tmp
 
 
-class Renderer(NamedTuple):
-    decode_into: object   # (jpeg u8[:], height, width, out u8[h, w, 3]) -> turbojpeg status (0 = ok)
-    render_into: object   # (image u8[h, w, 3], params f32[P], layout i64[6], out u8[S, S, 3], scratch like out) -> None
-    render_many: object   # (image, params f32[V, P], layout, out u8[V, S, S, 3]) -> None
-    render_samples: object  # parallel over samples: decode each once, render all its views (teacher side)
-    mix_pair: object      # (view a, view b, params of a (f32[P]), layout) -> None: a pair's mixing, in place
-    mix_chunk: object     # (views u8[n, V, S, S, 3], params f32[n, V, P], layout) -> None: every pair of a chunk
-    render_view: object   # render_into as a C function (RENDER_VIEW_SIGNATURE), for compiled callers: .ctypes
-
-
 # Every kernel sets its floating-point flags explicitly: numba (>= 0.54) lets a callee inherit flags it does
 # not set from its caller, and FFCV compiles its decoders with fastmath=True and error_model="numpy". Measured:
 # with inherited fastmath, AutoContrast of a full-range image turned 132 into 131 (255 / 255 computed as a
 # reciprocal) in the student's views only.
 STRICT = dict(fastmath=False, error_model="python")
 
-# render_view(image, height, width, params, n_params, layout, out, size, scratch): C-contiguous buffers by
-# address (uint8 image h x w x 3, float32 params, int64 layout[6], uint8 out and scratch size x size x 3)
+# render_view(image, height, width, params, n_params, layout, out, size, scratch, clib): C-contiguous buffers
+# by address (uint8 image h x w x 3, float32 params, int64 layout[6], uint8 out and scratch size x size x 3,
+# int64 C_FUNCTIONS[2])
 RENDER_VIEW_SIGNATURE = numba.types.void(numba.types.voidptr, numba.types.int64, numba.types.int64,
                                          numba.types.voidptr, numba.types.int64, numba.types.voidptr,
-                                         numba.types.voidptr, numba.types.int64, numba.types.voidptr)
-
-
-def _no_rand_augment(image, ops, scratch):
-    return None
-
-
-def _no_erasing(image, row, mode):
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def make_renderer(rand_augment: bool = True, erasing_boxes: bool = True) -> Renderer:
-    """This process's compiled renderer for these steps (compiled on first use, then shared: see the module
-    docstring). Without rand_augment / erasing_boxes those steps are no-ops that compile in no time.
-
-    The kernels in pure numba go through numba's on-disk cache (`cached`): a later process loads the
-    machine code an earlier one compiled for this CPU instead of compiling it again (RandAugment's
-    kernels: 5-8 s per process). What calls FFCV's ctypes functions (decode, resize_crop) and the closures
-    below cannot be cached by numba; they compile in a few seconds, once per process."""
-    strict = numba.njit(**STRICT)
-    cached = numba.njit(cache=True, **STRICT)
-    imdecode_c = strict(imdecode)
-    resize_crop_c = strict(resize_crop)
-    area_taps_c = cached(area_resize.area_taps)
-    lines_c = cached(area_resize.weighted_lines)
-    resize_area_c = cached(_with_globals(area_resize.resize_area, area_taps=area_taps_c,
-                                         weighted_lines=lines_c))
-    crop_box_c = cached(crop_box)
-    flip_c = cached(flip_horizontal)
-    rand_augment_c = compile_rand_augment(with_scratch=True) if rand_augment else strict(_no_rand_augment)
-    if erasing_boxes:
-        splitmix_c = cached(erasing._splitmix)
-        noise_c = cached(_with_globals(erasing.noise_normal, _splitmix=splitmix_c))
-        fill_c = cached(erasing.fill_value)
-        erase_c = cached(_with_globals(erasing.apply_erasing, noise_normal=noise_c, fill_value=fill_c))
-    else:
-        erase_c = strict(_no_erasing)
-    mix_c = cached(mixing.mix_pair)
-
-    @strict
-    def decode_into(jpeg, height, width, out):
-        zero, one, no = np.uint32(0), np.uint32(1), np.bool_(False)
-        return imdecode_c(jpeg, out, height, width, height, width, zero, zero, one, one, no, no)
-
-    @strict
-    def render_into(image, params, layout, out, scratch):
-        top, left, h, w = crop_box_c(image.shape[0], image.shape[1], params)
-        # renderer 2 keeps OpenCV for crops that grow on both axes: there INTER_AREA is the same area filter
-        # on OpenCV's SIMD linear path, twice as fast as the separable resample (kdcache.augment.area_resize)
-        if layout[5] == 1 or (h <= out.shape[0] and w <= out.shape[1]):
-            resize_crop_c(image, top, top + h, left, left + w, out)
-            if params[4] > 0.5:
-                flip_c(out)
-        else:
-            resize_area_c(image, top, left, h, w, out, params[4] > 0.5)
-        if layout[1] > 0:
-            rand_augment_c(out, params[layout[0]:layout[0] + 2 * layout[1]].reshape((layout[1], 2)), scratch)
-        if layout[2] >= 0:
-            erase_c(out, params[layout[2]:], layout[3])
-
-    @numba.cfunc(RENDER_VIEW_SIGNATURE, **STRICT)
-    def render_view(image, height, width, params, n_params, layout, out, size, scratch):
-        render_into(numba.carray(image, (height, width, 3), numba.uint8),
-                    numba.carray(params, (n_params,), numba.float32), numba.carray(layout, (6,), numba.int64),
-                    numba.carray(out, (size, size, 3), numba.uint8), numba.carray(scratch, (size, size, 3), numba.uint8))
-
-    render_view_c = render_view.ctypes
-
-    @strict
-    def render_one(image, params, layout, out, scratch):
-        """One view through the C function: the machine code every caller runs."""
-        render_view_c(image.ctypes.data, image.shape[0], image.shape[1], params.ctypes.data, params.shape[0],
-                      layout.ctypes.data, out.ctypes.data, out.shape[0], scratch.ctypes.data)
-
-    @strict
-    def render_many(image, params, layout, out):
-        scratch = np.empty_like(out[0])
-        for v in range(params.shape[0]):
-            render_one(image, params[v], layout, out[v], scratch)
-
-    @strict
-    def mix_pair(a, b, params, layout):
-        mix_c(a, b, params[layout[4]:])
-
-    @numba.njit(parallel=True, **STRICT)
-    def mix_chunk(views, params, layout):
-        """Mix every pair whose two members are in this chunk (each pair once, from its lower member)."""
-        if layout[4] < 0:
-            return
-        n, nv = views.shape[0], views.shape[1]
-        for t in numba.prange(n * nv):
-            j, v = t // nv, t % nv
-            offset = int(params[j, v, layout[4] + 1])
-            if offset > 0 and j + offset < n:
-                mix_pair(views[j, v], views[j + offset, v], params[j, v], layout)
-
-    @numba.njit(parallel=True, **STRICT)
-    def render_samples(data, offsets, lengths, heights, widths, params, layout, temp, scratch, out, status):
-        """data: concatenated JPEGs; params (n, V, P); temp (n, >= max h*w*3); scratch (n, S, S, 3);
-        out (n, V, S, S, 3)."""
-        for j in numba.prange(offsets.shape[0]):
-            h, w = heights[j], widths[j]
-            image = temp[j, :h * w * 3].reshape((h, w, 3))
-            status[j] = decode_into(data[offsets[j]:offsets[j] + lengths[j]], np.uint32(h), np.uint32(w), image)
-            for v in range(params.shape[1]):
-                render_one(image, params[j, v], layout, out[j, v], scratch[j])
-
-    return Renderer(decode_into, render_into, render_many, render_samples, mix_pair, mix_chunk, render_view)
+                                         numba.types.voidptr, numba.types.int64, numba.types.voidptr,
+                                         numba.types.voidptr)
 
 
 def _with_globals(fn, **names):
     """A copy of fn whose global names point at the given compiled functions (numba resolves globals at
-    compile time, so each renderer's copy calls its own compiled helpers)."""
+    compile time, so the copy calls these compiled helpers)."""
     import types
     g = dict(fn.__globals__)
     g.update(names)
     return types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
-def _renderer(layout: np.ndarray = None) -> Renderer:
-    """The renderer for this layout's steps (compiled once per process and kind)."""
-    return make_renderer(False, False) if layout is None else make_renderer(bool(layout[1] > 0), bool(layout[2] >= 0))
+# FFCV's C functions are called through addresses passed at run time (C_FUNCTIONS), not through its ctypes
+# objects: numba compiles a ctypes function's address into the code, which would go stale in numba's on-disk
+# cache (the library loads elsewhere in every process), so it refuses to cache such code.
+C_FUNCTIONS = np.array([ctypes.cast(ctypes_imdecode, ctypes.c_void_p).value,
+                        ctypes.cast(ctypes_resize, ctypes.c_void_p).value], np.int64)
+
+
+@intrinsic
+def _c_imdecode(typingctx, address, source, size, height, width, dest):
+    """libffcv's imdecode at `address`, as FFCV's imdecode(source, dest, h, w, h, w, 0, 0, 1, 1, False, False):
+    int imdecode(uchar *src, uint64 size, uint32 h, uint32 w, uchar *dst, uint32 crop_h, uint32 crop_w,
+    uint32 offset_x, uint32 offset_y, uint32 scale_num, uint32 scale_denom, bool enable_crop, bool flip)."""
+    sig = numba.types.int32(*[numba.types.int64] * 6)
+
+    def codegen(context, builder, signature, args):
+        i64, i32, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(8)
+        fnty = ir.FunctionType(i32, [i64, i64, i32, i32, i64, i32, i32, i32, i32, i32, i32, i8, i8])
+        address, source, size, height, width, dest = args
+        h, w = builder.trunc(height, i32), builder.trunc(width, i32)
+        zero, one, no = ir.Constant(i32, 0), ir.Constant(i32, 1), ir.Constant(i8, 0)
+        fn = builder.inttoptr(address, fnty.as_pointer())
+        return builder.call(fn, [source, size, h, w, dest, h, w, zero, zero, one, one, no, no])
+    return sig, codegen
+
+
+@intrinsic
+def _c_resize(typingctx, address, source, height, width, row0, row1, col0, col1, dest, out_h, out_w):
+    """libffcv's resize at `address`, as FFCV's resize_crop (cv::resize INTER_AREA of the crop):
+    void resize(int64 resizer, int64 src, int64 h, int64 w, int64 row0, int64 row1, int64 col0, int64 col1,
+    int64 dst, int64 out_h, int64 out_w)."""
+    sig = numba.types.void(*[numba.types.int64] * 11)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fn = builder.inttoptr(args[0], ir.FunctionType(ir.VoidType(), [i64] * 11).as_pointer())
+        builder.call(fn, [ir.Constant(i64, 0)] + list(args[1:]))
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+RENDERER_SOURCES = ("render.py", "area_resize.py", "erasing.py", "mixing.py", "randaugment.py")
+
+
+def _invalidate_stale_cache(here: str) -> None:
+    """Drop numba's cache entries of this module's kernels when any renderer source changed: numba checks only
+    a function's own file, and these kernels compile in code from the other files. (With NUMBA_CACHE_DIR set
+    or an unwritable package directory numba caches elsewhere; there installs replace render.py too.)"""
+    import glob
+    import hashlib
+    digest = hashlib.sha256()
+    for name in RENDERER_SOURCES:
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(f.read())
+    cache_dir = os.path.join(here, "__pycache__")
+    stamp = os.path.join(cache_dir, "kdcache-renderer-sources.sha256")
+    try:
+        with open(stamp) as f:
+            if f.read() == digest.hexdigest():
+                return
+    except OSError:
+        pass
+    for path in glob.glob(os.path.join(cache_dir, "render.*.nbi")) + glob.glob(os.path.join(cache_dir, "render.*.nbc")):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{stamp}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(digest.hexdigest())
+        os.replace(tmp, stamp)
+    except OSError:
+        pass
+
+
+_invalidate_stale_cache(os.path.dirname(os.path.abspath(__file__)))
+
+# The renderer's kernels, compiled once and kept in numba's on-disk cache (kdcache/augment/__pycache__): a
+# later process loads the machine code compiled for this CPU. Same source, same flags in both stages.
+_jit = numba.njit(cache=True, **STRICT)
+_crop_box = _jit(crop_box)
+_flip = _jit(flip_horizontal)
+_resize_area = _jit(_with_globals(area_resize.resize_area, area_taps=_jit(area_resize.area_taps),
+                                  weighted_lines=_jit(area_resize.weighted_lines)))
+_rand_augment = compile_rand_augment(with_scratch=True)
+_erase = _jit(_with_globals(erasing.apply_erasing, fill_value=_jit(erasing.fill_value),
+                            noise_normal=_jit(_with_globals(erasing.noise_normal, _splitmix=_jit(erasing._splitmix)))))
+_mix = _jit(mixing.mix_pair)
+
+
+@_jit
+def decode_into(jpeg, height, width, out, clib):
+    return _c_imdecode(clib[0], jpeg.ctypes.data, jpeg.size, height, width, out.ctypes.data)
+
+
+@_jit
+def render_into(image, params, layout, out, scratch, clib):
+    top, left, h, w = _crop_box(image.shape[0], image.shape[1], params)
+    # renderer 2 keeps OpenCV for crops that grow on both axes: there INTER_AREA is the same area filter
+    # on OpenCV's SIMD linear path, twice as fast as the separable resample (kdcache.augment.area_resize)
+    if layout[5] == 1 or (h <= out.shape[0] and w <= out.shape[1]):
+        _c_resize(clib[1], image.ctypes.data, image.shape[0], image.shape[1], top, top + h, left, left + w,
+                  out.ctypes.data, out.shape[0], out.shape[1])
+        if params[4] > 0.5:
+            _flip(out)
+    else:
+        _resize_area(image, top, left, h, w, out, params[4] > 0.5)
+    if layout[1] > 0:
+        _rand_augment(out, params[layout[0]:layout[0] + 2 * layout[1]].reshape((layout[1], 2)), scratch)
+    if layout[2] >= 0:
+        _erase(out, params[layout[2]:], layout[3])
+
+
+@numba.cfunc(RENDER_VIEW_SIGNATURE, cache=True, **STRICT)
+def render_view(image, height, width, params, n_params, layout, out, size, scratch, clib):
+    render_into(numba.carray(image, (height, width, 3), numba.uint8),
+                numba.carray(params, (n_params,), numba.float32), numba.carray(layout, (6,), numba.int64),
+                numba.carray(out, (size, size, 3), numba.uint8), numba.carray(scratch, (size, size, 3), numba.uint8),
+                numba.carray(clib, (2,), numba.int64))
+
+
+@_jit
+def render_one(image, params, layout, out, scratch, clib):
+    """One view, as every caller renders it (FFCV's decoders reach the same code through render_view)."""
+    render_into(image, params, layout, out, scratch, clib)
+
+
+@_jit
+def render_many(image, params, layout, out, clib):
+    scratch = np.empty_like(out[0])
+    for v in range(params.shape[0]):
+        render_one(image, params[v], layout, out[v], scratch, clib)
+
+
+@_jit
+def mix_pair(a, b, params, layout):
+    _mix(a, b, params[layout[4]:])
+
+
+@numba.njit(parallel=True, cache=True, **STRICT)
+def mix_chunk(views, params, layout):
+    """Mix every pair whose two members are in this chunk (each pair once, from its lower member)."""
+    if layout[4] < 0:
+        return
+    n, nv = views.shape[0], views.shape[1]
+    for t in numba.prange(n * nv):
+        j, v = t // nv, t % nv
+        offset = int(params[j, v, layout[4] + 1])
+        if offset > 0 and j + offset < n:
+            mix_pair(views[j, v], views[j + offset, v], params[j, v], layout)
+
+
+@numba.njit(parallel=True, cache=True, **STRICT)
+def _render_samples(data, offsets, lengths, heights, widths, params, layout, temp, scratch, out, status, clib):
+    """data: concatenated JPEGs; params (n, V, P); temp (n, >= max h*w*3); scratch (n, S, S, 3);
+    out (n, V, S, S, 3)."""
+    for j in numba.prange(offsets.shape[0]):
+        h, w = heights[j], widths[j]
+        image = temp[j, :h * w * 3].reshape((h, w, 3))
+        status[j] = decode_into(data[offsets[j]:offsets[j] + lengths[j]], h, w, image, clib)
+        for v in range(params.shape[1]):
+            render_one(image, params[j, v], layout, out[j, v], scratch[j], clib)
 
 
 def decode_jpeg(jpeg: bytes, height: int, width: int, what: str = "image") -> np.ndarray:
     """Canonical JPEG bytes -> HxWx3 uint8, with FFCV's decoder."""
     out = np.empty((height, width, 3), np.uint8)
-    status = _renderer().decode_into(np.frombuffer(jpeg, np.uint8), np.uint32(height), np.uint32(width), out)
+    status = decode_into(np.frombuffer(jpeg, np.uint8), np.uint32(height), np.uint32(width), out, C_FUNCTIONS)
     if status != 0:
         raise ValueError(f"{what}: JPEG decode failed (turbojpeg status {status})")
     return out
@@ -260,12 +312,11 @@ def render_samples(jpegs, heights, widths, params: np.ndarray, size: int, layout
         out = np.empty((n, params.shape[1], size, size, 3), np.uint8)
     status = np.zeros(n, np.int64)
     layout = _layout_array(layout, params)
-    renderer = _renderer(layout)
-    renderer.render_samples(data, offsets, lengths, heights, widths, params, layout, temp, views_scratch, out, status)
+    _render_samples(data, offsets, lengths, heights, widths, params, layout, temp, views_scratch, out, status, C_FUNCTIONS)
     if status.any():
         raise ValueError(f"{what} {int(np.flatnonzero(status)[0])} of this batch: JPEG decode failed")
     if mix and layout[4] >= 0:  # (not called without mixing: its parallel loop takes 0.5 s to compile)
-        renderer.mix_chunk(out, params, layout)
+        mix_chunk(out, params, layout)
     return out
 
 
@@ -275,7 +326,7 @@ def render_views(image: np.ndarray, params: np.ndarray, size: int, layout: np.nd
     params = params.reshape(-1, params.shape[-1])
     out = np.empty((len(params), size, size, 3), np.uint8)
     layout = _layout_array(layout, params)
-    _renderer(layout).render_many(np.ascontiguousarray(image), params, layout, out)
+    render_many(np.ascontiguousarray(image), params, layout, out, C_FUNCTIONS)
     return out
 
 
@@ -294,4 +345,4 @@ def _layout_array(layout, params: np.ndarray) -> np.ndarray:
 def mix_views(a: np.ndarray, b: np.ndarray, params_a: np.ndarray, layout: np.ndarray) -> None:
     """Mix two rendered views of a pair in place (a is the view whose parameter row is given)."""
     layout = _layout_array(layout, params_a)
-    _renderer(layout).mix_pair(a, b, np.ascontiguousarray(params_a, dtype=np.float32), layout)
+    mix_pair(a, b, np.ascontiguousarray(params_a, dtype=np.float32), layout)
