@@ -173,7 +173,18 @@ def _invalidate_stale_cache(here: str) -> None:
         pass
 
 
+def _say_if_compiling(here: str) -> None:
+    """A cold cache means a long first compile: say so, rather than sit silent (once per checkout)."""
+    import glob
+    import sys
+    cache_dir = os.path.join(here, "__pycache__")
+    if os.access(cache_dir, os.W_OK) and not glob.glob(os.path.join(cache_dir, "render.render_view-*.nbi")):
+        print("kdcache: compiling the view renderer for this machine (once; numba keeps it in "
+              f"{cache_dir}): about 10-40 s", file=sys.stderr, flush=True)
+
+
 _invalidate_stale_cache(os.path.dirname(os.path.abspath(__file__)))
+_say_if_compiling(os.path.dirname(os.path.abspath(__file__)))
 
 # The renderer's kernels, compiled once and kept in numba's on-disk cache (kdcache/augment/__pycache__): a
 # later process loads the machine code compiled for this CPU. Same source, same flags in both stages.
