@@ -231,16 +231,10 @@ def render_view(image, height, width, params, n_params, layout, out, size, scrat
 
 
 @_jit
-def render_one(image, params, layout, out, scratch, clib):
-    """One view, as every caller renders it (FFCV's decoders reach the same code through render_view)."""
-    render_into(image, params, layout, out, scratch, clib)
-
-
-@_jit
 def render_many(image, params, layout, out, clib):
     scratch = np.empty_like(out[0])
     for v in range(params.shape[0]):
-        render_one(image, params[v], layout, out[v], scratch, clib)
+        render_into(image, params[v], layout, out[v], scratch, clib)
 
 
 @_jit
@@ -270,7 +264,7 @@ def _render_samples(data, offsets, lengths, heights, widths, params, layout, tem
         image = temp[j, :h * w * 3].reshape((h, w, 3))
         status[j] = decode_into(data[offsets[j]:offsets[j] + lengths[j]], h, w, image, clib)
         for v in range(params.shape[1]):
-            render_one(image, params[j, v], layout, out[j, v], scratch[j], clib)
+            render_into(image, params[j, v], layout, out[j, v], scratch[j], clib)
 
 
 def decode_jpeg(jpeg: bytes, height: int, width: int, what: str = "image") -> np.ndarray:
