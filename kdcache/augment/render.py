@@ -20,7 +20,7 @@ when it builds a Loader). Same source, same flags (fastmath off) in both stages:
 teacher's, bit for bit (tests/test_views.py).
 
 numba checks only a cached function's own source file; the renderer's code spans several files, so
-_invalidate_stale_cache (below) drops render.py's cache entries when any of them changed.
+_invalidate_stale_cache (below) drops the cache entries that span files when any of them changed.
 """
 
 import ctypes
@@ -137,11 +137,14 @@ def _c_resize(typingctx, address, source, height, width, row0, row1, col0, col1,
     return sig, codegen
 
 
-RENDERER_SOURCES = ("render.py", "area_resize.py", "erasing.py", "mixing.py", "randaugment.py")
+RENDERER_SOURCES = ("render.py", "area_resize.py", "erasing.py", "mixing.py", "randaugment.py", "rescale.py")
+# the cached functions that compile in code or constants from another file: render.py's kernels, and
+# rescale.scale_view_row (FFCV's decoder's copy, kdcache.augment.ffcv_ops), which reads mixing.MODE_CUTMIX
+CROSS_FILE_CACHE_ENTRIES = ("render.*.nbi", "render.*.nbc", "rescale.*.nbi", "rescale.*.nbc")
 
 
 def _invalidate_stale_cache(here: str) -> None:
-    """Drop numba's cache entries of this module's kernels when any renderer source changed: numba checks only
+    """Drop numba's cache entries of the renderer's kernels when any renderer source changed: numba checks only
     a function's own file, and these kernels compile in code from the other files. (With NUMBA_CACHE_DIR set
     or an unwritable package directory numba caches elsewhere; there installs replace render.py too.)"""
     import glob
@@ -158,7 +161,7 @@ def _invalidate_stale_cache(here: str) -> None:
                 return
     except OSError:
         pass
-    for path in glob.glob(os.path.join(cache_dir, "render.*.nbi")) + glob.glob(os.path.join(cache_dir, "render.*.nbc")):
+    for path in [p for pattern in CROSS_FILE_CACHE_ENTRIES for p in glob.glob(os.path.join(cache_dir, pattern))]:
         try:
             os.remove(path)
         except OSError:
