@@ -143,7 +143,8 @@ def test_a_changed_renderer_source_drops_the_renderers_numba_cache(tmp_path):
         (tmp_path / name).write_text(f"# {name}\n")
     cache = tmp_path / "__pycache__"
     cache.mkdir()
-    entries = ["render.render_into-1.py311.nbi", "render.render_into-1.py311.1.nbc", "rescale.scale_view_row-22.py311.nbi"]
+    entries = ["render.render_into-1.py311.nbi", "render.render_into-1.py311.1.nbc",
+               "rescale.scale_view_row-22.py311.nbi"]
     kept = ["render.cpython-311.pyc", "erasing.apply_erasing-1.py311.nbi"]
     for name in entries + kept:
         (cache / name).write_bytes(b"x")

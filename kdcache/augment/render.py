@@ -320,7 +320,8 @@ def render_samples(jpegs, heights, widths, params: np.ndarray, size: int, layout
         out = np.empty((n, params.shape[1], size, size, 3), np.uint8)
     status = np.zeros(n, np.int64)
     layout = _layout_array(layout, params)
-    _render_samples(data, offsets, lengths, heights, widths, params, layout, temp, views_scratch, out, status, C_FUNCTIONS)
+    _render_samples(data, offsets, lengths, heights, widths, params, layout, temp, views_scratch, out, status,
+                    C_FUNCTIONS)
     if status.any():
         raise ValueError(f"{what} {int(np.flatnonzero(status)[0])} of this batch: JPEG decode failed")
     if mix and layout[4] >= 0:  # (not called without mixing: its parallel loop takes 0.5 s to compile)
