@@ -407,3 +407,39 @@ def test_dump_config_is_checked_before_anything_is_written(fmnist_small, tmp_pat
         with pytest.raises(KdcacheError, match=re.escape(message)):
             dump_teacher(cfg)
         assert not (tmp_path / "cache").exists()
+
+
+def test_the_dumps_render_is_the_same_for_any_thread_count_and_grouping(folder_ds):
+    """dump-teacher renders chunks in groups of samples of equal cost, one group per thread: the grouping
+    (and the thread count) decides who renders a sample, never its pixels, which are render_views' on
+    the decoded image (varied sizes: decode buffers are reused within a group)."""
+    import numba
+
+    from kdcache.augment import ParamLayout
+    from kdcache.augment.render import SampleBuffers, balance, render_range
+
+    split = folder_ds.split("train")
+    recipe = ViewRecipe(size=48, aa="rand-m9-mstd0.5", reprob=0.5)
+    n = split.num_samples
+    idx = np.arange(n)
+    params = np.stack([view_params(recipe, 0, s, idx, split.sizes[:, 0], split.sizes[:, 1], n) for s in range(3)], 1)
+    reader = split.jpeg_reader()
+    expected = np.stack([render_views(decode_jpeg(reader[i], *split.sizes[i]), params[i], 48, ParamLayout.of(recipe))
+                         for i in idx])
+    data, offsets, lengths = reader.read_range(0, n)
+    buffers = SampleBuffers()   # reused across calls, as the dump does
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            views = render_range(data, offsets, lengths, split.sizes[:, 0], split.sizes[:, 1], params, 48,
+                                 ParamLayout.of(recipe), buffers=buffers)
+            assert np.array_equal(views, expected), threads
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    # the groups: every sample exactly once, loads within one sample's cost of each other (longest first)
+    cost = np.random.default_rng(0).uniform(1, 10, 101)
+    for groups in (1, 3, 14, 101):
+        members, bounds = balance(cost, groups)
+        assert sorted(members) == list(range(101)) and bounds[0] == 0 and bounds[-1] == 101
+        loads = [cost[members[bounds[g]:bounds[g + 1]]].sum() for g in range(groups)]
+        assert max(loads) - min(loads) <= cost.max(), groups

@@ -54,6 +54,11 @@ def test_fashion_mnist_small_is_canonical(fmnist_small):
         assert jpeg == bjpeg, f"sample {i}: beton bytes differ from shard bytes"
         assert jpeg == train.jpeg_reader()[i]
         assert cls == blabel == labels[i] and bindex == i and size == (28, 28) and mode == 0
+    # the dump reads ranges in one go per shard; ranges inside one shard, across both boundaries, and empty
+    reader = train.jpeg_reader()
+    for a, b in ((0, 1), (3, 149), (140, 160), (0, 400), (299, 301), (7, 7)):
+        data, offsets, lengths = reader.read_range(a, b)
+        assert [bytes(data[o:o + n]) for o, n in zip(offsets, lengths)] == [reader[i] for i in range(a, b)], (a, b)
     # the canonical image is the original pixels, replicated to RGB, up to JPEG loss
     first = np.asarray(Image.open(__import__("io").BytesIO(shards[0][1])))
     original = read_idx(sources.FASHION_MNIST_DIR + "/train-images-idx3-ubyte.gz")[0]

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark of dump-teacher, in one run on one device:
   1. dump throughput (views/s, img/s) vs the bare teacher forward on already-rendered views
-     (same teacher, batch size, device, AMP): the goal is dump >= 0.9 x bare forward;
+     (same teacher, batch size, device, AMP): the goal is dump >= 0.9 x bare forward; and the dump's
+     renderer alone (its chunks and threads, no teacher): the most the dump can reach on a fast device;
   2. decode + render time per view with S = 1, 4, 16 views rendered from each decoded image;
   3. bytes per view on disk for k = 5, 10, 20.
 
@@ -100,7 +101,31 @@ def main():
         rates.append(len(batches) * args.batch_size / (time.perf_counter() - t))
     bare = statistics.median(rates)
 
-    # 1b. the dump itself (a warm-up dump first: JIT of the renderer, cudnn autotune)
+    # 1b. the dump's renderer alone: its producer's chunks over the whole split, same threads, no teacher (on a GPU
+    # the dump can only reach the forward's rate if this is faster)
+    from concurrent.futures import ThreadPoolExecutor
+    import numba
+    from kdcache.teacher.dump import (OutputRing, batches_per_render, default_render_threads, queue_depth,
+                                      render_chunks, ring_slots, samples_per_batch)
+    workers = args.workers or default_render_threads(device)
+    numba.set_num_threads(workers)
+    all_params = np.stack([view_params(recipe, 0, s, np.arange(n), split.sizes[:, 0], split.sizes[:, 1], n)
+                           for s in range(args.seeds)], 1)
+    per_batch = samples_per_batch(args.batch_size, args.seeds, recipe)
+    ring = OutputRing(ring_slots(queue_depth(batches_per_render(per_batch, workers))), pinned=device.type == "cuda")
+    buffers = SampleBuffers()
+    render_rates = []
+    with ThreadPoolExecutor(1) as read_ahead:
+        for _ in range(3):
+            t = time.perf_counter()
+            for _chunk in render_chunks(reader, read_ahead, split, recipe, all_params, 0, n, per_batch, workers,
+                                        ring, buffers):
+                pass
+            render_rates.append(n * args.seeds / (time.perf_counter() - t))
+    render_alone = max(render_rates)
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+    # 1c. the dump itself (a warm-up dump first: JIT of the renderer, cudnn autotune)
     def run_dump(out, seeds, topk=10):
         cfg = DumpConfig(data=sub.root, out=out, seeds=seeds, topk=topk, teacher=spec, recipe=recipe,
                          batch_size=args.batch_size, device=str(device), amp=args.amp, compile=args.compile,
@@ -112,6 +137,8 @@ def main():
     results["dump_views_per_s"] = dumped["views_per_s"]
     results["dump_img_per_s"] = dumped["img_per_s"]
     results["dump_over_bare"] = dumped["views_per_s"] / bare
+    results["render_alone_views_per_s"] = render_alone
+    results["render_threads"] = workers
 
     # 2. decode + render time per view, S views from each decoded image
     # (buffers reused across calls, as the dump does: the first call touches their pages)
@@ -146,6 +173,7 @@ def main():
     print(f"\ndump-teacher benchmark: {args.teacher} at {recipe.size}px ({recipe.summary()}), batch {args.batch_size}, "
           f"{results['device']}, amp {results['amp']}, {n} samples x {args.seeds} seeds")
     print(f"| | views/s |\n|---|---|\n| bare teacher forward (pre-rendered) | {bare:,.0f} |\n"
+          f"| the dump's renderer alone ({workers} threads, no teacher) | {render_alone:,.0f} |\n"
           f"| dump-teacher (read, decode, render, forward, write) | {dumped['views_per_s']:,.0f} |")
     print(f"dump / bare forward = {results['dump_over_bare']:.2f} (goal >= 0.9); dump img/s = {dumped['img_per_s']:,.0f}")
     print("decode + render per view: " + ", ".join(f"S={S}: {us:.1f} us" for S, us in per_view.items()))

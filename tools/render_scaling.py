@@ -7,11 +7,16 @@
                      INTER_LINEAR (not antialiased) and a JPEG decode at 1/2 scale (DCT-domain) for scale
   --photos DIR       quality: PSNR of renderer 2 against INTER_AREA, and of both against an exact float64
                      area resample, over RandomResizedCrop views of the photographs in DIR (any PNG/JPEG)
+  --balance T        how evenly the dump's render calls share T threads (a projection for a machine with more
+                     cores than this one): each sample's one-thread cost (decode + its S views) is measured,
+                     then the render calls are laid out as numba's static split of one teacher batch (before)
+                     and as kdcache's equal-cost groups over its larger calls (kdcache.augment.render.balance)
   (default)          the multi-view renderer (decode once, S views, numba threads) against the thread count
 
     python tools/render_scaling.py --data DIR --size 224 --breakdown
     python tools/render_scaling.py --photos DIR --size 224
     python tools/render_scaling.py --data DIR --size 224 --views 4 [--renderer 1]
+    python tools/render_scaling.py --data DIR --size 224 --views 4 --samples 1024 --balance 14
 """
 
 import argparse
@@ -33,6 +38,8 @@ def main():
     p.add_argument("--renderer", type=int, default=None, help="renderer version (thread scaling; default: current)")
     p.add_argument("--breakdown", action="store_true", help="one-thread decode vs resize cost per renderer, then exit")
     p.add_argument("--views-per-photo", type=int, default=200, help="RRC views per photograph (--photos)")
+    p.add_argument("--balance", type=int, default=None, metavar="T", help="project the dump's render balance on T threads")
+    p.add_argument("--batch-size", type=int, default=256, help="teacher batch in views (--balance)")
     args = p.parse_args()
     if args.photos:
         quality(args.photos, args.size or 224, args.views_per_photo)
@@ -56,6 +63,9 @@ def main():
         breakdown(jpegs, h, w, params[:, 0], size)
         return
     layout = ParamLayout.of(recipe)
+    if args.balance:
+        balance_projection(jpegs, h, w, params, size, layout, args.balance, args.batch_size)
+        return
     out = np.empty((m, args.views, size, size, 3), np.uint8)
     buffers = SampleBuffers()
     render_samples(jpegs, h, w, params, size, layout, out=out, buffers=buffers)
@@ -131,6 +141,53 @@ def breakdown(jpegs, heights, widths, params, size):
         t1, t2 = decode_us / s + render_us[1], decode_us / s + render_us[2]
         print(f"    S={s:<2}  {t1:7.0f} us (resize {render_us[1] / t1:4.0%})  {t2:7.0f} us (resize {render_us[2] / t2:4.0%})"
               f"   {t1 / t2:.2f}x")
+
+
+def balance_projection(jpegs, heights, widths, params, size, layout, threads, batch_views):
+    """Per-sample one-thread costs, then the makespan of each render call on `threads` threads: numba's static
+    split (equal runs of consecutive samples, one per thread) of one teacher batch per call, as the dump
+    rendered before, against equal-cost groups (render.balance) of the dump's calls now (whole batches, at
+    least SAMPLES_PER_RENDER_THREAD samples per thread). Efficiency = work / (threads x makespan)."""
+    from kdcache.augment.render import balance, decode_jpeg, render_cost, render_views
+    from kdcache.teacher.dump import batches_per_render
+    numba.set_num_threads(1)
+    views = params.shape[1]
+    cost = np.empty(len(jpegs))
+    for i, jpeg in enumerate(jpegs):
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            render_views(decode_jpeg(jpeg, heights[i], widths[i]), params[i], size, layout)
+            best = min(best, time.perf_counter() - t0)
+        cost[i] = best
+    per_batch = max(1, batch_views // views)
+
+    def efficiency(per_call, grouped):
+        work = span = 0.0
+        for c0 in range(0, len(cost), per_call):
+            c = cost[c0:c0 + per_call]
+            if grouped:
+                rows = slice(c0, c0 + per_call)
+                members, bounds = balance(render_cost(heights[rows], widths[rows], params[rows], size),
+                                          min(threads, len(c)))
+                loads = [c[members[a:b]].sum() for a, b in zip(bounds[:-1], bounds[1:])]
+            else:   # numba's static schedule: one run of consecutive iterations per thread, sizes differ by <= 1
+                loads = [part.sum() for part in np.array_split(c, min(threads, len(c)))]
+            work, span = work + c.sum(), span + max(loads)
+        return work / (threads * span)
+    per_view_us = cost.sum() / (len(cost) * views) * 1e6
+    print(f"{len(cost)} images, {views} views each at {size} px: one thread {per_view_us:.1f} us per view "
+          f"(decode shared); per-sample cost spread (max / median) {cost.max() / np.median(cost):.2f}")
+    m = batches_per_render(per_batch, threads)
+    base = None
+    for label, per_call, grouped in ((f"one batch ({per_batch} samples) per call, static split", per_batch, False),
+                                     (f"one batch ({per_batch} samples) per call, equal-cost groups", per_batch, True),
+                                     (f"{m} batch(es) ({m * per_batch} samples) per call, equal-cost groups",
+                                      m * per_batch, True)):
+        e = efficiency(per_call, grouped)
+        base = base if grouped else e
+        print(f"  {threads} threads, {label}: {e:5.1%} busy ({e / base:.2f}x the static split)")
+    print("  (only the balance: what memory bandwidth and the teacher's thread take is not in this projection)")
 
 
 def _exact_area(crop: np.ndarray, size: int) -> np.ndarray:

@@ -258,16 +258,41 @@ def mix_chunk(views, params, layout):
             mix_pair(views[j, v], views[j + offset, v], params[j, v], layout)
 
 
+@_jit
+def balance(cost, n_bins):
+    """Samples -> n_bins groups of about equal total cost: the most expensive first, each to the group with
+    the least so far. numba's parallel loop hands each thread one equal share of the iterations (statically
+    under OpenMP, the layer numba has where TBB is missing), so with a few images of varied size per thread
+    a chunk waits for its most expensive share; one group per thread evens that out. Returns the sample
+    indices grouped (members) and where each group starts (bounds, n_bins + 1 entries)."""
+    n = cost.shape[0]
+    load = np.zeros(n_bins)
+    group = np.empty(n, np.int64)
+    for i in np.argsort(-cost, kind="mergesort"):
+        j = np.argmin(load)
+        group[i] = j
+        load[j] += cost[i]
+    members = np.argsort(group, kind="mergesort")
+    bounds = np.zeros(n_bins + 1, np.int64)
+    for j in range(n_bins):
+        bounds[j + 1] = bounds[j] + np.sum(group == j)
+    return members, bounds
+
+
 @numba.njit(parallel=True, cache=True, **STRICT)
-def _render_samples(data, offsets, lengths, heights, widths, params, layout, temp, scratch, out, status, clib):
-    """data: concatenated JPEGs; params (n, V, P); temp (n, >= max h*w*3); scratch (n, S, S, 3);
-    out (n, V, S, S, 3)."""
-    for j in numba.prange(offsets.shape[0]):
-        h, w = heights[j], widths[j]
-        image = temp[j, :h * w * 3].reshape((h, w, 3))
-        status[j] = decode_into(data[offsets[j]:offsets[j] + lengths[j]], h, w, image, clib)
-        for v in range(params.shape[1]):
-            render_into(image, params[j, v], layout, out[j, v], scratch[j], clib)
+def _render_samples(data, offsets, lengths, heights, widths, params, layout, members, bounds, temp, scratch, out,
+                    status, clib):
+    """data: concatenated JPEGs at offsets; params (n, V, P); members/bounds: one group of samples per
+    thread (balance); temp (groups, >= max h*w*3) and scratch (groups, S, S, 3): one decode and one view
+    scratch per group; out (n, V, S, S, 3)."""
+    for g in numba.prange(bounds.shape[0] - 1):
+        for q in range(bounds[g], bounds[g + 1]):
+            j = members[q]
+            h, w = heights[j], widths[j]
+            image = temp[g, :h * w * 3].reshape((h, w, 3))
+            status[j] = decode_into(data[offsets[j]:offsets[j] + lengths[j]], h, w, image, clib)
+            for v in range(params.shape[1]):
+                render_into(image, params[j, v], layout, out[j, v], scratch[g], clib)
 
 
 def decode_jpeg(jpeg: bytes, height: int, width: int, what: str = "image") -> np.ndarray:
@@ -280,9 +305,10 @@ def decode_jpeg(jpeg: bytes, height: int, width: int, what: str = "image") -> np
 
 
 class SampleBuffers:
-    """Reusable decode scratch for render_samples. Fresh multi-megabyte arrays per call cost more than the
-    decoding itself (first-touch page faults, contended across threads: 2.5x slower per view measured on
-    2 cores at 224 px), so callers that render chunk after chunk keep one of these."""
+    """Reusable decode and view scratch for render_range, one of each per thread. Fresh multi-megabyte
+    arrays per call cost more than the decoding itself (first-touch page faults, contended across threads:
+    2.5x slower per view measured on 2 cores at 224 px), so callers that render chunk after chunk keep one
+    of these."""
 
     def __init__(self):
         self.temp = np.empty((0, 0), np.uint8)
@@ -294,34 +320,54 @@ class SampleBuffers:
         return self.temp
 
     def view_scratch(self, n: int, size: int) -> np.ndarray:
-        """One view-sized scratch image per sample (RandAugment's geometric ops)."""
+        """One view-sized scratch image per thread (RandAugment's geometric ops)."""
         if self.views.shape[0] < n or self.views.shape[1] != size:
             self.views = np.empty((max(n, self.views.shape[0]), size, size, 3), np.uint8)
         return self.views
 
+
+def render_cost(heights, widths, params: np.ndarray, size: int) -> np.ndarray:
+    """Each sample's render time, roughly, in units of one decoded pixel: the decode, the crops' pixels the
+    resample reads, the views' pixels it writes. Fitted to one-thread times of 1,024 ImageNet-shaped
+    images, 4 views at 224 px (correlation 0.88; tools/render_scaling.py --balance); it only decides
+    which thread renders a sample, never its pixels."""
+    pixels = (np.asarray(heights, np.float64) * np.asarray(widths, np.float64))
+    cropped = (params[:, :, 2].astype(np.float64) * params[:, :, 3]).sum(1) * pixels
+    return pixels + 0.27 * cropped + 0.69 * params.shape[1] * size * size
+
+
 def render_samples(jpegs, heights, widths, params: np.ndarray, size: int, layout: np.ndarray = None, what: str = "sample",
                    out: np.ndarray = None, buffers: SampleBuffers = None, mix: bool = True) -> np.ndarray:
-    """Views of several samples, decoding each once: params (n, V, P) -> (n, V, size, size, 3) uint8.
-    Parallel over samples (numba threads); the pixels equal render_views on each decoded image, then
-    (mix=True) every pair whose two members are both among these samples is mixed: a caller that mixes
-    passes whole mixing blocks. `out` (that shape) and `buffers` let a caller reuse memory across calls."""
-    n = len(jpegs)
+    """Views of several samples (a list of JPEG bytes), decoding each once: see render_range."""
     lengths = np.array([len(b) for b in jpegs], np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    data = np.frombuffer(b"".join(jpegs), np.uint8)
+    return render_range(np.frombuffer(b"".join(jpegs), np.uint8), offsets, lengths, heights, widths, params, size,
+                        layout, what, out, buffers, mix)
+
+
+def render_range(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, heights, widths, params: np.ndarray,
+                 size: int, layout: np.ndarray = None, what: str = "sample", out: np.ndarray = None,
+                 buffers: SampleBuffers = None, mix: bool = True) -> np.ndarray:
+    """Views of several samples whose JPEGs lie in `data` (uint8) at `offsets`, decoding each once:
+    params (n, V, P) -> (n, V, size, size, 3) uint8. Parallel over samples (numba threads, groups of equal
+    cost); the pixels equal render_views on each decoded image, then (mix=True) every pair whose two members
+    are both among these samples is mixed: a caller that mixes passes whole mixing blocks. `out` (that
+    shape) and `buffers` let a caller reuse memory across calls."""
+    n = len(offsets)
     heights = np.asarray(heights, np.int64)
     widths = np.asarray(widths, np.int64)
-    pixels = int((heights * widths).max(initial=1))
-    buffers = buffers or SampleBuffers()
-    temp = buffers.scratch(n, pixels)
-    views_scratch = buffers.view_scratch(n, size)
     params = np.ascontiguousarray(params, dtype=np.float32)
+    groups = max(1, min(n, numba.get_num_threads()))
+    members, bounds = balance(render_cost(heights, widths, params, size), groups)
+    buffers = buffers or SampleBuffers()
+    temp = buffers.scratch(groups, int((heights * widths).max(initial=1)))
+    views_scratch = buffers.view_scratch(groups, size)
     if out is None:
         out = np.empty((n, params.shape[1], size, size, 3), np.uint8)
     status = np.zeros(n, np.int64)
     layout = _layout_array(layout, params)
-    _render_samples(data, offsets, lengths, heights, widths, params, layout, temp, views_scratch, out, status,
-                    C_FUNCTIONS)
+    _render_samples(data, np.asarray(offsets, np.int64), np.asarray(lengths, np.int64), heights, widths, params,
+                    layout, members, bounds, temp, views_scratch, out, status, C_FUNCTIONS)
     if status.any():
         raise ValueError(f"{what} {int(np.flatnonzero(status)[0])} of this batch: JPEG decode failed")
     if mix and layout[4] >= 0:  # (not called without mixing: its parallel loop takes 0.5 s to compile)

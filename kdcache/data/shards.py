@@ -89,6 +89,28 @@ class JpegReader:
             raise KdcacheError(f"{self.paths[shard]}: truncated (sample {i} needs {size} bytes at {offset})")
         return data
 
+    def read_range(self, a: int, b: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Samples a..b-1 in one buffer: (uint8 data, int64 offsets into it, int64 lengths). Samples are
+        stored in order, so this is one pread per shard the range spans (each member's tar headers come
+        along: about 1.5 KB per sample) instead of a read and a copy per sample; the dump renders from it."""
+        loc = self.locations[a:b]
+        if len(loc) == 0:
+            return np.empty(0, np.uint8), np.empty(0, np.int64), np.empty(0, np.int64)
+        # runs of samples in one shard, in increasing byte order: each run is one read
+        breaks = np.flatnonzero((loc[1:, 0] != loc[:-1, 0]) | (loc[1:, 1] < loc[:-1, 1] + loc[:-1, 2])) + 1
+        parts, offsets, base = [], np.empty(len(loc), np.int64), 0
+        for r0, r1 in zip([0, *breaks], [*breaks, len(loc)]):
+            shard, start = int(loc[r0, 0]), int(loc[r0, 1])
+            end = int(loc[r1 - 1, 1] + loc[r1 - 1, 2])
+            data = os.pread(self._fd(shard), end - start, start)
+            if len(data) != end - start:
+                raise KdcacheError(f"{self.paths[shard]}: truncated (samples {a + r0} to {a + r1 - 1} need bytes "
+                                   f"{start} to {end})")
+            offsets[r0:r1] = loc[r0:r1, 1] - start + base
+            parts.append(data)
+            base += len(data)
+        return np.frombuffer(b"".join(parts), np.uint8), offsets, loc[:, 2].copy()
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from kdcache.augment.params import ParamLayout, view_params
 from kdcache.augment.recipe import ViewRecipe
-from kdcache.augment.render import SampleBuffers, render_samples
+from kdcache.augment.render import SampleBuffers, render_range
 from kdcache.cache.integrity import unit_records
 from kdcache.cache.location import Location
 from kdcache.cache.schema import MAX_SEED, CacheSpec, TeacherCache, check_compatible, encode_logp
@@ -150,11 +150,29 @@ def _dataset_identity(ds: PreparedDataset, split_name: str) -> dict:
             "path": str(ds.root.resolve())}
 
 
-QUEUE_DEPTH = 4
-# A slot is rewritten only after RING_SLOTS - 1 later chunks were rendered; at most QUEUE_DEPTH of them wait
-# in the queue and one more is in flight on the device, so the consumer has finished with the slot (it
-# waits for a batch's results, which come after its host->device copy, before it takes the next but one).
-RING_SLOTS = QUEUE_DEPTH + 4
+# Rendered chunks waiting for the teacher: about QUEUED_BATCHES batches (at least 2 chunks).
+QUEUED_BATCHES = 4
+# Each render call gets at least this many samples per render thread: with one batch of 64 images over 14
+# threads, each thread rendered 4 or 5 and all waited for the slowest. Projected on 14 threads from
+# one-thread costs (tools/render_scaling.py --balance): 84 % busy then, 95 % with 256-sample calls.
+SAMPLES_PER_RENDER_THREAD = 16
+
+
+def batches_per_render(samples_per_batch: int, workers: int) -> int:
+    """How many teacher batches one render call makes (the consumer splits them again)."""
+    return max(1, -(-SAMPLES_PER_RENDER_THREAD * workers // samples_per_batch))
+
+
+def queue_depth(batches_per_chunk: int) -> int:
+    return max(2, -(-QUEUED_BATCHES // batches_per_chunk))
+
+
+def ring_slots(depth: int) -> int:
+    """A slot is rewritten only after ring_slots - 1 later chunks were rendered: `depth` of them wait in the
+    queue, one is being rendered, and the consumer has finished with the slot (it waits for a batch's
+    results, which come after its host->device copy, before it takes the batch after next). On a GPU with
+    14 render threads, 224 px and 4 views: 6 slots of 256 samples' views, 0.9 GB of pinned memory."""
+    return depth + 4
 
 
 class OutputRing:
@@ -178,16 +196,44 @@ def _passes(seeds: List[int], per_pass: int) -> List[List[int]]:
     return [seeds[i:i + per_pass] for i in range(0, len(seeds), per_pass)]
 
 
+def samples_per_batch(batch_size: int, views_per_sample: int, recipe: ViewRecipe) -> int:
+    """Samples per teacher batch: whole mixing blocks where the recipe mixes (both partners of every pair
+    are rendered together)."""
+    n = max(1, batch_size // views_per_sample)
+    return max(1, n // recipe.mix_block) * recipe.mix_block if recipe.mixing else n
+
+
+def render_chunks(reader, read_ahead, split, recipe: ViewRecipe, params: np.ndarray, a: int, b: int, per_batch: int,
+                  workers: int, ring: OutputRing, buffers: SampleBuffers):
+    """The views of samples a..b-1 (params: their rows, (b - a, V, P)) in chunks of whole teacher batches,
+    one render call each: yields (c0, c1, views). The next chunk's JPEGs are read (read_ahead: a
+    one-thread executor) while this one renders."""
+    layout = ParamLayout.of(recipe)
+    heights, widths = split.sizes[a:b, 0], split.sizes[a:b, 1]
+    per_render = per_batch * batches_per_render(per_batch, workers)
+    chunks = [(c0, min(c0 + per_render, b)) for c0 in range(a, b, per_render)]
+    reading = read_ahead.submit(reader.read_range, *chunks[0])
+    for k, (c0, c1) in enumerate(chunks):
+        data, offsets, lengths = reading.result()
+        if k + 1 < len(chunks):
+            reading = read_ahead.submit(reader.read_range, *chunks[k + 1])
+        out = ring.next((c1 - c0, params.shape[1], recipe.size, recipe.size, 3))
+        rows = slice(c0 - a, c1 - a)
+        yield c0, c1, render_range(data, offsets, lengths, heights[rows], widths[rows], params[rows], recipe.size,
+                                   layout, what=f"{split.name} sample {c0} +", out=out, buffers=buffers)
+
+
 def _produce(cache: TeacherCache, split, recipe: ViewRecipe, cfg: DumpConfig, blocks: List[int], run: str,
              out_q: queue.Queue, stop: threading.Event, workers: int, pinned: bool):
     """Producer thread: claim a pass's units, compute their view parameters, read and render chunks."""
     import numba
+    from concurrent.futures import ThreadPoolExecutor
     numba.set_num_threads(workers)
     spec, ledger = cache.spec, cache.ledger
     reader = split.jpeg_reader()
+    read_ahead = ThreadPoolExecutor(1, thread_name_prefix="kdcache-read")  # the next chunk's JPEGs, during a render
     scratch = SampleBuffers()
-    layout = ParamLayout.of(recipe)
-    ring = OutputRing(RING_SLOTS, pinned=pinned)
+    ring = OutputRing(ring_slots(out_q.maxsize), pinned=pinned)
     pending = [(block, group) for block in blocks for group in _passes(cfg.seeds, cfg.seeds_per_pass)]
     poll = min(5.0, max(0.2, cfg.claim_ttl / 10))
     n_pass = 0
@@ -210,18 +256,12 @@ def _produce(cache: TeacherCache, split, recipe: ViewRecipe, cfg: DumpConfig, bl
                 params = np.stack([view_params(recipe, cfg.global_seed, s, idx, heights, widths, spec.num_samples)
                                    for s in seeds], 1)
                 out_q.put(("pass", n_pass, block, seeds, params))
-                per_chunk = max(1, cfg.batch_size // len(seeds))
-                if recipe.mixing:  # whole mixing blocks per chunk: both partners of every pair are rendered together
-                    per_chunk = max(1, per_chunk // recipe.mix_block) * recipe.mix_block
-                for c0 in range(a, b, per_chunk):
+                per_batch = samples_per_batch(cfg.batch_size, len(seeds), recipe)
+                for c0, c1, images in render_chunks(reader, read_ahead, split, recipe, params, a, b, per_batch,
+                                                    workers, ring, scratch):
                     if stop.is_set():
                         return
-                    c1 = min(c0 + per_chunk, b)
-                    jpegs = [reader[i] for i in range(c0, c1)]
-                    out = ring.next((c1 - c0, len(seeds), recipe.size, recipe.size, 3))
-                    images = render_samples(jpegs, heights[c0 - a:c1 - a], widths[c0 - a:c1 - a], params[c0 - a:c1 - a],
-                                            recipe.size, layout, what=f"{split.name} sample {c0} +", out=out, buffers=scratch)
-                    out_q.put(("chunk", n_pass, c0, c1, images))
+                    out_q.put(("chunk", n_pass, c0, c1, images, per_batch))
                 out_q.put(("end", n_pass))
             pending = elsewhere
             if pending:
@@ -231,6 +271,7 @@ def _produce(cache: TeacherCache, split, recipe: ViewRecipe, cfg: DumpConfig, bl
         out_q.put(("error", exc))
     finally:
         out_q.put(("done",))
+        read_ahead.shutdown(wait=True, cancel_futures=True)
         reader.close()
 
 
@@ -361,7 +402,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     labels = split.labels
     workers = cfg.workers or default_render_threads(device)
 
-    out_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+    # sized by the first pass's chunks (later passes with fewer seeds have larger batches, so fewer per chunk)
+    per_batch = samples_per_batch(cfg.batch_size, min(len(cfg.seeds), cfg.seeds_per_pass), recipe)
+    out_q: queue.Queue = queue.Queue(maxsize=queue_depth(batches_per_render(per_batch, workers)))
     stop = threading.Event()
     producer = threading.Thread(target=_produce, args=(cache, split, recipe, cfg, blocks, run, out_q, stop, workers, device.type == "cuda"),
                                 daemon=True, name="kdcache-render")
@@ -378,7 +421,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     writer = UnitWriter()
     in_flight = None    # (TopkResult, pass id, c0, c1): one batch queued on the device ahead of its results
 
-    def finish_chunk():
+    def finish_batch():
         """Store the results of the batch in flight into its pass's arrays."""
         nonlocal in_flight, t_forward, views_done, samples_done
         if in_flight is None:
@@ -412,7 +455,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
             item = out_q.get()
             kind = item[0]
             if kind != "chunk":
-                finish_chunk()
+                finish_batch()
             if kind == "done":
                 break
             if kind == "error":
@@ -430,13 +473,15 @@ def dump_teacher(cfg: DumpConfig) -> dict:
                               "indices": np.empty((len(seeds), n, k), np.int64),
                               "log_tail": np.empty((len(seeds), n), np.float32),
                               "correct": np.zeros(len(seeds), np.int64)}
-            elif kind == "chunk":
-                _, pid, c0, c1, images = item
-                t = time.perf_counter()
-                launched = (runner.launch(images.reshape(-1, *images.shape[2:])), pid, c0, c1)
-                t_forward += time.perf_counter() - t
-                finish_chunk()      # the previous batch's results, while this one runs on the device
-                in_flight = launched
+            elif kind == "chunk":      # one or more teacher batches of per_batch samples
+                _, pid, c0, c1, images, per_batch = item
+                for s0 in range(0, c1 - c0, per_batch):
+                    batch = images[s0:s0 + per_batch]
+                    t = time.perf_counter()
+                    launched = (runner.launch(batch.reshape(-1, *batch.shape[2:])), pid, c0 + s0, c0 + s0 + len(batch))
+                    t_forward += time.perf_counter() - t
+                    finish_batch()      # the previous batch's results, while this one runs on the device
+                    in_flight = launched
                 continue
             elif kind == "end":
                 st = state.pop(item[1])
