@@ -154,7 +154,7 @@ def _dataset_identity(ds: PreparedDataset, split_name: str) -> dict:
 QUEUED_BATCHES = 4
 # Each render call gets at least this many samples per render thread: with one batch of 64 images over 14
 # threads, each thread rendered 4 or 5 and all waited for the slowest. Projected on 14 threads from
-# one-thread costs (tools/render_scaling.py --balance): 84 % busy then, 95 % with 256-sample calls.
+# one-thread costs (tools/render_scaling.py --balance): 85 % busy then, 96 % with 256-sample calls.
 SAMPLES_PER_RENDER_THREAD = 16
 
 
