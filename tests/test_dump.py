@@ -443,3 +443,20 @@ def test_the_dumps_render_is_the_same_for_any_thread_count_and_grouping(folder_d
         assert sorted(members) == list(range(101)) and bounds[0] == 0 and bounds[-1] == 101
         loads = [cost[members[bounds[g]:bounds[g + 1]]].sum() for g in range(groups)]
         assert max(loads) - min(loads) <= cost.max(), groups
+
+
+def test_render_calls_of_several_batches_give_the_same_cache(fmnist_small, tmp_path, monkeypatch):
+    """The dump renders several teacher batches per call and the consumer splits them again: the teacher
+    sees the same batches, so the cache is the one-batch-per-call cache, bit for bit."""
+    from kdcache.teacher import dump
+
+    args = ("--batch-size", 24, "--workers", 2)   # 3 views per sample: 8 samples per teacher batch
+    assert dump.batches_per_render(8, 3, 2) == 4
+    kdcache(*dump_args(fmnist_small.root, tmp_path / "several", "0:3", *args))
+    monkeypatch.setattr(dump, "SAMPLES_PER_RENDER_THREAD", 0)    # one batch per render call
+    assert dump.batches_per_render(8, 3, 2) == 1
+    kdcache(*dump_args(fmnist_small.root, tmp_path / "one", "0:3", *args))
+    several, one = read_all(tmp_path / "several"), read_all(tmp_path / "one")
+    assert several.keys() == one.keys() and len(several) == 3 * len(ARRAYS)
+    for key in one:
+        assert np.array_equal(several[key], one[key]), key

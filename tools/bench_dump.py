@@ -112,7 +112,8 @@ def main():
     all_params = np.stack([view_params(recipe, 0, s, np.arange(n), split.sizes[:, 0], split.sizes[:, 1], n)
                            for s in range(args.seeds)], 1)
     per_batch = samples_per_batch(args.batch_size, args.seeds, recipe)
-    ring = OutputRing(ring_slots(queue_depth(batches_per_render(per_batch, workers))), pinned=device.type == "cuda")
+    ring = OutputRing(ring_slots(queue_depth(batches_per_render(per_batch, args.seeds, workers))),
+                      pinned=device.type == "cuda")
     buffers = SampleBuffers()
     render_rates = []
     with ThreadPoolExecutor(1) as read_ahead:

@@ -178,7 +178,7 @@ def balance_projection(jpegs, heights, widths, params, size, layout, threads, ba
     per_view_us = cost.sum() / (len(cost) * views) * 1e6
     print(f"{len(cost)} images, {views} views each at {size} px: one thread {per_view_us:.1f} us per view "
           f"(decode shared); per-sample cost spread (max / median) {cost.max() / np.median(cost):.2f}")
-    m = batches_per_render(per_batch, threads)
+    m = batches_per_render(per_batch, views, threads)
     base = None
     for label, per_call, grouped in ((f"one batch ({per_batch} samples) per call, static split", per_batch, False),
                                      (f"one batch ({per_batch} samples) per call, equal-cost groups", per_batch, True),

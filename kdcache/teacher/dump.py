@@ -156,11 +156,15 @@ QUEUED_BATCHES = 4
 # threads, each thread rendered 4 or 5 and all waited for the slowest. Projected on 14 threads from
 # one-thread costs (tools/render_scaling.py --balance): 85 % busy then, 96 % with 256-sample calls.
 SAMPLES_PER_RENDER_THREAD = 16
+# ...and at most this many views (or one batch), which bounds the output ring: 154 MB per call at 224 px.
+# With many views per image (S = 32: 32 samples per call) a call has fewer samples than that target.
+VIEWS_PER_RENDER = 1024
 
 
-def batches_per_render(samples_per_batch: int, workers: int) -> int:
+def batches_per_render(samples_per_batch: int, views_per_sample: int, workers: int) -> int:
     """How many teacher batches one render call makes (the consumer splits them again)."""
-    return max(1, -(-SAMPLES_PER_RENDER_THREAD * workers // samples_per_batch))
+    wanted = -(-SAMPLES_PER_RENDER_THREAD * workers // samples_per_batch)
+    return max(1, min(wanted, VIEWS_PER_RENDER // (samples_per_batch * views_per_sample)))
 
 
 def queue_depth(batches_per_chunk: int) -> int:
@@ -171,7 +175,7 @@ def ring_slots(depth: int) -> int:
     """A slot is rewritten only after ring_slots - 1 later chunks were rendered: `depth` of them wait in the
     queue, one is being rendered, and the consumer has finished with the slot (it waits for a batch's
     results, which come after its host->device copy, before it takes the batch after next). On a GPU with
-    14 render threads, 224 px and 4 views: 6 slots of 256 samples' views, 0.9 GB of pinned memory."""
+    14 render threads at 224 px: 6 slots of 1,024 views, 0.9 GB of pinned memory."""
     return depth + 4
 
 
@@ -210,7 +214,7 @@ def render_chunks(reader, read_ahead, split, recipe: ViewRecipe, params: np.ndar
     one-thread executor) while this one renders."""
     layout = ParamLayout.of(recipe)
     heights, widths = split.sizes[a:b, 0], split.sizes[a:b, 1]
-    per_render = per_batch * batches_per_render(per_batch, workers)
+    per_render = per_batch * batches_per_render(per_batch, params.shape[1], workers)
     chunks = [(c0, min(c0 + per_render, b)) for c0 in range(a, b, per_render)]
     reading = read_ahead.submit(reader.read_range, *chunks[0])
     for k, (c0, c1) in enumerate(chunks):
@@ -403,8 +407,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     workers = cfg.workers or default_render_threads(device)
 
     # sized by the first pass's chunks (later passes with fewer seeds have larger batches, so fewer per chunk)
-    per_batch = samples_per_batch(cfg.batch_size, min(len(cfg.seeds), cfg.seeds_per_pass), recipe)
-    out_q: queue.Queue = queue.Queue(maxsize=queue_depth(batches_per_render(per_batch, workers)))
+    views = min(len(cfg.seeds), cfg.seeds_per_pass)
+    per_batch = samples_per_batch(cfg.batch_size, views, recipe)
+    out_q: queue.Queue = queue.Queue(maxsize=queue_depth(batches_per_render(per_batch, views, workers)))
     stop = threading.Event()
     producer = threading.Thread(target=_produce, args=(cache, split, recipe, cfg, blocks, run, out_q, stop, workers, device.type == "cuda"),
                                 daemon=True, name="kdcache-render")
