@@ -274,8 +274,7 @@ def balance(cost, n_bins):
         load[j] += cost[i]
     members = np.argsort(group, kind="mergesort")
     bounds = np.zeros(n_bins + 1, np.int64)
-    for j in range(n_bins):
-        bounds[j + 1] = bounds[j] + np.sum(group == j)
+    bounds[1:] = np.cumsum(np.bincount(group, minlength=n_bins))
     return members, bounds
 
 
