@@ -108,3 +108,37 @@ def test_a_heartbeat_keeps_a_long_unit_and_its_loss_is_noticed(tmp_path):
     finally:
         holder.stop_heartbeat()
     assert not holder.holds(0, 0) and (0, 0) in holder.lost, "the old holder notices it lost the unit"
+
+
+def test_a_unit_finished_by_a_taker_right_after_our_claim_is_refused_not_a_crash(tmp_path):
+    """The defect (CI, test_a_stopped_writer_is_taken_over_once_its_heartbeat_stops): a writer stopped
+    between creating its claim and re-listing the claims resumed after a taker had finished the unit,
+    which deletes every claim; the re-list was empty and max() raised, killing the dump."""
+    ledger, taker = _ledger(tmp_path), _ledger(tmp_path)
+    create = ledger.loc.create
+
+    def create_then_finished_elsewhere(key, data):
+        made = create(key, data)
+        if key.startswith("claims/"):
+            taker.mark_done(0, 5, {"views": 10})  # the taker finishes the unit and removes every claim
+        return made
+
+    ledger.loc.create = create_then_finished_elsewhere
+    assert not ledger.claim(0, 5, "stopped-writer")
+    assert not ledger.holds(0, 5) and (0, 5) not in ledger._held
+    assert _claims(tmp_path, 0, 5) == [], "nothing of the refused claim is left"
+    assert ledger.markers(0)[5]["views"] == 10
+
+
+def test_a_claim_rewritten_by_a_late_heartbeat_after_the_unit_was_finished_is_removed(tmp_path):
+    """Found reading the code beside the defect above: a heartbeat that checked its claim just before a
+    taker finished the unit (removing every claim) rewrites the claim afterwards. The holder's check before
+    writing notices the marker and must remove that claim too, or `kdcache ls` shows a live writer on a
+    finished unit and the claim outlives the run."""
+    holder, taker = _ledger(tmp_path), _ledger(tmp_path)
+    assert holder.claim(0, 6, "holder")
+    gen, payload = holder._held[(0, 6)]
+    assert taker.mark_done(0, 6, {"views": 10}) and _claims(tmp_path, 0, 6) == []
+    _write_claim(tmp_path, 0, 6, gen, dict(payload, time=time.time()))  # the late heartbeat's rewrite
+    assert not holder.confirm(0, 6) and (0, 6) in holder.lost
+    assert _claims(tmp_path, 0, 6) == []

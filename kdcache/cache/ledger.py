@@ -132,9 +132,10 @@ class Ledger:
         key = f"{self._claim_dir(seed, block)}/{mine:06d}.json"
         if not self.loc.create(key, json.dumps(payload).encode()):
             return False  # another taker created this generation first
-        if max(self._generations(seed, block)) != mine or self.is_done(seed, block):
+        if self._superseded(seed, block, mine) or self.is_done(seed, block):
             # a taker working from an older listing got a higher generation, or the unit was finished
-            # between our first check and our claim: never compute (and rewrite) it
+            # between our first check and our re-list (its marker removes every claim, ours included,
+            # so the listing may be empty): never compute (and rewrite) it
             self.loc.delete(key)
             return False
         with self._lock:
@@ -153,10 +154,13 @@ class Ledger:
             held = self._held.get((seed, block))
         if held is None:
             return False
-        if self._superseded(seed, block, held[0]) or self.is_done(seed, block):
+        done = self.is_done(seed, block)
+        if done or self._superseded(seed, block, held[0]):
             with self._lock:
                 self._held.pop((seed, block), None)
                 self.lost.add((seed, block))
+            if done:  # a late heartbeat may have rewritten our claim after the marker removed it
+                self.loc.delete(f"{self._claim_dir(seed, block)}/{held[0]:06d}.json")
             return False
         return True
 
