@@ -154,12 +154,13 @@ class Ledger:
             held = self._held.get((seed, block))
         if held is None:
             return False
-        done = self.is_done(seed, block)
-        if done or self._superseded(seed, block, held[0]):
+        if self._superseded(seed, block, held[0]) or self.is_done(seed, block):
             with self._lock:
                 self._held.pop((seed, block), None)
                 self.lost.add((seed, block))
-            if done:  # a late heartbeat may have rewritten our claim after the marker removed it
+            # Once popped, our heartbeat leaves the claim alone; an earlier beat may have rewritten it after
+            # the unit's marker removed every claim, so remove it (looked up after the pop, not before).
+            if self.is_done(seed, block):
                 self.loc.delete(f"{self._claim_dir(seed, block)}/{held[0]:06d}.json")
             return False
         return True
