@@ -313,9 +313,16 @@ def _add_sharing(sub) -> None:
 
 def _cmd_ls(args) -> int:
     from kdcache.cache.catalog import describe, list_caches, render_ls
-    entries = [describe(c) for c in list_caches(args.root)]
-    print(json.dumps({"root": str(args.root), "caches": entries}, indent=1) if args.json else render_ls(entries))
-    return 0
+    unreadable = []
+    entries = [describe(c) for c in list_caches(args.root, unreadable)]
+    print(json.dumps({"root": str(args.root), "caches": entries, "unreadable": unreadable}, indent=1) if args.json
+          else render_ls(entries, unreadable))
+    for u in unreadable:
+        print(f"kdcache: error: {u['error']}", file=sys.stderr)
+    for e in entries:
+        for p in e["problems"]:
+            print(f"kdcache: error: {p}", file=sys.stderr)
+    return 1 if unreadable or any(e["problems"] for e in entries) else 0
 
 
 def _cmd_copy(args) -> int:

@@ -138,6 +138,7 @@ def reseal_markers(cache_path) -> None:
     opposed to damage after the fact (which the checksums catch)."""
     import json
     from kdcache.cache.integrity import unit_records
+    from kdcache.cache.marker import seal
     from kdcache.cache.schema import TeacherCache
     cache = TeacherCache.open(cache_path)
     for seed, blocks in cache.ledger.done_units().items():
@@ -145,7 +146,7 @@ def reseal_markers(cache_path) -> None:
             key = Path(cache_path) / cache.ledger.marker_key(seed, block)
             marker = json.loads(key.read_text())
             marker["objects"] = unit_records(cache, seed, block)
-            key.write_text(json.dumps(marker))
+            key.write_bytes(seal(marker, cache.identity_hash))
 
 
 @pytest.fixture(scope="session")

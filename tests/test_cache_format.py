@@ -7,6 +7,7 @@ import pytest
 import torch
 import zarr
 
+from kdcache.cache.integrity import unit_records
 from kdcache.cache.schema import CacheSpec, TeacherCache
 from kdcache.cache.slabs import read_slab
 from kdcache.cache.targets import dense_logits
@@ -59,7 +60,8 @@ def dump_v2(path, logits, values_dtype="uint16", k=K):
     runner = TeacherRunner(Fixed(logits), {"mean": [0.5] * 3, "std": [0.5] * 3}, torch.device("cpu"), "off", False, k)
     logp, indices, log_tail = runner.topk_outputs(np.zeros((len(logits), 2, 2, 3), np.uint8))
     _write_unit(cache, 0, 0, logp, indices, log_tail, _params(cache))
-    cache.ledger.mark_done(0, 0, {"views": len(logits), "correct": 0, "run": "test", "rank": 0})
+    cache.ledger.mark_done(0, 0, {"views": len(logits), "correct": 0, "run": "test", "rank": 0,
+                                  "objects": unit_records(cache, 0, 0)})
     return path
 
 
@@ -70,7 +72,8 @@ def dump_v1(path, logits, values_dtype="float16", k=K):
     params = _params(cache)
     attrs = dict(g.attrs)
     attrs.update(format_version=1, tail_rule="uniform-logit-tail-v1", spec=dict(attrs["spec"], values_dtype=values_dtype))
-    del g.attrs["logp_encoding"]
+    del g.attrs["logp_encoding"], g.attrs["identity_sha256"]   # format 1 had neither
+    del attrs["identity_sha256"]
     g.update_attributes(attrs)
     del sg["logp"], sg["log_tail"]
     top = torch.from_numpy(logits).topk(k, 1)

@@ -14,7 +14,7 @@ import re
 from typing import List, Optional
 
 from kdcache.cache.location import Location
-from kdcache.cache.schema import CacheSpec, TeacherCache
+from kdcache.cache.schema import CacheSpec, NotACache, TeacherCache
 from kdcache.errors import KdcacheError
 
 
@@ -24,24 +24,51 @@ def cache_id(spec: CacheSpec) -> str:
              "recipe": spec.recipe, "global_seed": spec.global_seed, "topk": spec.topk,
              "values_dtype": spec.values_dtype}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
-    name = re.sub(r"[^A-Za-z0-9_.]+", "_", str(spec.teacher.get("name") or "teacher")).strip("_.")[:40]
-    return f"{name}-{spec.dataset.get('split', 'train')}-{digest}"
+    return f"{_id_part(spec.teacher.get('name'), 'teacher')}-{_id_part(spec.dataset.get('split'), 'train')}-{digest}"
 
 
-def list_caches(root) -> List[TeacherCache]:
-    """The caches directly under a root (anything else there is ignored)."""
+def _id_part(text, default: str) -> str:
+    """A name from a cache's metadata (someone else's cache: any string) -> letters, digits, '_' and '.' only,
+    no leading dot: an id is always one plain directory name inside its root."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", str(text or default)).strip("_.")[:40] or default
+
+
+def list_caches(root, unreadable: Optional[List[dict]] = None) -> List[TeacherCache]:
+    """The caches directly under a root. Other Zarr groups and files there are ignored; a cache that
+    cannot be opened (damaged identity, a format this kdcache does not read) is appended to `unreadable`
+    as {"id", "path", "error"}, never dropped silently."""
     loc = Location.of(root)
     if loc.is_local and not loc.path.is_dir():
         raise KdcacheError(f"{root}: no such cache root (not a directory)")
     out = []
     for name in loc.children():
-        child = loc.child(name)
+        try:
+            child = loc.child(name)
+        except KdcacheError:
+            continue  # a name no cache id can have (kdcache.cache.location.check_name)
         if child.exists("zarr.json"):
             try:
                 out.append(TeacherCache.open(child))
-            except KdcacheError:
-                continue  # not a kdcache cache, or a format this kdcache does not read
+            except NotACache:
+                continue
+            except KdcacheError as exc:
+                if unreadable is not None:
+                    unreadable.append({"id": name, "path": str(child), "error": str(exc)})
     return out
+
+
+def metadata_problems(cache: TeacherCache) -> List[str]:
+    """What is wrong with a cache's array metadata and unit markers (each named by path); [] when nothing."""
+    problems = []
+    for s in cache.seeds:
+        try:
+            cache.arrays(s)
+        except KdcacheError as exc:
+            problems.append(str(exc))
+            continue
+        _, bad = cache.checked_markers(s)
+        problems += [bad[b] for b in sorted(bad)]
+    return problems
 
 
 def describe(cache: TeacherCache) -> dict:
@@ -68,13 +95,15 @@ def describe(cache: TeacherCache) -> dict:
         "bytes": cache.bytes_on_disk(),
         "created": cache.attrs.get("created"), "created_by": cache.attrs.get("created_by"),
         "format_version": cache.version,
+        "problems": metadata_problems(cache),
     }
 
 
 def find_cache(root, split_fingerprint: str, cache_id_: Optional[str] = None,
                teacher_sha256: Optional[str] = None) -> TeacherCache:
     """The one cache under `root` for this dataset split (narrowed by id or teacher hash prefix)."""
-    caches = list_caches(root)
+    unreadable: List[dict] = []
+    caches = list_caches(root, unreadable)
     match = [c for c in caches if c.spec.dataset.get("split_fingerprint") == split_fingerprint]
     if cache_id_:
         match = [c for c in match if c.location.name == cache_id_]
@@ -87,7 +116,8 @@ def find_cache(root, split_fingerprint: str, cache_id_: Optional[str] = None,
         return (f"  {c.location.name}: teacher {c.spec.teacher.get('name')} sha256 {str(c.spec.teacher.get('sha256'))[:12]}, "
                 f"seeds complete {len(c.complete_seeds())}")
     if not match:
-        others = "\n".join(line(c) for c in caches) or "  (no caches)"
+        others = "\n".join([line(c) for c in caches] + [f"  {u['id']}: unreadable: {u['error']}" for u in unreadable]) \
+            or "  (no caches)"
         narrowed = " and " + ", ".join(f"{k} {v}" for k, v in (("--cache-id", cache_id_), ("--teacher-sha256", teacher_sha256)) if v) \
             if (cache_id_ or teacher_sha256) else ""
         raise KdcacheError(f"{root}: no cache for this dataset split (fingerprint {split_fingerprint[:12]}){narrowed}; "
@@ -96,11 +126,13 @@ def find_cache(root, split_fingerprint: str, cache_id_: Optional[str] = None,
                        "--teacher-sha256:\n" + "\n".join(line(c) for c in match))
 
 
-def render_ls(entries: List[dict]) -> str:
+def render_ls(entries: List[dict], unreadable: Optional[List[dict]] = None) -> str:
     from kdcache.options import seed_ranges
-    if not entries:
+    if not entries and not unreadable:
         return "no caches"
     lines = []
+    for u in unreadable or ():
+        lines += [f"{u['id']}", f"  UNREADABLE {u['error']}"]
     for e in entries:
         seeds = e["seeds_complete"]
         progress = ", ".join(f"{s} ({p['units_done']}/{p['units']} units)" for s, p in e["seeds_in_progress"].items())
@@ -112,4 +144,5 @@ def render_ls(entries: List[dict]) -> str:
                   f"  seeds     {len(seeds)} complete {seed_ranges(seeds)}" + (f"; in progress {progress}" if progress else ""),
                   f"  size      {e['bytes'] / 2**20:.1f} MiB, created {e['created']} by {e['created_by']}",
                   f"  path      {e['path']}"]
+        lines += [f"  PROBLEM   {p}" for p in e.get("problems", ())]
     return "\n".join(lines)

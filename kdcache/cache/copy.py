@@ -8,7 +8,6 @@ reader of the destination never sees a half-copied unit. Copying into a cache th
 at the same time is safe too: both sides use the same exclusive markers.
 """
 
-import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from kdcache.cache.integrity import check_object, object_record, recorded
 from kdcache.cache.ledger import Ledger
+from kdcache.cache.marker import seal
 from kdcache.cache.location import Location
 from kdcache.cache.schema import TeacherCache, check_compatible, refuse_foreign_directory
 from kdcache.errors import KdcacheError
@@ -51,11 +51,17 @@ def copy_cache(src_where, dst_where, seeds: Optional[List[int]] = None, workers:
     skipped = sum(len(done_src.get(s, ()) & done_dst.get(s, set())) for s in wanted)
     src_arrays = {s: src.arrays(s) for s in {s for s, _ in todo}}
     damaged: List[str] = []
+    markers: Dict[int, Dict[int, dict]] = {}
+    for s in sorted({s for s, _ in todo}):  # a unit whose marker fails its own check is not copied
+        markers[s], bad = src.checked_markers(s)
+        damaged += [bad[b] for b in sorted(bad)]
+    bad_markers = list(damaged)
+    todo = [(s, b) for s, b in todo if b in markers[s]]
     copied_bytes = 0
 
     def copy_unit(unit) -> int:
         seed, block = unit
-        marker = json.loads(src.location.read(Ledger.marker_key(seed, block)))
+        marker = markers[seed][block]
         keys = {name: src.chunk_key(seed, arr, name, block) for name, arr in src_arrays[seed].items()}
         data = src.location.read_many(keys.values())
         records: Dict[str, dict] = {}
@@ -75,7 +81,7 @@ def copy_cache(src_where, dst_where, seeds: Optional[List[int]] = None, workers:
             if why:
                 raise KdcacheError(f"{dst.path}: {key} does not read back as written ({why})")
         payload = dict(marker, objects=records, copied_from=src.path, copied_at=time.time())
-        dst.location.create(Ledger.marker_key(seed, block), json.dumps(payload).encode())
+        dst.location.create(Ledger.marker_key(seed, block), seal(payload, dst.identity_hash))
         return sum(len(d) for d in data.values())
 
     bar = tqdm(total=len(todo), unit="unit", desc="copy", file=sys.stderr, disable=not progress or None, mininterval=1.0)
@@ -84,7 +90,7 @@ def copy_cache(src_where, dst_where, seeds: Optional[List[int]] = None, workers:
             copied_bytes += n
             bar.update(1)
     bar.close()
-    summary = {"source": src.path, "destination": dst.path, "units_copied": len(todo) - len(damaged),
+    summary = {"source": src.path, "destination": dst.path, "units_copied": len(todo) - len(damaged) + len(bad_markers),
                "units_already_there": skipped, "bytes_copied": copied_bytes, "damaged": damaged,
                "seeds_complete": dst.complete_seeds(), "seconds": round(time.time() - t0, 2)}
     return summary

@@ -115,7 +115,7 @@ def check_sizes(cache, seeds) -> None:
     sizes = cache.location.sizes("seeds")
     for seed in seeds:
         arrays = cache.arrays(seed)
-        for block, marker in sorted(cache.ledger.markers(seed).items()):
+        for block, marker in sorted(cache.markers(seed).items()):
             for name, arr in arrays.items():
                 key = cache.chunk_key(seed, arr, name, block)
                 record = recorded(marker, name)

@@ -23,9 +23,10 @@ import os
 import socket
 import threading
 import time
-from typing import Dict, Optional, Set, Tuple
+from typing import Callable, Dict, Optional, Set, Tuple
 
 from kdcache.cache.location import Location
+from kdcache.cache.marker import parse, seal
 
 
 def _pid_alive(pid: int) -> bool:
@@ -49,9 +50,12 @@ Unit = Tuple[int, int]
 
 
 class Ledger:
-    def __init__(self, location: Location, claim_ttl: float = 300.0):
+    def __init__(self, location: Location, claim_ttl: float = 300.0, identity: Optional[str] = None,
+                 clock: Callable[[], float] = time.time):
         self.loc = location
+        self.identity = identity   # the cache's identity hash, sealed into every marker (kdcache.cache.marker)
         self.claim_ttl = claim_ttl
+        self.clock = clock   # the time of claims and heartbeats, and the now that staleness is judged by
         self.host = socket.gethostname()
         self._held: Dict[Unit, Tuple[int, dict]] = {}   # unit -> (generation, payload)
         self.lost: Set[Unit] = set()
@@ -84,15 +88,21 @@ class Ledger:
     def is_done(self, seed: int, block: int) -> bool:
         return self.loc.exists(self.marker_key(seed, block))
 
-    def markers(self, seed: int) -> Dict[int, dict]:
+    def marker_bytes(self, seed: int) -> Dict[int, Optional[bytes]]:
+        """The raw markers of a seed's finished units (checked by TeacherCache.markers, which knows the format)."""
         keys = {b: self.marker_key(seed, b) for b in sorted(self.done_blocks(seed))}
         got = self.loc.read_many(keys.values())
-        return {b: _json(got[k]) or {} for b, k in keys.items()}
+        return {b: got[k] for b, k in keys.items()}
+
+    def markers(self, seed: int) -> Dict[int, dict]:
+        """A seed's markers, each checked against its seal (DamagedMarker names a bad one)."""
+        return {b: parse(data, f"{self.loc}/{self.marker_key(seed, b)}", identity=self.identity, arrays=(),
+                         need_objects=False) for b, data in self.marker_bytes(seed).items()}
 
     def mark_done(self, seed: int, block: int, payload: dict) -> bool:
         """Record the unit as finished (its shards must be durable already). False if it already was."""
         payload = dict(payload, host=self.host, time=time.time())
-        created = self.loc.create(self.marker_key(seed, block), json.dumps(payload).encode())
+        created = self.loc.create(self.marker_key(seed, block), seal(payload, self.identity))
         with self._lock:
             self._held.pop((seed, block), None)
         for key in self.loc.list(self._claim_dir(seed, block)):  # the marker supersedes every claim
@@ -113,7 +123,7 @@ class Ledger:
             return True
         if claim.get("host") == self.host and not _pid_alive(int(claim.get("pid", -1))):
             return True
-        return time.time() - float(claim.get("time", 0)) > self.claim_ttl
+        return self.clock() - float(claim.get("time", 0)) > self.claim_ttl
 
     def claim(self, seed: int, block: int, run: str) -> bool:
         """Take unit (seed, block) for this process. False if it is done or another live writer holds it."""
@@ -128,7 +138,7 @@ class Ledger:
             if not self._stale(held):
                 return False
         mine = current + 1
-        payload = {"run": run, "host": self.host, "pid": os.getpid(), "time": time.time()}
+        payload = {"run": run, "host": self.host, "pid": os.getpid(), "time": self.clock()}
         key = f"{self._claim_dir(seed, block)}/{mine:06d}.json"
         if not self.loc.create(key, json.dumps(payload).encode()):
             return False  # another taker created this generation first
@@ -219,18 +229,23 @@ class Ledger:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_interval):
-            with self._lock:
-                held = dict(self._held)
-            for (seed, block), (gen, payload) in held.items():
-                try:
-                    if self._superseded(seed, block, gen):  # taken over (our heartbeat lapsed): not ours to write
-                        with self._lock:
-                            if self._held.pop((seed, block), None) is not None:  # not finished by us meanwhile
-                                self.lost.add((seed, block))
-                        continue
+            self.beat()
+
+    def beat(self) -> None:
+        """One heartbeat: rewrite every held claim with the clock's time, and drop (into `lost`) the units
+        taken over meanwhile. The heartbeat thread calls it every heartbeat_interval; tests call it directly."""
+        with self._lock:
+            held = dict(self._held)
+        for (seed, block), (gen, payload) in held.items():
+            try:
+                if self._superseded(seed, block, gen):  # taken over (our heartbeat lapsed): not ours to write
                     with self._lock:
-                        if (seed, block) in self._held:  # not released or finished meanwhile
-                            self.loc.write(f"{self._claim_dir(seed, block)}/{gen:06d}.json",
-                                           json.dumps(dict(payload, time=time.time())).encode())
-                except OSError:
-                    pass  # a full disk or a network error: retried at the next beat
+                        if self._held.pop((seed, block), None) is not None:  # not finished by us meanwhile
+                            self.lost.add((seed, block))
+                    continue
+                with self._lock:
+                    if (seed, block) in self._held:  # not released or finished meanwhile
+                        self.loc.write(f"{self._claim_dir(seed, block)}/{gen:06d}.json",
+                                       json.dumps(dict(payload, time=self.clock())).encode())
+            except OSError:
+                pass  # a full disk or a network error: retried at the next beat

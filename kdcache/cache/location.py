@@ -75,6 +75,14 @@ class Location:
         return out
 
 
+def check_name(name: str, what: str = "name") -> str:
+    """One path component of a key or a cache id: never empty, '.', '..', or holding a separator, so that
+    a key or an id read from someone's metadata cannot reach outside the location it is used in."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise KdcacheError(f"{what} {name!r} is not a plain file name (it would lead outside its directory)")
+    return name
+
+
 def _hidden(name: str) -> bool:
     # our temporary files start with '.', LocalStore's end in '.partial'
     return name.startswith(".") or name.endswith(".partial")
@@ -88,20 +96,31 @@ class LocalLocation(Location):
         self.url = str(self.path)
 
     def child(self, name: str) -> "LocalLocation":
-        return LocalLocation(self.path / name)
+        return LocalLocation(self.path / check_name(name))
 
     def zarr_store(self, read_only: bool):
         from zarr.storage import LocalStore
         return LocalStore(self.path, read_only=read_only)
 
     def _p(self, key: str) -> Path:
-        return self.path / key if key else self.path
+        return self.path.joinpath(*(check_name(k, "key part") for k in key.split("/"))) if key else self.path
+
+    def _inside(self, path: Path) -> Path:
+        """`path`, refused when a symbolic link inside the location leads it outside: what is read or written
+        here is what belongs here (a published cache with a link to /etc/... is not followed)."""
+        base = os.path.realpath(self.path)
+        real = os.path.realpath(path)
+        if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
+            raise KdcacheError(f"{path}: a symbolic link leads it outside {self.path} (to {real}); kdcache reads "
+                               "and writes only what is inside a cache")
+        return path
 
     def read(self, key: str) -> bytes:
-        return self._p(key).read_bytes()
+        return self._inside(self._p(key)).read_bytes()
 
     def _write_temp(self, path: Path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._inside(path)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
@@ -143,6 +162,8 @@ class LocalLocation(Location):
         for dirpath, dirnames, filenames in os.walk(base):
             rel = os.path.relpath(dirpath, self.path)
             for f in filenames:
+                if os.path.islink(os.path.join(dirpath, f)):  # one leading outside is refused by name
+                    self._inside(Path(dirpath) / f)
                 if not _hidden(f):
                     out.append(f if rel == "." else f"{rel}/{f}")
         return sorted(out)
@@ -179,14 +200,14 @@ class FsspecLocation(Location):
             raise KdcacheError(f"{url}: no fsspec file system for {self.protocol}:// ({exc})") from exc
 
     def child(self, name: str) -> "FsspecLocation":
-        return FsspecLocation(f"{self.url}/{name}", fs=self.fs)
+        return FsspecLocation(f"{self.url}/{check_name(name)}", fs=self.fs)
 
     def zarr_store(self, read_only: bool):
         from zarr.storage import FsspecStore
         return FsspecStore.from_url(self.url, read_only=read_only, storage_options={"use_listings_cache": False})
 
     def _p(self, key: str) -> str:
-        return f"{self.root}/{key}" if key else self.root
+        return f"{self.root}/{'/'.join(check_name(k, 'key part') for k in key.split('/'))}" if key else self.root
 
     def read(self, key: str) -> bytes:
         return self.fs.cat_file(self._p(key))

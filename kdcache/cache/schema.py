@@ -22,7 +22,7 @@ import math
 import os
 import socket
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import zarr
@@ -32,6 +32,7 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 from kdcache import __version__
 from kdcache.cache.ledger import Ledger
 from kdcache.cache.location import Location
+from kdcache.cache.marker import IDENTITY_HASH, DamagedMarker, identity_hash, parse as parse_marker
 from kdcache.errors import KdcacheError
 
 FORMAT = "kdcache-teacher-cache"
@@ -48,6 +49,10 @@ TAIL_RULE = "uniform-tail-v2"
 # probability (half a step, rounded); 65535 steps reach down to p = exp(-32) = 1.3e-14 (smaller ones clamp there)
 LOGP_SCALE = 2048
 LOGP_MAX = 65535
+
+
+class NotACache(KdcacheError):
+    """A readable Zarr group that is not a kdcache cache (a cache root may hold other things)."""
 
 
 class IncompatibleCache(KdcacheError):
@@ -195,9 +200,10 @@ class TeacherCache:
         self.read_only = read_only
         attrs = dict(group.attrs)
         self.attrs = attrs
-        self.spec = CacheSpec(**attrs["spec"])
+        self.spec = _spec_from(location, attrs)
         self.version = int(attrs["format_version"])
-        self.ledger = Ledger(location)
+        self.identity_hash = attrs.get(IDENTITY_HASH)   # None: made before caches were sealed
+        self.ledger = Ledger(location, identity=self.identity_hash)
 
     @property
     def path(self) -> str:
@@ -216,10 +222,16 @@ class TeacherCache:
             raise KdcacheError(f"{loc}: not a kdcache cache (no zarr.json)") from None
         except (OSError, ValueError) as exc:
             raise KdcacheError(f"{loc}: cannot read zarr.json ({exc})") from exc
-        attrs = root.get("attributes", {})
-        if attrs.get("format") != FORMAT:
-            raise KdcacheError(f"{loc}: zarr group is not a {FORMAT} (format={attrs.get('format')!r})")
+        attrs = root.get("attributes", {}) if isinstance(root, dict) else None
+        if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
+            raise NotACache(f"{loc}: zarr group is not a {FORMAT} "
+                               f"(format={attrs.get('format') if isinstance(attrs, dict) else None!r})")
         _check_readable(loc, attrs.get("format_version"))
+        if IDENTITY_HASH in attrs and identity_hash(attrs) != attrs[IDENTITY_HASH]:
+            raise KdcacheError(f"{loc}/zarr.json: the cache's identity does not match its recorded {IDENTITY_HASH} "
+                               f"(content {identity_hash(attrs)[:16]}, recorded {str(attrs[IDENTITY_HASH])[:16]}): "
+                               "the document was edited or damaged, so what the arrays mean cannot be trusted; "
+                               "restore it from a copy of the cache (kdcache copy) or dump into a new --out")
         group = zarr.open_group(loc.zarr_store(read_only=(mode == "r")), mode="r" if mode == "r" else "r+")
         return cls(loc, group, read_only=(mode == "r"))
 
@@ -235,6 +247,7 @@ class TeacherCache:
                     "kdcache_version": __version__, "renderer": renderer_record(spec),
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "created_by": _who()}
+        identity[IDENTITY_HASH] = identity_hash(identity)
         if not loc.exists("zarr.json"):
             refuse_foreign_directory(loc)
             # The root group's zarr.json holds the identity and is never rewritten: one exclusive create
@@ -276,12 +289,58 @@ class TeacherCache:
         return sorted(int(n) for n in self.location.children("seeds") if n.isdigit())
 
     def arrays(self, seed: int) -> Dict[str, zarr.Array]:
+        """The seed's arrays, each metadata document checked against the identity (shape, dtype)."""
         name = seed_group_name(seed)
-        try:
-            return {a: zarr.open_array(self.group.store, path=f"{name}/{a}", mode="r" if self.read_only else "r+")
-                    for a in self.array_names}
-        except (FileNotFoundError, KeyError, ValueError, zarr.errors.NodeTypeValidationError):
-            raise KdcacheError(f"{self.path}: seed {seed} is not in this cache (seeds {self.seeds})") from None
+        if seed not in self.seeds:
+            raise KdcacheError(f"{self.path}: seed {seed} is not in this cache (seeds {self.seeds})")
+        layout = _array_layout(self.spec) if self.version >= 2 else {}
+        out = {}
+        for a in self.array_names:
+            key = f"{name}/{a}/zarr.json"
+            where = f"{self.location}/{key}"
+            fix = ("; restore the cache from a copy (kdcache copy skips nothing it has not checked) or dump "
+                   "this seed into a new --out")
+            try:
+                doc = json.loads(self.location.read(key))
+                if not isinstance(doc, dict):
+                    raise ValueError(f"a JSON {type(doc).__name__}, not an object")
+                out[a] = zarr.open_array(self.group.store, path=f"{name}/{a}", mode="r" if self.read_only else "r+")
+            except FileNotFoundError:
+                raise KdcacheError(f"{where}: array metadata is missing{fix}") from None
+            except Exception as exc:  # JSON, zarr's own validation (unknown dtype, codec, ...)
+                raise KdcacheError(f"{where}: array metadata cannot be read ({type(exc).__name__}: {exc}){fix}") from None
+            want = layout.get(a)
+            if want and (tuple(out[a].shape) != tuple(want["shape"]) or str(out[a].dtype) != want["dtype"]
+                         or tuple(out[a].shards or ()) != tuple(want["shards"])):
+                raise KdcacheError(f"{where}: array is {tuple(out[a].shape)} {out[a].dtype} in shards of "
+                                   f"{out[a].shards}, but the cache's identity (zarr.json: {self.spec.num_samples} "
+                                   f"samples, top-{self.spec.topk}, {self.spec.values_dtype}, units of "
+                                   f"{self.spec.unit_size}) says {tuple(want['shape'])} {want['dtype']} in shards of "
+                                   f"{tuple(want['shards'])}: one of the two documents was changed{fix}")
+        return out
+
+    def checked_markers(self, seed: int, exclude=()) -> Tuple[Dict[int, dict], Dict[int, str]]:
+        """The markers of a seed's finished units, each checked (kdcache.cache.marker.parse): block ->
+        payload for the good ones, block -> what is wrong for a damaged, edited or foreign one."""
+        good, bad = {}, {}
+        for b, data in self.ledger.marker_bytes(seed).items():
+            if b in exclude:
+                continue
+            try:
+                good[b] = parse_marker(data, f"{self.location}/{Ledger.marker_key(seed, b)}",
+                                       identity=self.identity_hash, arrays=self.array_names,
+                                       need_objects=self.version >= 3)
+            except DamagedMarker as exc:
+                bad[b] = str(exc)
+        return good, bad
+
+    def markers(self, seed: int, exclude=()) -> Dict[int, dict]:
+        """The checked markers of a seed's finished units; a bad one is refused by path (DamagedMarker),
+        never read as 'done, nothing to check'."""
+        good, bad = self.checked_markers(seed, exclude)
+        if bad:
+            raise DamagedMarker(bad[min(bad)])
+        return good
 
     def chunk_key(self, seed: int, array: zarr.Array, name: str, block: int) -> str:
         """The store key of unit (seed, block)'s shard of one array."""
@@ -302,7 +361,7 @@ class TeacherCache:
         return [s for s in (self.seeds if seeds is None else seeds) if len(done.get(s, ())) >= self.spec.num_blocks]
 
     def seed_summary(self, seed: int) -> Optional[dict]:
-        markers = self.ledger.markers(seed)
+        markers = self.markers(seed)
         if len(markers) < self.spec.num_blocks:
             return None
         views = sum(m.get("views", 0) for m in markers.values())
@@ -350,8 +409,33 @@ class TeacherCache:
         }
 
 
+def _spec_from(loc: Location, attrs: dict) -> CacheSpec:
+    """The identity of a cache's root document, its fields checked for type (a hand-edited or damaged
+    document is named, not trusted)."""
+    try:
+        spec = CacheSpec(**attrs["spec"])
+        for name in ("teacher", "dataset", "recipe"):
+            if not isinstance(getattr(spec, name), dict):
+                raise TypeError(f"spec.{name} is not a table")
+        for name in ("global_seed", "topk", "unit_size", "chunk_rows"):
+            if not isinstance(getattr(spec, name), int) or isinstance(getattr(spec, name), bool):
+                raise TypeError(f"spec.{name} is not an integer")
+        spec.num_samples, spec.num_classes  # noqa: B018 (they must be integers)
+        if spec.num_samples < 1 or not 1 <= spec.topk <= spec.num_classes or spec.unit_size < 1:
+            raise ValueError(f"num_samples {spec.num_samples}, topk {spec.topk}, num_classes {spec.num_classes}, "
+                             f"unit_size {spec.unit_size} are out of range")
+        int(attrs["format_version"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KdcacheError(f"{loc}/zarr.json: the cache's identity cannot be read ({type(exc).__name__}: {exc}); "
+                           "restore it from a copy of the cache or dump into a new --out") from None
+    return spec
+
+
 def refuse_foreign_directory(loc: Location) -> None:
     """A new cache goes into an empty or absent directory, never over someone's files."""
+    if loc.is_local and loc.path.is_symlink() and not loc.path.exists():
+        raise KdcacheError(f"{loc}: a symbolic link to {os.readlink(loc.path)}, which does not exist; create that "
+                           "directory first, or give a path that is not a dangling link")
     if loc.is_local and loc.path.exists() and any(loc.path.iterdir()):
         raise KdcacheError(f"{loc}: exists and is not a kdcache cache")
 

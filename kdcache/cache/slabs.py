@@ -36,7 +36,7 @@ def v1_to_logp(values: np.ndarray, lse: np.ndarray, num_classes: int):
 def read_slab(cache: TeacherCache, seed: int, require_complete: bool = True, exclude=()) -> Slab:
     """One seed's rows. Only finished units are read, each checked against its marker (a damaged one is
     refused by name, kdcache.cache.integrity); rows of unfinished (or excluded) units hold fill values."""
-    markers = {b: m for b, m in cache.ledger.markers(seed).items() if b not in exclude}
+    markers = cache.markers(seed, exclude)
     if require_complete:
         missing = cache.missing_blocks(seed, done=markers)
         if missing:

@@ -112,7 +112,7 @@ def _replay(cache: TeacherCache, seeds: list, n: int, checkpoint: Optional[str],
         cached.append(tuple(torch.from_numpy(np.asarray(a[rows])) for a in (slab.logp, slab.indices, slab.log_tail)))
     report = compare(torch.cat(fresh_logits), *(torch.cat([c[j] for c in cached]) for j in range(3)))
     # reduced precision on either side widens the replay error (THRESHOLDS)
-    markers = [m for s in sorted({s for s, _ in picks}) for m in cache.ledger.markers(s).values()]
+    markers = [m for s in sorted({s for s, _ in picks}) for m in cache.markers(s).values()]
     fp32 = dev.type == "cpu" and all(m.get("device") == "cpu" and m.get("amp") == "off" for m in markers)
     return dict(report, views=n, device=str(dev), precision="fp32" if fp32 else "reduced",
                 dump_precision=sorted({f"{m.get('device', '?')}/{m.get('amp', '?')}" for m in markers}))
@@ -158,8 +158,15 @@ def verify(path, replay: int = 0, checkpoint: Optional[str] = None, data: Option
             missing[str(s)] = miss
             problems.append(f"seed {s}: {len(miss)} of {spec.num_blocks} units missing "
                             f"(blocks {miss[:8]}{'...' if len(miss) > 8 else ''})")
-        # damaged units are named (seed, unit, array) and left out of the row checks
-        bad = damaged_units(cache, s, cache.ledger.markers(s))
+        # damaged units (a bad marker, or shard objects that fail their marker's record) are named and left
+        # out of the row checks; metadata that cannot be read leaves nothing of the seed to check
+        try:
+            cache.arrays(s)
+        except KdcacheError as exc:
+            problems.append(str(exc))
+            continue
+        markers, bad = cache.checked_markers(s)
+        bad.update(damaged_units(cache, s, markers))
         problems += list(bad.values())
         try:
             slab = read_slab(cache, s, require_complete=False, exclude=bad)
