@@ -412,6 +412,8 @@ def main(argv=None) -> None:
         if argv and argv[0] == "train-student":
             _load_toml_defaults(parser, argv[1:])
         args = parser.parse_args(argv)
+        from kdcache.options import check_values
+        check_values(args.command, args, getattr(args, "source", None))
         code = COMMANDS[args.command](args)
     except KdcacheError as exc:
         print(f"kdcache: error: {exc}", file=sys.stderr)

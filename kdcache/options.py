@@ -13,6 +13,8 @@ to a parser is added here too.
 """
 
 import argparse
+import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -53,12 +55,56 @@ def seed_ranges(seeds) -> str:
     return ",".join(out)
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Range:
+    """An option's valid values: lo <= v <= hi (strict where *_open), finite; hi may be the usable cores."""
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    hi_is_cores: bool = False
+
+    def bounds(self):
+        return self.lo, (usable_cores() if self.hi_is_cores else self.hi)
+
+    def text(self) -> str:
+        lo, hi = self.bounds()
+        cores = " (the usable cores)" if self.hi_is_cores else ""
+        if lo is not None and hi is not None:
+            return f"in {'(' if self.lo_open else '['}{lo:g}, {hi:g}{')' if self.hi_open else ']'}{cores}"
+        if lo is not None:
+            return f"{'>' if self.lo_open else '>='} {lo:g}"
+        if hi is not None:
+            return f"{'<' if self.hi_open else '<='} {hi:g}"
+        return "a finite number"
+
+    def contains(self, v) -> bool:
+        lo, hi = self.bounds()
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        return ((lo is None or (v > lo if self.lo_open else v >= lo))
+                and (hi is None or (v < hi if self.hi_open else v <= hi)))
+
+
+SEED = Range(0, 2**32 - 1)      # seeds go to numpy, torch and the 64-bit view hash: all take 32 bits
+POSITIVE = Range(1)             # counts and sizes
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1, hi_open=True)
+PROBABILITY = Range(0, 1)
+CORES = Range(1, hi_is_cores=True)
+
+
 @dataclass(frozen=True)
 class Option:
     default: Any = None
     type: Callable = str               # int, float, str, Path, bool (a flag), parse_seeds
     choices: Optional[Tuple] = None
     nargs: Optional[int] = None
+    valid: Optional[Range] = None      # numbers: checked before anything is created (check_values)
 
 
 def _recipe_options(renamed: Optional[dict] = None) -> Dict[str, Option]:
@@ -79,47 +125,82 @@ def _recipe_options(renamed: Optional[dict] = None) -> Dict[str, Option]:
 
 AMP = ("auto", "bf16", "fp16", "off")
 _PREPARE_COMMON = {
-    "out": Option(None, Path), "limit": Option(None, int), "max_side": Option(None, int),
-    "jpeg_quality": Option(90, int), "view_size": Option(None, int), "shard_size": Option(10000, int),
-    "workers": Option(None, int), "skip_bad": Option(False, bool), "overwrite": Option(False, bool),
+    "out": Option(None, Path), "limit": Option(None, int, valid=POSITIVE), "max_side": Option(None, int, valid=POSITIVE),
+    "jpeg_quality": Option(90, int, valid=Range(1, 100)), "view_size": Option(None, int, valid=POSITIVE),
+    "shard_size": Option(10000, int, valid=POSITIVE), "workers": Option(None, int, valid=POSITIVE),
+    "skip_bad": Option(False, bool), "overwrite": Option(False, bool),
 }
 PREPARE_SOURCES = {
     "fashion-mnist": {"root": Option(None, str)},
-    "imagefolder": {"root": Option(None, str), "shuffle_seed": Option(None, int)},
-    "wds": {"pattern": Option(None, str), "val": Option(None, str), "num_classes": Option(None, int)},
+    "imagefolder": {"root": Option(None, str), "shuffle_seed": Option(None, int, valid=SEED)},
+    "wds": {"pattern": Option(None, str), "val": Option(None, str),
+            "num_classes": Option(None, int, valid=Range(1, 2**31 - 1))},
 }
 _TEACHER = {
     "teacher": Option(None, str), "teacher_module": Option(None, str), "teacher_checkpoint": Option(None, str),
-    "random_teacher": Option(False, bool), "mean": Option(None, float, nargs=3), "std": Option(None, float, nargs=3),
+    "random_teacher": Option(False, bool), "mean": Option(None, float, nargs=3, valid=Range()),
+    "std": Option(None, float, nargs=3, valid=Range(0, lo_open=True)),
 }
 _DUMP = {
     "data": Option(None, Path), "out": Option(None, str), "cache_root": Option(None, str),
     "seeds": Option(None, parse_seeds),
-    "topk": Option(10, int), **_TEACHER, "seed": Option(0, int), "batch_size": Option(256, int),
+    "topk": Option(10, int, valid=POSITIVE), **_TEACHER, "seed": Option(0, int, valid=SEED),
+    "batch_size": Option(256, int, valid=POSITIVE),
     "device": Option("auto", str), "amp": Option("auto", str, AMP), "compile": Option(False, bool),
-    "workers": Option(None, int), "values_dtype": Option("uint16", str, ("uint16", "float32")),
-    "unit_size": Option(None, int), "seeds_per_pass": Option(32, int), "claim_ttl": Option(300.0, float),
+    "workers": Option(None, int, valid=CORES), "values_dtype": Option("uint16", str, ("uint16", "float32")),
+    "unit_size": Option(None, int, valid=POSITIVE), "seeds_per_pass": Option(32, int, valid=POSITIVE),
+    # the heartbeat rewrites a claim every max(0.2 s, ttl / 6) (kdcache.cache.ledger): at 1 s five beats
+    # still fit in a TTL; shorter ones would let a slow store's write make a live claim look stale
+    "claim_ttl": Option(300.0, float, valid=Range(1)),
     "no_progress": Option(False, bool),
 }
 _TRAIN = {
     "config": Option(None, Path), "resume": Option(None, Path), "data": Option(None, Path),
-    "model": Option(None, str), "epochs": Option(None, int), "out": Option(None, Path), "cache": Option(None, str),
+    "model": Option(None, str), "epochs": Option(None, int, valid=POSITIVE), "out": Option(None, Path),
+    "cache": Option(None, str),
     "cache_root": Option(None, str), "cache_id": Option(None, str), "teacher_sha256": Option(None, str),
-    "kd": Option(None, str, ("online", "none")), **_TEACHER, "batch_size": Option(256, int),
-    "opt": Option("sgd", str), "lr": Option(None, float), "momentum": Option(0.9, float),
-    "weight_decay": Option(5e-5, float), "sched": Option("cosine", str), "warmup_epochs": Option(0, int),
-    "warmup_lr": Option(1e-5, float), "min_lr": Option(0.0, float), "clip_grad": Option(None, float),
-    "model_ema_decay": Option(0.0, float), "drop_path": Option(None, float), "amp": Option("auto", str, AMP),
-    "no_channels_last": Option(False, bool), "compile": Option(False, bool), "workers": Option(None, int),
-    "device": Option("auto", str), "seed": Option(0, int), "view_global_seed": Option(None, int),
+    "kd": Option(None, str, ("online", "none")), **_TEACHER, "batch_size": Option(256, int, valid=POSITIVE),
+    "opt": Option("sgd", str), "lr": Option(None, float, valid=NON_NEGATIVE), "momentum": Option(0.9, float, valid=FRACTION),
+    "weight_decay": Option(5e-5, float, valid=NON_NEGATIVE), "sched": Option("cosine", str),
+    "warmup_epochs": Option(0, int, valid=NON_NEGATIVE), "warmup_lr": Option(1e-5, float, valid=NON_NEGATIVE),
+    "min_lr": Option(0.0, float, valid=NON_NEGATIVE), "clip_grad": Option(None, float, valid=Range(0, lo_open=True)),
+    "model_ema_decay": Option(0.0, float, valid=FRACTION), "drop_path": Option(None, float, valid=FRACTION),
+    "amp": Option("auto", str, AMP),
+    "no_channels_last": Option(False, bool), "compile": Option(False, bool), "workers": Option(None, int, valid=CORES),
+    "device": Option("auto", str), "seed": Option(0, int, valid=SEED), "view_global_seed": Option(None, int, valid=SEED),
     "view_seeds": Option(None, parse_seeds), "mix_labels": Option(False, bool),
     "seed_choice": Option("cycle", str, ("cycle", "per-sample")),
-    "kd_loss": Option("kd", str, ("kd", "dkd")), "kd_weight": Option(1.0, float), "temperature": Option(1.0, float),
-    "hard_loss": Option(None, str, ("none", "ce", "bce")), "hard_weight": Option(1.0, float),
-    "smoothing": Option(0.0, float), "dkd_alpha": Option(1.0, float), "dkd_beta": Option(8.0, float),
-    "eval_every": Option(1, int), "crop_pct": Option(0.875, float), "log_interval": Option(50, int),
-    "no_progress": Option(False, bool), "size": Option(None, parse_size), "ramp_start": Option(None, int),
-    "ramp_end": Option(None, int), "size_step": Option(32, int), "val_res": Option(None, int),
+    "kd_loss": Option("kd", str, ("kd", "dkd")), "kd_weight": Option(1.0, float, valid=NON_NEGATIVE),
+    "temperature": Option(1.0, float, valid=Range(0, lo_open=True)),
+    "hard_loss": Option(None, str, ("none", "ce", "bce")), "hard_weight": Option(1.0, float, valid=NON_NEGATIVE),
+    "smoothing": Option(0.0, float, valid=FRACTION), "dkd_alpha": Option(1.0, float, valid=NON_NEGATIVE),
+    "dkd_beta": Option(8.0, float, valid=NON_NEGATIVE),
+    "eval_every": Option(1, int, valid=POSITIVE), "crop_pct": Option(0.875, float, valid=Range(0, 1, lo_open=True)),
+    "log_interval": Option(50, int, valid=POSITIVE),
+    "no_progress": Option(False, bool), "size": Option(None, parse_size), "ramp_start": Option(None, int, valid=NON_NEGATIVE),
+    "ramp_end": Option(None, int, valid=NON_NEGATIVE), "size_step": Option(32, int, valid=POSITIVE),
+    "val_res": Option(None, int, valid=POSITIVE),
+}
+# the commands that have no recipe table: declared here too, so that every option's range is checked
+_VERIFY = {
+    "cache": Option(None, str), "replay": Option(0, int, valid=NON_NEGATIVE), "teacher_checkpoint": Option(None, str),
+    "teacher_module": Option(None, str), "data": Option(None, Path), "device": Option("auto", str),
+    "seed": Option(0, int, valid=SEED), "min_agreement": Option(None, float, valid=PROBABILITY),
+    "max_kl": Option(None, float, valid=NON_NEGATIVE), "max_tail_error": Option(None, float, valid=NON_NEGATIVE),
+    "json": Option(False, bool),
+}
+_PREVIEW = {
+    "data": Option(None, Path), "split": Option("train", str), "samples": Option(8, int, valid=Range(1, 1024)),
+    "seeds": Option(4, int, valid=Range(1, 64)), "seed": Option(0, int, valid=SEED), "out": Option(Path("views.png"), Path),
+}
+_OTHERS = {
+    "run": {"recipe": Option(None, Path), "out": Option(None, Path), "full": Option(False, bool),
+            "seed": Option(None, int, valid=SEED), "device": Option(None, str)},
+    "ls": {"root": Option(None, str), "json": Option(False, bool)},
+    "copy": {"src": Option(None, str), "dst": Option(None, str), "root": Option(False, bool),
+             "seeds": Option(None, parse_seeds), "workers": Option(8, int, valid=Range(1, 256)),
+             "no_progress": Option(False, bool)},
+    "info": {"path": Option(None, str), "json": Option(False, bool)},
 }
 
 
@@ -134,7 +215,26 @@ def options(command: str, source: Optional[str] = None) -> Dict[str, Option]:
     if command == "train-student":
         from kdcache.augment.recipe import TRAIN_RENAMED
         return {**_TRAIN, **_recipe_options(TRAIN_RENAMED)}
+    if command == "verify":
+        return dict(_VERIFY)
+    if command == "preview":
+        return {**_PREVIEW, **_recipe_options()}
+    if command in _OTHERS:
+        return dict(_OTHERS[command])
     raise KeyError(command)
+
+
+def check_values(command: str, ns: argparse.Namespace, source: Optional[str] = None, where: str = "") -> None:
+    """Every numeric option of `kdcache COMMAND` within its declared range (Option.valid): one line naming
+    the option, the value and the range, before anything is created."""
+    for dest, opt in options(command, source).items():
+        value = getattr(ns, dest, None)
+        if opt.valid is None or value is None:
+            continue
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if not opt.valid.contains(v):
+                flag = "--" + dest.replace("_", "-")
+                raise KdcacheError(f"{where + ' ' if where else ''}{flag} {v!r}: must be {opt.valid.text()}")
 
 
 def _convert(opt: Option, value, where: str):
@@ -212,6 +312,7 @@ def table_options(command: str, table: dict, where: str, source: Optional[str] =
     ns = argparse.Namespace(**values)
     if source is not None:
         ns.source = source
+    check_values(command, ns, source, where)
     return ns
 
 

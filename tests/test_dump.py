@@ -387,7 +387,7 @@ def test_verify_imports_a_teacher_module_only_when_the_user_names_it(fmnist_smal
     (["--seeds", "3:3"], "seed range '3:3' is empty: A:B is the seeds A to B - 1, so B must be greater than A"),
     (["--seeds", "5:2"], "seed range '5:2' is empty: A:B is the seeds A to B - 1, so B must be greater than A"),
     (["--seeds", "1:x"], "seed range '1:x': expected A:B (the seeds A to B - 1) or one seed A"),
-    (["--seeds", "0:1", "--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--seeds", "0:1", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
 ])
 def test_bad_seed_ranges_and_batch_sizes_are_refused_before_anything_is_written(fmnist_small, tmp_path, args, message):
     out = tmp_path / "cache"

@@ -18,7 +18,8 @@ def _subparser(*names) -> argparse.ArgumentParser:
 
 
 COMMANDS = [("prepare", "fashion-mnist"), ("prepare", "imagefolder"), ("prepare", "wds"),
-            ("dump-teacher", None), ("train-student", None)]
+            ("dump-teacher", None), ("train-student", None), ("verify", None), ("preview", None), ("run", None),
+            ("ls", None), ("copy", None), ("info", None)]
 
 
 @pytest.mark.parametrize("command,source", COMMANDS, ids=lambda c: str(c))
@@ -95,3 +96,74 @@ def test_prepare_options_by_source():
     with pytest.raises(KdcacheError, match="unknown setting 'shuffle-seed'.*fashion-mnist"):
         options.table_options("prepare", {"shuffle-seed": 0}, "[prepare]", source="fashion-mnist")
     assert isinstance(options.table_options("prepare", {"out": "x"}, "[prepare]", source="wds").out, Path)
+
+
+# ---- every option's range, checked before anything is created ----------------------------------------
+def _minimal_argv(command, source, tmp_path):
+    """The fewest arguments that parse; every path in them is absent, so any file made is a failure."""
+    out = tmp_path / "out"
+    return {
+        ("prepare", "fashion-mnist"): ["prepare", "fashion-mnist", "--out", out],
+        ("prepare", "imagefolder"): ["prepare", "imagefolder", tmp_path / "src", "--out", out],
+        ("prepare", "wds"): ["prepare", "wds", str(tmp_path / "x-{0..1}.tar"), "--out", out],
+        ("dump-teacher", None): ["dump-teacher", "--data", tmp_path / "data", "--out", out, "--seeds", "0:1",
+                                 "--teacher", "resnet10t", "--random-teacher"],
+        ("train-student", None): ["train-student", "--data", tmp_path / "data", "--model", "resnet10t", "--epochs", 1,
+                                  "--out", out, "--kd", "none"],
+        ("verify", None): ["verify", out],
+        ("preview", None): ["preview", tmp_path / "data", "--out", out],
+        ("run", None): ["run", tmp_path / "recipe.toml", "--out", out],
+        ("copy", None): ["copy", tmp_path / "src", out],
+    }[(command, source)]
+
+
+def _out_of_range(opt):
+    """Values just outside an option's range (and NaN, infinity for floats)."""
+    lo, hi = opt.valid.bounds()
+    step = 1 if opt.type is int else 0.5
+    bad = []
+    if lo is not None:
+        bad.append(lo if opt.valid.lo_open else lo - step)
+    if hi is not None:
+        bad.append(hi if opt.valid.hi_open else hi + step)
+    if opt.type is float:
+        bad += ["nan", "inf"]
+    return [int(v) if opt.type is int and not isinstance(v, str) else v for v in bad]
+
+
+RANGED = [(c, s, dest) for c, s in COMMANDS if (c, s) not in (("ls", None), ("info", None))
+          for dest, o in options.options(c, s).items() if o.valid is not None]
+
+
+def test_every_number_option_declares_its_range():
+    """Except the view-recipe flags, whose ranges ViewRecipe.validate checks (one place for dump, train, preview)."""
+    from kdcache.augment.recipe import TRAIN_RENAMED
+    recipe_flags = set(options._recipe_options()) | set(options._recipe_options(TRAIN_RENAMED))
+    for command, source in COMMANDS:
+        for dest, o in options.options(command, source).items():
+            if o.type in (int, float) and dest not in recipe_flags:
+                assert o.valid is not None, f"kdcache {command} --{dest}: no valid range declared"
+            if o.valid is not None:
+                default = o.default if isinstance(o.default, (list, tuple)) else [o.default]
+                assert all(v is None or o.valid.contains(v) for v in default), f"{command} --{dest}: default outside"
+
+
+@pytest.mark.parametrize("command,source,dest", RANGED, ids=lambda x: str(x))
+def test_an_out_of_range_value_is_one_line_naming_the_option_and_nothing_is_created(command, source, dest, tmp_path):
+    from conftest import kdcache
+    opt = options.options(command, source)[dest]
+    flag = "--" + dest.replace("_", "-")
+    for value in _out_of_range(opt):
+        argv = _minimal_argv(command, source, tmp_path) + [flag] + [value] * (opt.nargs or 1)
+        r = kdcache(*argv, check=False)
+        assert r.returncode == 2, (argv, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"kdcache: error: {flag} ") and "must be" in lines[0], lines
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_recipe_table_checks_the_same_ranges():
+    with pytest.raises(KdcacheError, match=r"\[student\] --temperature 0.0: must be > 0"):
+        options.table_options("train-student", {"temperature": 0}, "[student]")
+    with pytest.raises(KdcacheError, match=r"--claim-ttl nan: must be >= 1"):
+        options.table_options("dump-teacher", {"claim_ttl": float("nan")}, "[dump]")
