@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-avx2
 
 setup:
 	@bash tools/setup.sh
@@ -13,3 +13,8 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# The suite as an AVX2-only machine of this kind runs it (oneDNN, ATen, numba, OpenCV and numpy without
+# their AVX-512 paths: tools/calibrate.py AVX2_ENV); numerically sensitive tests must pass both ways.
+test-avx2: setup
+	eval "$$($(VENV)/bin/python tools/calibrate.py --avx2-env)" && $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
