@@ -38,9 +38,13 @@ def test_three_modes_and_run_directory(fmnist_small, teacher_setup, tmp_path):
     weights, cache = teacher_setup
     data = fmnist_small.root
     runs = {"cache": tmp_path / "cache", "online": tmp_path / "online", "none": tmp_path / "none"}
-    kdcache("train-student", "--data", data, "--epochs", 2, "--out", runs["cache"], "--cache", cache, *COMMON)
+    # lr 0 for the two KD runs: the student stays at its initialisation, so the two runs' losses differ only
+    # through their targets (below); with lr > 0 float32 rounding differences grow step by step at a rate
+    # no bound in a test can state, and the test failed on AVX2-only machines (issue 18)
+    frozen = [a if a != 0.05 else 0.0 for a in COMMON]
+    kdcache("train-student", "--data", data, "--epochs", 2, "--out", runs["cache"], "--cache", cache, *frozen)
     kdcache("train-student", "--data", data, "--epochs", 2, "--out", runs["online"], "--kd", "online", "--teacher", "resnet10t",
-            "--teacher-checkpoint", weights, "--view-seeds", "0:3", *COMMON)
+            "--teacher-checkpoint", weights, "--view-seeds", "0:3", *frozen)
     kdcache("train-student", "--data", data, "--epochs", 2, "--out", runs["none"], "--kd", "none", "--view-seeds", "0:3",
             "--model-ema-decay", 0.9, *COMMON)
     for mode, run in runs.items():
@@ -59,19 +63,25 @@ def test_three_modes_and_run_directory(fmnist_small, teacher_setup, tmp_path):
     assert json.loads((runs["online"] / "summary.json").read_text())["teacher_forward_s_per_epoch"] > 0
     assert (runs["none"] / "model_ema.safetensors").is_file()
     assert "ema_top1" in [json.loads(l) for l in (runs["none"] / "metrics.jsonl").read_text().splitlines()][-2]
-    # cached KD with a float32, k = C cache is online KD: the same views, the same teacher distribution. The
-    # cache holds float32 log-probabilities (logit - lse), which round apart from the raw logits by ~1e-7; the
-    # logged losses agree to 1e-4 and 12 steps at lr 0.05 grow that to ~2e-3 in the weights (measured)
+    # cached KD with a float32, k = C cache is online KD: the same views, the same teacher distribution, and
+    # (at lr 0) the same student. The targets are log_softmax of the same fp32 teacher on the same pixels in
+    # two forwards whose batches differ, so only the summation order of float32 dot products differs (AVX2 and
+    # AVX-512 kernels block them differently). Rounding errors of a length-n dot product grow as sqrt(n) u
+    # (Higham & Mary 2019; n <= 4608 in resnet10t's 3x3x512 convolutions, u = 2^-24: 4e-6 relative), about
+    # 5e-5 through its 12 layers; the KD loss moves relatively by no more than its targets' log-probabilities
+    # (first order), so rel = 1e-3 leaves a factor 20 on any CPU kind, while a wrong view or target changes the
+    # loss by far more (the none run's hard-label loss is not within 10 % of it).
     losses = {m: [(r["step"], r["loss"]) for r in map(json.loads, (runs[m] / "metrics.jsonl").read_text().splitlines())
-                  if r["kind"] == "train"] for m in ("cache", "online")}
+                  if r["kind"] == "train"] for m in ("cache", "online", "none")}
     assert [s for s, _ in losses["cache"]] == [s for s, _ in losses["online"]]
     for (_, a), (_, b) in zip(losses["cache"], losses["online"]):
-        assert a == pytest.approx(b, rel=1e-4)
+        assert a == pytest.approx(b, rel=1e-3)
+    assert losses["none"][0][1] != pytest.approx(losses["cache"][0][1], rel=0.1)
     cached, online = _weights(runs["cache"]), _weights(runs["online"])
-    for k in cached:
-        assert torch.allclose(cached[k].float(), online[k].float(), atol=5e-3, rtol=1e-2), k
+    for k in cached:  # lr 0: the weights are the initialisation in both; BatchNorm statistics saw the same pixels
+        assert torch.allclose(cached[k].float(), online[k].float(), atol=1e-6, rtol=1e-5), k
     none = _weights(runs["none"])
-    assert not torch.allclose(none["fc.weight"], cached["fc.weight"], atol=1e-3)  # the teacher's signal mattered
+    assert not torch.allclose(none["fc.weight"], cached["fc.weight"], atol=1e-3)  # lr 0.05 trained it
     kdcache("dump-teacher", "--data", data, "--out", tmp_path / "recache", "--seeds", "0:1", "--topk", 3,
             "--teacher-checkpoint", runs["cache"] / "model.safetensors", "--no-progress")
     assert TeacherCache.open(tmp_path / "recache").spec.teacher["name"] == "resnet10t"
