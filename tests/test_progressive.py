@@ -299,20 +299,26 @@ def test_fixed_size_and_val_res(fmnist_small, exact_cache, tmp_path, monkeypatch
     assert sizes == [40] and [r["val_res"] for r in _records(run, "eval")] == [40]
 
 
-def test_online_kd_at_another_size_scores_the_cached_views(fmnist_small, random_teacher, ramp_run, tmp_path):
+def test_online_kd_at_another_size_scores_the_cached_views(fmnist_small, random_teacher, exact_cache, tmp_path):
     """The online teacher scores each view at the recipe's size, as the cache's teacher did: with a lossless cache,
-    a ramped online run takes the ramped cached run's steps. Measured, every step logged: the losses agree to
-    1e-6 through the first epoch (16 px) and to 2e-3 by the end (the cache's float32 log-probabilities differ
-    from the logits by ~1e-7, as in test_train, and training amplifies it); a teacher scoring the student's
-    own 16/24-px images instead differed by 1.4e-3 at the first step and up to 1e-1 later."""
+    a ramped online run takes the ramped cached run's steps. Both at lr 0, so the student is the same in both
+    and each step's loss differs only through the teacher's targets: the same fp32 teacher on the same pixels
+    in other batches, whose float32 sums round apart by about sqrt(n) u per layer (n <= 4608, u = 2^-24:
+    4e-6), 5e-5 through resnet10t's 12 layers; the KD loss moves relatively by no more (first order), so
+    rel = 1e-4 holds on every CPU kind. A teacher scoring the student's own 16/24-px images instead differed
+    by 1.4e-3 at the first step (measured), 14 times that bound."""
     from conftest import kdcache
-    run = tmp_path / "online"
-    kdcache("train-student", "--data", fmnist_small.root, "--out", run, "--kd", "online", "--teacher", "resnet10t",
-            "--teacher-checkpoint", random_teacher[2], "--view-seeds", "0:3", *COMMON, *RAMP, *EVERY_STEP)
-    cached, online = _records(ramp_run, "train"), _records(run, "train")
+    frozen = [a if a != 0.05 else 0.0 for a in COMMON]
+    runs = {"cache": tmp_path / "cache", "online": tmp_path / "online"}
+    kdcache("train-student", "--data", fmnist_small.root, "--out", runs["cache"], "--cache", exact_cache, *frozen,
+            *RAMP, *EVERY_STEP)
+    kdcache("train-student", "--data", fmnist_small.root, "--out", runs["online"], "--kd", "online", "--teacher",
+            "resnet10t", "--teacher-checkpoint", random_teacher[2], "--view-seeds", "0:3", *frozen, *RAMP, *EVERY_STEP)
+    cached, online = _records(runs["cache"], "train"), _records(runs["online"], "train")
     assert [r["step"] for r in cached] == [r["step"] for r in online]
+    assert {r["size"] for r in _records(runs["online"], "epoch")} == {16, 24, 32}
     for a, b in zip(cached, online):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5 if a["epoch"] == 0 else 5e-3)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
 @pytest.mark.parametrize("args,message", [
