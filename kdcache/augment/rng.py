@@ -4,12 +4,9 @@ There is no generator state, so a view's draws never depend on batch size, worke
 shard split or processing order. The hash is splitmix64 (Steele et al. 2014), vectorised over uint64
 arrays; numpy wraps uint64 arithmetic modulo 2**64, which is exactly what the hash needs.
 
-Streams in use (documented in docs/cache-format.md; new augmentations take new streams, so adding
-one never changes the draws of another):
-    0..39   RandomResizedCrop: attempt t uses 4t (area), 4t+1 (log aspect), 4t+2 (top), 4t+3 (left)
-    64      horizontal flip
-    128..191 RandAugment: layer l (0..7) uses 128 + 8l + t, t = 0 op choice, 1 apply-or-not, 2 and 3 the two
-             uniforms of the magnitude's Box-Muller gaussian (2 alone for mstd > 100), 4 the sign
+Streams in use: the table in docs/views.md ("Random numbers") lists every one with its role (crop 0..39,
+flip 64, RandAugment 128..191, mixing 200..205, erasing 300..302 and 320..639); new augmentations take new streams, so
+adding one never changes the draws of another.
 """
 
 import numpy as np
