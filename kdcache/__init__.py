@@ -2,7 +2,7 @@
 
 import os
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # OpenMP threads (torch's, and numba's in the FFCV loader) spin while they wait for work. On a machine with
 # few cores shared with another process, the spinning threads burn each other's time slices: a student's

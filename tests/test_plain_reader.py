@@ -352,3 +352,46 @@ def test_preview_layout_is_the_documented_one(fmnist_small, tmp_path):
                 assert np.array_equal(img[y0:y0 + c, x:x + c], big), f"tile ({i}, {s}) side {col}"
                 white[y0:y0 + c, x:x + c] = False
     assert (img[white] == 255).all()                        # gaps white, no red frame
+
+
+SEAL_READER = r'''
+"""Check a cache's seals from docs/cache-format.md: the root's identity_sha256 and every marker's checksum."""
+import hashlib, json, pathlib, sys
+import google_crc32c
+
+def canonical(doc):
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+cache = pathlib.Path(sys.argv[1])
+attrs = json.loads((cache / "zarr.json").read_text())["attributes"]
+identity = attrs["identity_sha256"]
+root_ok = hashlib.sha256(canonical({k: v for k, v in attrs.items() if k != "identity_sha256"})).hexdigest() == identity
+bad = []
+for path in sorted(cache.glob("units/*/*.json")):
+    try:
+        m = json.loads(path.read_text())
+        body = {k: v for k, v in m.items() if k != "checksum"}
+        ok = (f"{google_crc32c.value(canonical(body)):08x}" == m["checksum"] and m["identity"] == identity
+              and all(name in m["objects"] for name in ("logp", "indices", "log_tail", "params")))
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        bad.append(str(path.relative_to(cache)))
+print(json.dumps({"root_ok": root_ok, "markers": len(list(cache.glob("units/*/*.json"))), "bad": bad,
+                  "kdcache_imported": "kdcache" in sys.modules}))
+'''
+
+
+def test_plain_reader_checks_the_seals(strong_caches, tmp_path):
+    """The root identity's hash and each marker's checksum, computed as docs/cache-format.md defines them,
+    are the ones kdcache wrote; one flipped marker byte is found the same way."""
+    import shutil
+    script = tmp_path / "seals.py"
+    script.write_text(SEAL_READER)
+    cache = tmp_path / "cache"
+    shutil.copytree(strong_caches["rand"], cache)
+    got = _run(script, cache)
+    assert got == {"root_ok": True, "markers": 8, "bad": [], "kdcache_imported": False}
+    marker = cache / "units/000004/000002.json"
+    marker.write_text(marker.read_text().replace('"views": 128', '"views": 129'))
+    assert _run(script, cache)["bad"] == ["units/000004/000002.json"]
