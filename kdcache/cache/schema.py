@@ -291,8 +291,6 @@ class TeacherCache:
     def arrays(self, seed: int) -> Dict[str, zarr.Array]:
         """The seed's arrays, each metadata document checked against the identity (shape, dtype)."""
         name = seed_group_name(seed)
-        if seed not in self.seeds:
-            raise KdcacheError(f"{self.path}: seed {seed} is not in this cache (seeds {self.seeds})")
         layout = _array_layout(self.spec) if self.version >= 2 else {}
         out = {}
         for a in self.array_names:
@@ -306,6 +304,8 @@ class TeacherCache:
                     raise ValueError(f"a JSON {type(doc).__name__}, not an object")
                 out[a] = zarr.open_array(self.group.store, path=f"{name}/{a}", mode="r" if self.read_only else "r+")
             except FileNotFoundError:
+                if seed not in self.seeds:   # listed only here: the common path costs no listing
+                    raise KdcacheError(f"{self.path}: seed {seed} is not in this cache (seeds {self.seeds})") from None
                 raise KdcacheError(f"{where}: array metadata is missing{fix}") from None
             except Exception as exc:  # JSON, zarr's own validation (unknown dtype, codec, ...)
                 raise KdcacheError(f"{where}: array metadata cannot be read ({type(exc).__name__}: {exc}){fix}") from None
