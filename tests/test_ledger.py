@@ -64,9 +64,10 @@ def test_live_claims_are_respected_and_dead_or_stale_ones_taken_over(tmp_path):
 
 def _race_takeover(path, barrier, results):
     ledger = _ledger(path)
-    barrier.wait()
+    barrier.wait()                         # all six look at the stale claim together
     results.put(ledger.claim(7, 0, f"taker-{os.getpid()}"))
-    time.sleep(0.5)  # keep the pid alive while the others look
+    barrier.wait()                         # the winner's pid stays alive until every taker has looked: a
+                                           # winner that exited would be a dead holder, rightly taken over
 
 
 def test_exactly_one_of_many_takers_wins_a_stale_claim(tmp_path):
@@ -75,14 +76,16 @@ def test_exactly_one_of_many_takers_wins_a_stale_claim(tmp_path):
     for trial in range(5):
         path = tmp_path / f"t{trial}"
         _write_claim(path, 7, 0, 0, {"run": "dead", "host": "elsewhere", "pid": 1, "time": 0.0})
-        barrier, results = ctx.Barrier(6), ctx.Queue()
+        barrier, results = ctx.Barrier(6, timeout=60), ctx.Queue()
         procs = [ctx.Process(target=_race_takeover, args=(path, barrier, results)) for _ in range(6)]
         for p in procs:
             p.start()
-        wins = sum(results.get(timeout=30) for _ in procs)
+        wins = sum(results.get(timeout=60) for _ in procs)
         for p in procs:
-            p.join()
+            p.join(timeout=60)
+        assert [p.exitcode for p in procs] == [0] * 6, "a taker failed or timed out at a barrier"
         assert wins == 1, f"trial {trial}: {wins} takers won"
+        assert _claims(path, 7, 0) == ["000000.json", "000001.json"], "one generation above the stale one"
 
 
 def test_a_heartbeat_keeps_a_long_unit_and_its_loss_is_noticed(tmp_path):
