@@ -5,6 +5,7 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import threading
 import time
 
 from kdcache.cache.ledger import Ledger
@@ -88,29 +89,52 @@ def test_exactly_one_of_many_takers_wins_a_stale_claim(tmp_path):
         assert _claims(path, 7, 0) == ["000000.json", "000001.json"], "one generation above the stale one"
 
 
+class _Clock:
+    """Time that moves only when the test says so."""
+
+    def __init__(self, now=1_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
 def test_a_heartbeat_keeps_a_long_unit_and_its_loss_is_noticed(tmp_path):
-    """The defect: without a heartbeat, a live writer whose unit takes longer than the TTL was taken over."""
-    holder = _ledger(tmp_path, ttl=1.0)
-    other = _ledger(tmp_path, ttl=1.0)
+    """The defect: without a heartbeat, a live writer whose unit takes longer than the TTL was taken over.
+    The clock is the test's and each beat is one call, so staleness is decided here, not by the scheduler."""
+    clock = _Clock()
+    holder = Ledger(Location.of(tmp_path), claim_ttl=10.0, clock=clock)
+    other = Ledger(Location.of(tmp_path), claim_ttl=10.0, clock=clock)
     other.host = "another-host"  # so only the heartbeat, not a pid check, says the holder is alive
     assert holder.claim(0, 0, "holder")
-    holder.start_heartbeat()
-    try:
-        time.sleep(2.5)  # longer than the TTL
-        assert not other.claim(0, 0, "other"), "a claim with a live heartbeat is not stale"
-        assert other.live_claims().keys() == {(0, 0)}
-    finally:
-        holder.stop_heartbeat()
-    time.sleep(1.5)  # the heartbeat stopped: the claim goes stale
+    for _ in range(3):  # 3 x 6 s: the unit takes longer than the TTL, each beat within it
+        clock.now += 6.0
+        holder.beat()
+    clock.now += 6.0
+    assert not other.claim(0, 0, "other"), "a claim with a live heartbeat is not stale"
+    assert other.live_claims().keys() == {(0, 0)}
+    assert holder.holds(0, 0) and not holder.lost
+    clock.now += 4.1  # the heartbeat stopped: 10.1 s after the last beat the claim is stale
+    assert other.live_claims() == {}
     assert other.claim(0, 0, "other")
-    holder.start_heartbeat()
-    try:
-        deadline = time.time() + 5
-        while holder.holds(0, 0) and time.time() < deadline:
-            time.sleep(0.1)
-    finally:
-        holder.stop_heartbeat()
+    assert _claims(tmp_path, 0, 0) == ["000000.json", "000001.json"]
+    holder.beat()  # the old holder's next beat finds the higher generation
     assert not holder.holds(0, 0) and (0, 0) in holder.lost, "the old holder notices it lost the unit"
+    assert json.loads((tmp_path / "claims/000000/000000/000000.json").read_text())["time"] == 1_000_018.0, \
+        "the lost claim is not rewritten"
+
+
+def test_the_heartbeat_thread_beats_until_stopped(tmp_path, monkeypatch):
+    ledger = _ledger(tmp_path, ttl=1.0)   # a beat every 0.2 s (the shortest interval)
+    beaten = threading.Event()
+    monkeypatch.setattr(ledger, "beat", beaten.set)
+    ledger.start_heartbeat()
+    thread = ledger._beat
+    try:
+        assert beaten.wait(timeout=30), "the heartbeat thread did not beat"
+    finally:
+        ledger.stop_heartbeat()
+    assert not thread.is_alive() and ledger._beat is None, "stopping the heartbeat ends its thread"
 
 
 def test_a_unit_finished_by_a_taker_right_after_our_claim_is_refused_not_a_crash(tmp_path):
