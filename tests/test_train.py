@@ -141,8 +141,12 @@ def test_cycle_reads_each_slab_once_and_prefetches_only_what_comes_next(teacher_
         logits = src.logits(None, torch.tensor([i]))
         assert torch.allclose(logits[0, torch.from_numpy(stored[epoch].indices[i].astype(np.int64))],
                               torch.from_numpy(stored[epoch].logp[i]))
-    time.sleep(0.2)  # a stray prefetch thread would have started by now
-    assert sorted(reads) == [0, 1, 2]
+    # A prefetch is registered (and its thread started) before get() returns: whatever was started is in
+    # the prefetcher's pending futures. Wait for each, so any stray read has happened before we count.
+    stray = dict(src.prefetcher._pending)
+    for fut in stray.values():
+        fut.exception(timeout=60)
+    assert sorted(reads) == [0, 1, 2] and not stray, f"prefetched after the last pass: {sorted(stray)}"
 
 
 def test_toml_recipe_equals_flags(fmnist_small, teacher_setup, tmp_path):
