@@ -79,7 +79,13 @@ def test_a_stopped_writer_is_taken_over_once_its_heartbeat_stops(fmnist_small, c
         time.sleep(0.005)
     first.send_signal(signal.SIGSTOP)   # alive (its pid exists) but silent: only the heartbeat can tell
     try:
-        held = {p.relative_to(out / "claims").parent for p in (out / "claims").rglob("*.json")}
+        # what the stopped writer holds unfinished: its claims on units without a marker (claims and
+        # markers are created whole, and nothing else writes while it is stopped)
+        claims = {(int(p.parent.parent.name), int(p.parent.name)): json.loads(p.read_text())
+                  for p in (out / "claims").rglob("*.json")}
+        held = {u for u in claims if not (out / "units" / f"{u[0]:06d}" / f"{u[1]:06d}.json").exists()}
+        assert held, "the first writer was stopped holding no unfinished unit"
+        [first_run] = {claims[u]["run"] for u in held}
         second = _start(cmd, tmp_path / "second.log")
         second.wait(timeout=600)
         assert second.returncode == 0, (tmp_path / "second.log").read_text()[-3000:]
@@ -87,8 +93,17 @@ def test_a_stopped_writer_is_taken_over_once_its_heartbeat_stops(fmnist_small, c
         first.send_signal(signal.SIGCONT)
     first.wait(timeout=300)
     assert first.returncode == 0, (tmp_path / "first.log").read_text()[-3000:]
-    taken = {Path(f"{s:06d}/{b:06d}") for s, b in _units_computed(out)}
-    assert held and held <= taken or not held
+    wrote = {(int(p.parent.name), int(p.stem)): json.loads(p.read_text())["run"]  # who finished each unit
+             for p in (out / "units").glob("*/*.json")}
+    [second_run] = {json.loads(p.read_text())["run"] for p in (out / "logs").glob("*.json")} - {first_run}
+    assert set(wrote) == {(s, b) for s in range(6) for b in range(4)}
+    assert {u: wrote[u] for u in held} == {u: second_run for u in held}, \
+        "the second writer took over what the first held"
+    [first_log] = [log for log in map(json.loads, map(Path.read_text, (out / "logs").glob("*.json")))
+                   if log["run"] == first_run]
+    lost = {(u["seed"], u["block"]) for u in first_log["lost"]}
+    rendered = {(s, u["block"]) for u in first_log["units"] for s in u["seeds"]}  # a pass's units, lost ones too
+    assert lost <= held and not (rendered - lost) & held, "resumed, the first writer wrote none of what it lost"
     assert_close_caches(clean6, read_all(out))
     assert json.loads(kdcache("verify", out, "--json").stdout)["ok"]
     assert not any((out / "claims").rglob("*.json")), "no claim is left behind"
