@@ -124,8 +124,14 @@ def test_a_student_trains_while_a_writer_extends_the_cache(fmnist_small, clean6,
 def test_a_full_disk_is_one_clear_line_and_the_rerun_completes(fmnist_small, tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs needs root and mount(2) (not allowed here)")
+    try:
+        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True,
+                               text=True)
+    except OSError as exc:  # no mount program at all
+        pytest.skip(f"a small tmpfs is needed and `mount` could not be run: {exc}")
+    if mount.returncode:
+        why = (mount.stderr or mount.stdout).strip() or "no message"
+        pytest.skip(f"a small tmpfs is needed (root and mount(2)); `mount -t tmpfs` exited {mount.returncode}: {why}")
     try:
         args = ["dump-teacher", "--data", fmnist_small.root, "--seeds", "0:6", "--teacher", "test_resnet",
                 "--random-teacher", "--unit-size", 128, "--topk", 5, "--no-progress"]
