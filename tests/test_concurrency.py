@@ -109,14 +109,57 @@ def test_a_stopped_writer_is_taken_over_once_its_heartbeat_stops(fmnist_small, c
     assert not any((out / "claims").rglob("*.json")), "no claim is left behind"
 
 
+# dump-teacher with a handshake around its unit markers: after its first marker it writes a byte to fd
+# WROTE; before its LAST-th marker it blocks reading fd GO (a byte, or EOF if the test is gone)
+HELD_DUMP = """
+import os, runpy, sys
+from kdcache.cache.ledger import Ledger
+wrote, go, last = map(int, sys.argv[1:4])
+sys.argv = ["kdcache", *sys.argv[4:]]
+real, marked = Ledger.mark_done, []
+def mark_done(self, *args, **kw):
+    if len(marked) == last - 1:
+        os.read(go, 1)
+    made = real(self, *args, **kw)
+    marked.append(args)
+    if len(marked) == 1:
+        os.write(wrote, b"1")
+    return made
+Ledger.mark_done = mark_done
+runpy.run_module("kdcache", run_name="__main__")
+"""
+
+
 def test_a_student_trains_while_a_writer_extends_the_cache(fmnist_small, clean6, tmp_path):
+    """The two provably overlap: the student starts after the writer has marked a unit of the new seeds,
+    and the writer marks its last unit only after the student has finished (pipes, not timing)."""
     out = tmp_path / "cache"
     kdcache(*dump_cmd(fmnist_small.root, out, "0:2")[3:])
-    writer = subprocess.Popen(dump_cmd(fmnist_small.root, out, "2:6"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True, env=ENV)
-    kdcache("train-student", "--data", fmnist_small.root, "--model", "test_resnet", "--epochs", 2, "--batch-size", 64,
-            "--workers", 2, "--no-progress", "--cache", out, "--view-seeds", "0:2", "--out", tmp_path / "student")
-    assert writer.wait(timeout=600) == 0, writer.stderr.read()[-3000:]
+    wrote_r, wrote_w = os.pipe()
+    go_r, go_w = os.pipe()
+    log = tmp_path / "writer.log"
+    with log.open("w") as err:
+        writer = subprocess.Popen([sys.executable, "-c", HELD_DUMP, str(wrote_w), str(go_r), str(4 * 4),
+                                   *dump_cmd(fmnist_small.root, out, "2:6")[3:]], pass_fds=(wrote_w, go_r),
+                                  stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+    os.close(wrote_w)
+    os.close(go_r)
+    try:
+        first = os.read(wrote_r, 1)  # b"" (EOF): the writer ended before marking any unit
+        assert first == b"1", f"exit {writer.wait(timeout=600)}: {log.read_text()[-3000:]}"
+        kdcache("train-student", "--data", fmnist_small.root, "--model", "test_resnet", "--epochs", 2,
+                "--batch-size", 64, "--workers", 2, "--no-progress", "--cache", out, "--view-seeds", "0:2",
+                "--out", tmp_path / "student")
+        assert writer.poll() is None and len(list((out / "units").glob("*/*.json"))) == 2 * 4 + 15, \
+            "the writer is held before its last unit"
+        os.write(go_w, b"1")
+        assert writer.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        os.close(go_w)
+        os.close(wrote_r)
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
     assert json.loads((tmp_path / "student" / "summary.json").read_text())["epochs"] == 2
     assert_close_caches(clean6, read_all(out))
 
