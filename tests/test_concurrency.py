@@ -54,7 +54,7 @@ def test_concurrent_writers_lose_nothing_and_compute_no_unit_twice(fmnist_small,
     seeds, all at once, into a cache none of them has created yet."""
     out = tmp_path / "shared"
     cmds = [dump_cmd(fmnist_small.root, out, "0:4"), dump_cmd(fmnist_small.root, out, "2:6"),
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29623", "-m",
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
              "kdcache", *dump_cmd(fmnist_small.root, out, "1:5")[3:]]]
     procs = [_start(c, tmp_path / f"p{i}.log") for i, c in enumerate(cmds)]
     for i, p in enumerate(procs):

@@ -146,7 +146,7 @@ def test_kill9_then_rerun_equals_a_clean_run(clean_cache, fm2000, tmp_path):
 def test_two_torchrun_processes_give_the_same_cache(small_cache, fmnist_small, tmp_path):
     """Two units (400 samples, unit size 256): block b goes to rank b mod 2, so each rank writes one."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29611", "-m", "kdcache",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "kdcache",
            *dump_cmd(fmnist_small.root, out, "0:2")[3:]]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -201,7 +201,7 @@ def test_resume_after_kill_ends_at_the_same_weights(fmnist_small, teacher_setup,
 
 def test_two_process_ddp_on_cpu(fmnist_small, teacher_setup, tmp_path):
     _, cache = teacher_setup
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29622", "-m", "kdcache",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "kdcache",
            "train-student", "--data", str(fmnist_small.root), "--epochs", "1", "--out", str(tmp_path / "ddp"),
            "--cache", str(cache), *map(str, COMMON[:-2]), "--workers", "1", "--batch-size", "32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
