@@ -327,7 +327,7 @@ def test_online_kd_at_another_size_scores_the_cached_views(fmnist_small, random_
      "--ramp-end 3: --size 16:32 would never reach 32 (epochs are counted from 0; the last of --epochs 3 is 2)"),
     (["--size", "16-32"], "--size '16-32': expected N or START:END (pixels, e.g. 160:192)"),
     (["--ramp-start", 1], "--ramp-start only applies to a ramp (--size START:END with START < END)"),
-    (["--val-res", 0], "--val-res must be positive, got 0"),
+    (["--val-res", 0], "--val-res 0: must be >= 1"),
     (["--view-size", 48], "--view-size 48 contradicts the cache's recipe (size = 32)"),
 ])
 def test_bad_sizes_are_refused_by_name_before_anything_is_written(fmnist_small, exact_cache, tmp_path, args, message):

@@ -247,7 +247,7 @@ def test_a_loss_that_becomes_nan_stops_training_by_name(fmnist_small, teacher_se
 @pytest.mark.parametrize("args,message", [
     (["--view-seeds=-1:2"], "seed range '-1:2': seeds are integers from 0 to 999999 (the cache names each with 6 digits)"),
     (["--view-seeds", "2:2"], "seed range '2:2' is empty: A:B is the seeds A to B - 1, so B must be greater than A"),
-    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
 ])
 def test_bad_view_seeds_and_batch_sizes_are_refused_before_anything_is_written(fmnist_small, tmp_path, args, message):
     out = tmp_path / "run"
