@@ -1,10 +1,11 @@
 """`kdcache run RECIPE.toml`: a whole distillation run, step by step, from a declarative recipe.
 
     prepare -> teacher (train-student --kd none, or a given checkpoint) -> dump (dump-teacher)
-            -> students (the same student recipe: none / online / cache) -> report
+            -> students (the same student recipe: none / online / cache, once per student seed) -> report
 
 Each step calls the library (kdcache.options turns a recipe table into the very config the command's
-options give) and writes into the run directory: RUN/data, RUN/teacher, RUN/cache, RUN/students/<mode>.
+options give) and writes into the run directory: RUN/data, RUN/teacher, RUN/cache, RUN/students/<mode>
+(the first student seed's run; RUN/students/<mode>-seed<S> each further seed's: `seed = [0, 1]`).
 A step's key is the hash of the settings that change its outputs, and of the identity of what it reads:
 a dataset's fingerprint, a teacher's weights (their sha256, never the file's time). Settings that only
 change how a step runs are not in it: for the dump batch-size, workers, device, amp, compile, claim-ttl,
@@ -102,12 +103,26 @@ def _student_options(table: dict, where: str = "[student]"):
     return options.table_options("train-student", table, where, reserved=RESERVED["student"])
 
 
+def student_seeds(value) -> List[int]:
+    """The recipe's top-level `seed`: one integer, or a list of distinct integers (each way of training the
+    student is trained once per seed: the seed-to-seed spread is what a difference between ways must exceed)."""
+    seeds = value if isinstance(value, list) else [value]
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise KdcacheError(f"seed must be an integer or a list of integers, e.g. seed = [0, 1], got {value!r}")
+    if len(set(seeds)) != len(seeds):
+        raise KdcacheError(f"seed lists a seed twice: {value!r}")
+    return list(seeds)
+
+
 def check_recipe(recipe: dict, variant: bool = False) -> None:
     """Every table's keys are options of its command, with values of the right type; the errors name
     the table and the key (variant: the tables with the [full] variant's settings merged in)."""
     for key in recipe:
         if key not in TOP_LEVEL:
             raise KdcacheError(f"unknown setting {key!r} at the top level (known: {', '.join(TOP_LEVEL)})")
+    student_seeds(recipe.get("seed", 0))
+    if not isinstance(recipe.get("teacher_seed", 0), int) or isinstance(recipe.get("teacher_seed"), bool):
+        raise KdcacheError(f"teacher_seed must be an integer, got {recipe['teacher_seed']!r}")
     for table in ("prepare", "teacher", "dump", "student"):
         if not isinstance(recipe.get(table), dict):
             raise KdcacheError(f"recipe has no [{table}] table")
@@ -194,7 +209,9 @@ def _differences(old: dict, new: dict, keys) -> List[str]:
 class Pipeline:
     def __init__(self, recipe: dict, out: Path, seed: Optional[int] = None, device: Optional[str] = None):
         self.recipe, self.out = recipe, Path(out)
-        self.seed = recipe.get("seed", 0) if seed is None else seed
+        # the students' seeds (seed: kdcache run --seed, one seed instead of the recipe's)
+        self.seeds = student_seeds(recipe.get("seed", 0) if seed is None else seed)
+        self.seed = self.seeds[0]
         self.device = device
         self.state_path = self.out / "steps.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
@@ -328,34 +345,50 @@ class Pipeline:
                   f"{options.seed_ranges(s['seeds_complete'])}", file=sys.stderr)
         self._step("dump", _key("dump", identity), complete, run)
 
+    def student_runs(self) -> Dict[str, List[tuple]]:
+        """mode -> [(step name, seed, run directory)], one per student seed: the first seed's run is
+        RUN/students/<mode> (a one-seed recipe's, as before seeds were lists), each further seed's
+        RUN/students/<mode>-seed<S>, so adding a seed to a recipe keeps the runs already made."""
+        runs = {}
+        for mode in self.recipe.get("students", list(MODES)):
+            runs[mode] = [(f"student-{mode}" + (f"-seed{s}" if j else ""), s,
+                           self.out / "students" / (mode + (f"-seed{s}" if j else "")))
+                          for j, s in enumerate(self.seeds)]
+        return runs
+
     def students(self) -> None:
         from kdcache.cache.schema import TeacherCache
         cache = TeacherCache.open(self.cache)
         spec, complete = cache.spec, cache.complete_seeds()
         seeds = sorted(self.dump_cfg.seeds)
-        for mode in self.recipe.get("students", list(MODES)):
-            run_dir = self.out / "students" / mode
-            ns = _student_options(self.recipe["student"])
-            ns.data, ns.out, ns.seed = self.data, run_dir, self.seed
-            self._set_device(ns)
-            upstream = {"dataset": self.dataset.fingerprint}
-            if mode == "cache":
-                ns.cache = self.cache
-                if ns.view_seeds is None and complete != seeds:  # the recipe's seeds, not others the cache holds
-                    ns.view_seeds = seeds
-                upstream["cache"] = {"teacher": spec.teacher["name"], "teacher-sha256": spec.teacher["sha256"],
-                                     "recipe": spec.recipe, "global-seed": spec.global_seed, "topk": spec.topk,
-                                     "values-dtype": spec.values_dtype, "seeds": ns.view_seeds or complete}
-            else:  # the same views as the cache: its recipe, global seed and seeds
-                ns.kd = mode
-                self._cache_views(ns, spec)
-                if ns.view_seeds is None:
-                    ns.view_seeds = seeds
-                if mode == "online":
-                    self._teacher_into(ns)
-                    upstream["teacher-sha256"] = self.teacher_identity(options.teacher_spec(ns))["sha256"]
-            cfg = options.train_config(ns)
-            self._train_step(f"student-{mode}", run_dir, cfg, upstream, [run_dir / "summary.json"])
+        runs = self.student_runs()
+        for j in range(len(self.seeds)):  # seed by seed: an interrupted run has whole comparisons for its first seeds
+            for mode in runs:
+                name, seed, run_dir = runs[mode][j]
+                self._student(mode, name, seed, run_dir, spec, complete, seeds)
+
+    def _student(self, mode: str, name: str, seed: int, run_dir: Path, spec, complete, seeds) -> None:
+        ns = _student_options(self.recipe["student"])
+        ns.data, ns.out, ns.seed = self.data, run_dir, seed
+        self._set_device(ns)
+        upstream = {"dataset": self.dataset.fingerprint}
+        if mode == "cache":
+            ns.cache = self.cache
+            if ns.view_seeds is None and complete != seeds:  # the recipe's seeds, not others the cache holds
+                ns.view_seeds = seeds
+            upstream["cache"] = {"teacher": spec.teacher["name"], "teacher-sha256": spec.teacher["sha256"],
+                                 "recipe": spec.recipe, "global-seed": spec.global_seed, "topk": spec.topk,
+                                 "values-dtype": spec.values_dtype, "seeds": ns.view_seeds or complete}
+        else:  # the same views as the cache: its recipe, global seed and seeds
+            ns.kd = mode
+            self._cache_views(ns, spec)
+            if ns.view_seeds is None:
+                ns.view_seeds = seeds
+            if mode == "online":
+                self._teacher_into(ns)
+                upstream["teacher-sha256"] = self.teacher_identity(options.teacher_spec(ns))["sha256"]
+        cfg = options.train_config(ns)
+        self._train_step(name, run_dir, cfg, upstream, [run_dir / "summary.json"])
 
     @staticmethod
     def _cache_views(ns, spec) -> None:

@@ -12,7 +12,7 @@ from conftest import kdcache
 
 RECIPE = """
 name = "tiny"
-seed = 0
+seed = {seed}
 {students}
 [prepare]
 source = "fashion-mnist"
@@ -40,8 +40,8 @@ no-progress = true
 """
 
 
-def _recipe(path: Path, student="test_resnet", epochs=1, eval_every=1, students=None) -> Path:
-    path.write_text(RECIPE.format(student=student, epochs=epochs, eval_every=eval_every,
+def _recipe(path: Path, student="test_resnet", epochs=1, eval_every=1, students=None, seed=0) -> Path:
+    path.write_text(RECIPE.format(student=student, epochs=epochs, eval_every=eval_every, seed=seed,
                                   students="" if students is None else f"students = {students!r}"))
     return path
 
@@ -75,13 +75,50 @@ def test_run_recipe_end_to_end_then_skip_and_rerun_changed_steps(tmp_path):
     report = (out / "report.md").read_text()
     assert "| cache |" in report and "| online |" in report and "| none |" in report
     assert "| student | val top-1" in first.stdout
+    assert "One student seed per way" in report and "cannot be told from seed-to-seed noise" in report
+    assert all(len(s["runs"]) == 1 and s["runs"][0]["seed"] == 0 for s in summary["students"].values())
+
+    # a second student seed: the first seed's runs are kept (skipped), each way is trained once more, and the
+    # report gives each way's mean over its runs and says whether the differences exceed the seed spread
+    seed0 = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    _recipe(recipe, seed=[0, 1])
+    two = kdcache("run", recipe, "--out", out)
+    for step in ("prepare", "teacher", "dump", "student-none", "student-online", "student-cache"):
+        assert f"{step}: up to date, skipped" in two.stderr
+    for mode in ("none", "online", "cache"):
+        assert f"student-{mode}-seed1: running" in two.stderr
+        assert json.loads((out / "students" / f"{mode}-seed1" / "config.json").read_text())["seed"] == 1
+    assert {p: v for p, v in ((p, p.stat().st_mtime_ns) for p in out.rglob("*.safetensors")) if p in seed0} == seed0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    for mode, s in summary["students"].items():
+        runs = s["runs"]
+        assert [r["seed"] for r in runs] == [0, 1]
+        assert [r["run"] for r in runs] == [f"students/{mode}", f"students/{mode}-seed1"]
+        finals = [json.loads((out / r["run"] / "summary.json").read_text())["final_top1"] for r in runs]
+        assert [r["val_top1"] for r in runs] == finals
+        assert s["val_top1"] == pytest.approx(sum(finals) / 2, abs=1e-4)           # (rounded to 4 decimals)
+        assert s["val_top1_spread"] == pytest.approx(max(finals) - min(finals), abs=1e-4)
+    comparisons = {(c["a"], c["b"]): c for c in summary["comparisons"]}
+    assert set(comparisons) == {("cache", "online"), ("cache", "none"), ("online", "none")}
+    c = comparisons[("cache", "online")]
+    st = summary["students"]
+    assert c["diff"] == pytest.approx(st["cache"]["val_top1"] - st["online"]["val_top1"])
+    assert c["exceeds"] == (abs(c["diff"]) > max(st["cache"]["val_top1_spread"], st["online"]["val_top1_spread"]))
+    report = (out / "report.md").read_text()
+    assert "One student seed per way" not in report
+    assert f"| cache | {st['cache']['val_top1']:.2f} ± {st['cache']['val_top1_spread'] / 2:.2f} |" in report
+    assert ("exceeds the seed spread" if c["exceeds"] else "within the seed spread") in \
+        next(line for line in report.splitlines() if "cached vs online KD" in line)
 
     # the same command again: every step is up to date, nothing is rewritten
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     again = kdcache("run", recipe, "--out", out)
-    for step in ("prepare", "teacher", "dump", "student-none", "student-online", "student-cache"):
+    for step in ("prepare", "teacher", "dump", "student-none", "student-online", "student-cache",
+                 "student-none-seed1", "student-online-seed1", "student-cache-seed1"):
         assert f"{step}: up to date, skipped" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == mtimes
+    _recipe(recipe)
 
     # harmless settings (eval-every, workers, log-interval) are not in a run's key: nothing is retrained
     _recipe(recipe, eval_every=2)
@@ -199,7 +236,7 @@ def test_pipeline_does_not_import_the_cli(tmp_path, fmnist_small):
     import subprocess
     import sys
     recipe, out = tmp_path / "r.toml", tmp_path / "run"
-    recipe.write_text(RECIPE.format(student="test_resnet", epochs=1, eval_every=1, students="")
+    recipe.write_text(RECIPE.format(student="test_resnet", epochs=1, eval_every=1, students="", seed=0)
                       .replace("limit = 300", "limit = 400\nshard-size = 150"))
     shutil.copytree(fmnist_small.root, out / "data")
     code = ("import sys\nfrom kdcache.pipeline import Pipeline, load_recipe\n"
@@ -217,17 +254,50 @@ def test_recipe_errors(tmp_path):
     bad.write_text("[prepare]\nsource = 'fashion-mnist'\n")
     proc = kdcache("run", bad, "--out", tmp_path / "r", check=False)
     assert proc.returncode == 2 and "no [teacher] table" in proc.stderr
+    for seed, message in (("[0, 0]", "seed lists a seed twice"), ("'0'", "seed must be an integer or a list"),
+                          ("[]", "seed must be an integer or a list")):
+        bad.write_text(RECIPE.format(student="test_resnet", epochs=1, eval_every=1, students="", seed=seed))
+        proc = kdcache("run", bad, "--out", tmp_path / "r", check=False)
+        assert proc.returncode == 2 and message in proc.stderr, (seed, proc.stderr)
     for table, line, message in [("student", "eval-evry = 2", "[student]: unknown setting 'eval-evry'"),
                                  ("student", "seed = 3", "[student]: 'seed' cannot be set here"),
                                  ("dump", "batch-size = 'big'", "[dump] batch-size: expected an integer"),
                                  ("prepare", "shuffle-seed = 0", "[prepare]: unknown setting 'shuffle-seed'"),
                                  ("full.student", "epoch = 2",
                                   "[student] with [full.student]: unknown setting 'epoch'")]:
-        text = RECIPE.format(student="test_resnet", epochs=1, eval_every=1, students="")
+        text = RECIPE.format(student="test_resnet", epochs=1, eval_every=1, students="", seed=0)
         bad.write_text(text.replace(f"[{table}]\n", f"[{table}]\n{line}\n") if f"[{table}]" in text
                        else text + f"[{table}]\n{line}\n")
         proc = kdcache("run", bad, "--out", tmp_path / "r", check=False)
         assert proc.returncode == 2 and message in proc.stderr, (line, proc.stderr)
+
+
+def test_report_compares_the_ways_against_the_seed_spread():
+    """Each way's val top-1 is the mean of its runs; a difference of means exceeds the seed spread only when it
+    is larger than the larger max - min of the two ways; with one seed per way nothing is claimed."""
+    from kdcache.report import RUN_KEYS, _verdict, compare, way_summary
+
+    def way(*top1):
+        return way_summary([{"seed": s, **{k: 1.0 for k in RUN_KEYS}, "val_top1": v} for s, v in enumerate(top1)])
+
+    students = {"none": way(79.5, 80.1), "online": way(81.3, 81.7), "cache": way(81.6, 81.5)}
+    assert students["none"]["val_top1"] == pytest.approx(79.8) and students["cache"]["val_top1"] == pytest.approx(81.55)
+    assert students["none"]["val_top1_spread"] == pytest.approx(0.6) and students["none"]["seeds"] == [0, 1]
+    c = {(c["a"], c["b"]): c for c in compare(students)}
+    assert c[("cache", "online")]["diff"] == pytest.approx(0.05) and c[("cache", "online")]["spread"] == pytest.approx(0.4)
+    assert c[("cache", "online")]["exceeds"] is False
+    assert c[("cache", "online")]["per_seed"] == pytest.approx({0: 0.3, 1: -0.2})
+    assert c[("cache", "none")]["exceeds"] is True and c[("online", "none")]["exceeds"] is True
+    assert "within the seed spread" in _verdict(c[("cache", "online")])
+    assert "exceeds the seed spread" in _verdict(c[("cache", "none")])
+    # a difference as large as the spread is not more than it
+    c = compare({"none": way(80.0, 80.5), "online": way(80.5, 81.0)})
+    assert c[0]["diff"] == c[0]["spread"] == 0.5 and c[0]["exceeds"] is False
+    c = compare({"none": way(80.0, 80.2), "online": way(81.0, 81.5)})
+    assert c[0]["exceeds"] is True
+    # one seed: no verdict
+    c = compare({"none": way(80.0), "cache": way(85.0)})
+    assert c[0]["exceeds"] is None and "cannot be told from seed-to-seed noise" in _verdict(c[0])
 
 
 @pytest.mark.parametrize("recipe", sorted(Path(__file__).parent.parent.glob("pipelines/*.toml")), ids=lambda p: p.name)
@@ -238,8 +308,11 @@ def test_shipped_recipes_parse(recipe):
     from kdcache import options
     from kdcache.cli import build_parser
     from kdcache.pipeline import load_recipe
+    from kdcache.pipeline import student_seeds
     for full in (False, True):
         r = load_recipe(recipe, full=full)
+        if recipe.name.startswith("demo-"):  # the demos' reports weigh the ways' differences against the seed spread
+            assert len(student_seeds(r.get("seed", 0))) >= 2
         parser = build_parser()
         for table, command in (("student", "train-student"), ("teacher", "train-student"), ("dump", "dump-teacher")):
             if "checkpoint" in r[table]:
