@@ -227,7 +227,8 @@ def _add_train(sub) -> None:
                    help="last epoch at START, counted from 0 (default: floor(epochs * 65/88) as ffcv-imagenet, "
                         "before --ramp-end)")
     g.add_argument("--ramp-end", type=int, default=None,
-                   help="first epoch at END (default: floor(epochs * 76/88), at most the last epoch)")
+                   help="first epoch at END (default: floor(epochs * 76/88), at most the last epoch; a ramp by 1.5x "
+                        "or more that trains END for less than half of the epochs is warned about, with the numbers)")
     g.add_argument("--size-step", type=int, default=32,
                    help="ramp sizes are multiples of this (FFCV: 32; e.g. 8 for 32-px images)")
     g.add_argument("--val-res", type=int, default=None,

@@ -10,6 +10,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -33,7 +34,7 @@ from kdcache.augment.loader import ReplayLoader, eval_loader
 from kdcache.student.loss_watch import LossWatch, likely_causes
 from kdcache.student.losses import LossConfig, StudentLoss
 from kdcache.student.report import MetricsLog, plot_curves
-from kdcache.student.resolution import DEFAULT_STEP, SizeSchedule
+from kdcache.student.resolution import DEFAULT_STEP, SizeSchedule, adaptation_warning, final_size_training
 from kdcache.student.soft_labels import CachedTeacher, MixTargets, NoTeacher, OnlineTeacher, mix_labels_recipe
 from kdcache.weights import load_into
 
@@ -141,9 +142,30 @@ def _passes(source, loader: ReplayLoader, epoch: int, passes: int, layout: Param
             yield (*batch[:3], batch[3] if len(batch) > 3 else None, views, mix)
 
 
+def _scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    """timm's scheduler of the run, stepped every update (step_update)."""
+    from timm.scheduler import create_scheduler_v2
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                                       warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=steps_per_epoch)
+    return scheduler
+
+
+def _lr_curve(cfg: TrainConfig, lr: float, steps_per_epoch: int, points: int = 4096) -> list:
+    """(t, learning rate of update t + 1) of the run's schedule at up to `points` evenly spaced updates: the same
+    scheduler stepping a throwaway optimizer, so the run's own keeps its state."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler = _scheduler(cfg, opt, steps_per_epoch)
+    total = steps_per_epoch * cfg.epochs
+    out = []
+    for t in np.unique(np.linspace(0, total - 1, min(total, points)).astype(np.int64)).tolist():
+        scheduler.step_update(num_updates=t)
+        out.append((t, opt.param_groups[0]["lr"]))
+    return out
+
+
 def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
     from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
     cfg.validate()
@@ -209,9 +231,12 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
     labels_all = torch.from_numpy(train_split.labels).to(device)
     if steps_per_epoch == 0:
         raise KdcacheError(f"--batch-size {cfg.batch_size} exceeds the {train_split.num_samples} training samples")
-    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-                                       warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=steps_per_epoch)
+    scheduler = _scheduler(cfg, optimizer, steps_per_epoch)
+    # how much of the run trains at its last size; a ramp that leaves it too little is named (issue 18)
+    final_size = final_size_training(schedule, steps_per_epoch, _lr_curve(cfg, lr, steps_per_epoch))
+    final_size["warning"] = adaptation_warning(schedule, final_size)
+    if final_size["warning"] and ctx.is_coordinator:   # each run's (a fresh registry), filters apply
+        warnings.warn_explicit(final_size["warning"], UserWarning, __file__, 0, module=__name__, registry={})
     scaler = torch.amp.GradScaler("cuda") if amp_name == "fp16" else None
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     criterion = StudentLoss(loss_cfg)
@@ -361,7 +386,7 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
         "teacher": {k: teacher_info.get(k) for k in ("name", "sha256")} if teacher_info else None,
         "cache": str(Path(cfg.cache).resolve()) if cfg.cache else None,
         "recipe": recipe.to_dict(), "dataset_fingerprint": ds.fingerprint,
-        "size_schedule": schedule.to_dict(), "val_res": val_res,
+        "size_schedule": schedule.to_dict(), "val_res": val_res, "final_size": final_size,
     }
     if ctx.is_coordinator:
         ckpt.export_safetensors(out / "model.safetensors", model.state_dict(), cfg.model, ds.num_classes, mean, std)
