@@ -72,14 +72,14 @@ class Range:
         return self.lo, (usable_cores() if self.hi_is_cores else self.hi)
 
     def text(self) -> str:
-        lo, hi = self.bounds()
+        lo, hi = (None if v is None else int(v) if float(v).is_integer() else v for v in self.bounds())
         cores = " (the usable cores)" if self.hi_is_cores else ""
         if lo is not None and hi is not None:
-            return f"in {'(' if self.lo_open else '['}{lo:g}, {hi:g}{')' if self.hi_open else ']'}{cores}"
+            return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}{cores}"
         if lo is not None:
-            return f"{'>' if self.lo_open else '>='} {lo:g}"
+            return f"{'>' if self.lo_open else '>='} {lo}"
         if hi is not None:
-            return f"{'<' if self.hi_open else '<='} {hi:g}"
+            return f"{'<' if self.hi_open else '<='} {hi}"
         return "a finite number"
 
     def contains(self, v) -> bool:

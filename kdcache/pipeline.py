@@ -111,6 +111,9 @@ def student_seeds(value) -> List[int]:
         raise KdcacheError(f"seed must be an integer or a list of integers, e.g. seed = [0, 1], got {value!r}")
     if len(set(seeds)) != len(seeds):
         raise KdcacheError(f"seed lists a seed twice: {value!r}")
+    bad = [s for s in seeds if not options.SEED.contains(s)]
+    if bad:
+        raise KdcacheError(f"seed {bad[0]}: must be {options.SEED.text()} (as kdcache run --seed)")
     return list(seeds)
 
 

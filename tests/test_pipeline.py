@@ -255,7 +255,7 @@ def test_recipe_errors(tmp_path):
     proc = kdcache("run", bad, "--out", tmp_path / "r", check=False)
     assert proc.returncode == 2 and "no [teacher] table" in proc.stderr
     for seed, message in (("[0, 0]", "seed lists a seed twice"), ("'0'", "seed must be an integer or a list"),
-                          ("[]", "seed must be an integer or a list")):
+                          ("[]", "seed must be an integer or a list"), ("[0, -1]", "seed -1: must be in [0, 4294967295]")):
         bad.write_text(RECIPE.format(student="test_resnet", epochs=1, eval_every=1, students="", seed=seed))
         proc = kdcache("run", bad, "--out", tmp_path / "r", check=False)
         assert proc.returncode == 2 and message in proc.stderr, (seed, proc.stderr)
