@@ -11,6 +11,7 @@ softmax(z / T) of these log-probabilities. With k = C the rebuild is exact at an
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -32,3 +33,35 @@ def stored_log_bins(logp: torch.Tensor, log_tail: torch.Tensor) -> torch.Tensor:
     """(B, k + 1) log-probabilities of what the cache holds exactly: the k stored classes, then the tail mass
     (-inf when k = C)."""
     return torch.cat([logp, log_tail[:, None]], 1)
+
+
+@dataclass(frozen=True)
+class SparseTargets:
+    """The stored teacher answers of a batch of views, as a cache holds them (public: kdcache.SparseTargets).
+
+    indices: (B, k) int64 class indices; logp: (B, k) float32 log-probabilities of those classes;
+    log_tail: (B,) float32 log of the probability mass of the C - k other classes; num_classes: C.
+    """
+    indices: torch.Tensor
+    logp: torch.Tensor
+    log_tail: torch.Tensor
+    num_classes: int
+
+    def dense_logits(self) -> torch.Tensor:
+        """(B, C) log-probabilities by the "uniform-tail-v2" rule (usable as teacher logits at T = 1)."""
+        return dense_logits(self.logp, self.indices, self.log_tail, self.num_classes)
+
+    def probs(self, temperature: float = 1.0) -> torch.Tensor:
+        """(B, C) teacher probabilities softened at `temperature`: softmax(dense_logits / T)."""
+        return torch.softmax(self.dense_logits() / temperature, dim=1)
+
+    def to(self, device, non_blocking: bool = False) -> "SparseTargets":
+        return SparseTargets(self.indices.to(device, non_blocking=non_blocking),
+                             self.logp.to(device, non_blocking=non_blocking),
+                             self.log_tail.to(device, non_blocking=non_blocking), self.num_classes)
+
+    def __getitem__(self, rows) -> "SparseTargets":
+        return SparseTargets(self.indices[rows], self.logp[rows], self.log_tail[rows], self.num_classes)
+
+    def __len__(self) -> int:
+        return len(self.log_tail)
