@@ -32,26 +32,36 @@ def _fsync_folder(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Union[str, Path]) -> Iterator[Path]:
+def atomic_file(path: Union[str, Path], *, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write `path`'s new content to (by any writer: torch.save, safetensors,
     open(...)); on a clean exit it is fsynced and renamed over `path`; on an error it is removed and `path`
-    is untouched."""
+    is untouched.
+
+    exclusive=True: the temporary file is hard-linked to `path` instead of renamed over it, and
+    FileExistsError is raised when `path` already exists (link(2) fails on an existing name, atomically
+    on local file systems and on NFS v3+: the classic NFS lock-file method; zarr's LocalStore
+    `_atomic_write(path, mode, exclusive)` does the same). Of two exclusive writers exactly one wins."""
     path = Path(path)
     tmp = _temporary_name(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.fsync(f.fileno())  # durable before it gets its final name
+        if exclusive:
+            os.link(tmp, path)
+            tmp.unlink()
+        else:
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
 
 
-def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> None:
-    """Replace `path` with `data` (str: UTF-8) atomically and durably."""
-    with atomic_file(path) as tmp:
+def atomic_write(path: Union[str, Path], data: Union[bytes, str], *, exclusive: bool = False) -> None:
+    """Replace `path` with `data` (str: UTF-8) atomically and durably; with exclusive=True create it,
+    raising FileExistsError if it exists (see atomic_file)."""
+    with atomic_file(path, exclusive=exclusive) as tmp:
         with open(tmp, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
@@ -59,4 +69,3 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> None:
 def write_text_atomic(path: Union[str, Path], text: str) -> None:
     """Kept for the callers written before atomic_write; same behaviour."""
     atomic_write(path, text)
-

@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import kdcache.ffcv_fixes  # noqa: F401 (first: corrects FFCV as it is imported)
+from kdcache.ffcv_fixes import set_traversal_order  # first: corrects FFCV as it is imported
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
@@ -120,10 +120,8 @@ class ReplayLoader:
             world = torch.distributed.get_world_size() if distributed else 1
             length = (total // repeats) // world // 2 * 2 if repeats > 1 else None
             self.order = PairedOrder(self.loader, self.decoder, allowed, seed, length)
-            self.loader.traversal_order = self.order
-            # FFCV sizes an epoch from its first order; a pass has `length` samples per rank (or all of them)
-            n = length if length is not None else (total // world)
-            self.loader.first_traversal_order = np.arange(n)
+            # a pass has `length` samples per rank (or all of them)
+            set_traversal_order(self.loader, self.order, length if length is not None else (total // world))
 
     def set_views(self, params: np.ndarray, active: Optional[np.ndarray] = None) -> None:
         """The pass's view parameters; `active`: the samples this pass shows (repeated augmentation)."""

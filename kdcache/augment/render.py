@@ -24,6 +24,7 @@ _invalidate_stale_cache (below) drops the cache entries that span files when any
 """
 
 import ctypes
+import logging
 import os
 
 import numba
@@ -36,8 +37,10 @@ from ffcv.libffcv import ctypes_imdecode, ctypes_resize
 
 from kdcache.augment import area_resize, erasing, mixing
 from kdcache.augment.randaugment import compile_rand_augment
-
 from kdcache.augment.recipe import RENDERER_VERSION, RENDERER_VERSIONS  # noqa: F401 (what callers import from here)
+from kdcache.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 def library_versions() -> dict:
@@ -168,10 +171,7 @@ def _invalidate_stale_cache(here: str) -> None:
             pass
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{stamp}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(digest.hexdigest())
-        os.replace(tmp, stamp)
+        atomic_write(stamp, digest.hexdigest())
     except OSError:
         pass
 
@@ -179,11 +179,10 @@ def _invalidate_stale_cache(here: str) -> None:
 def _say_if_compiling(here: str) -> None:
     """A cold cache means a long first compile: say so, rather than sit silent (once per checkout)."""
     import glob
-    import sys
     cache_dir = os.path.join(here, "__pycache__")
     if os.access(cache_dir, os.W_OK) and not glob.glob(os.path.join(cache_dir, "render.render_view-*.nbi")):
-        print("kdcache: compiling the view renderer for this machine (once; numba keeps it in "
-              f"{cache_dir}): about 10-40 s", file=sys.stderr, flush=True)
+        log.info("kdcache: compiling the view renderer for this machine (once; numba keeps it in "
+                 f"{cache_dir}): about 10-40 s")
 
 
 _invalidate_stale_cache(os.path.dirname(os.path.abspath(__file__)))

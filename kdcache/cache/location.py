@@ -5,7 +5,8 @@ keeps beside them (completion markers, claims, logs) goes through a Location: wh
 writes, an exclusive create, listing and deletion. The exclusive create is the one primitive that makes
 shared writing safe, so a store that cannot do it atomically is refused for writing:
 
-- local / NFS: the object is written to a temporary name and hard-linked to its final name; link(2) fails
+- local / NFS: the object is written to a temporary name and hard-linked to its final name
+  (kdcache.files.atomic_write(exclusive=True)); link(2) fails
   when the name exists (atomic on local file systems and on NFS v3+, the classic NFS lock-file method);
 - S3 (and S3-compatible stores): a conditional PUT with `If-None-Match: *` (s3fs `mode="create"`).
 
@@ -13,19 +14,23 @@ Credentials and endpoints come the standard way: AWS_* environment variables (AW
 S3-compatible server), ~/.aws, or fsspec's configuration (FSSPEC_S3_* variables, ~/.config/fsspec).
 """
 
+import abc
 import os
-import uuid
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Union
 
 from kdcache.errors import KdcacheError
+from kdcache.files import atomic_write
 
 # fsspec protocols whose PUT can be made conditional (see the module docstring)
 EXCLUSIVE_CREATE_PROTOCOLS = ("s3", "s3a")
 
 
-class Location:
-    """A directory-like place addressed by '/'-separated keys relative to it."""
+class Location(abc.ABC):
+    """A directory-like place addressed by '/'-separated keys relative to it.
+
+    `Location.of(url)` picks the implementation: LocalLocation for a path (or file://), FsspecLocation for
+    any other URL. A subclass implements the abstract methods below; `sync` and `read_many` have defaults."""
 
     url: str
     is_local: bool
@@ -49,17 +54,50 @@ class Location:
     def name(self) -> str:
         return self.url.rstrip("/").rsplit("/", 1)[-1]
 
-    # Implemented by the subclasses --------------------------------------------------------------
-    def child(self, name: str) -> "Location": ...
-    def zarr_store(self, read_only: bool): ...
-    def read(self, key: str) -> bytes: ...                    # FileNotFoundError if absent
-    def write(self, key: str, data: bytes) -> None: ...       # whole object, atomically replaced
-    def create(self, key: str, data: bytes) -> bool: ...      # True if this call created it
-    def delete(self, key: str) -> None: ...                   # absent is fine
-    def exists(self, key: str) -> bool: ...
-    def list(self, prefix: str = "") -> List[str]: ...        # keys under prefix, recursively
-    def children(self, prefix: str = "") -> List[str]: ...    # names directly under prefix
-    def sizes(self, prefix: str = "") -> Dict[str, int]: ...  # key -> bytes, recursively
+    @property
+    def supports_exclusive_create(self) -> bool:
+        """Whether `create` is atomic here; where it is not, kdcache refuses to write a cache."""
+        return True
+
+    @abc.abstractmethod
+    def child(self, name: str) -> "Location":
+        """The location `name` directly under this one (a plain name: see check_name)."""
+
+    @abc.abstractmethod
+    def zarr_store(self, read_only: bool):
+        """A zarr Store on the same place, for the arrays."""
+
+    @abc.abstractmethod
+    def read(self, key: str) -> bytes:
+        """The whole object; FileNotFoundError if absent."""
+
+    @abc.abstractmethod
+    def write(self, key: str, data: bytes) -> None:
+        """Replace the whole object atomically: a reader sees the old one or the new one."""
+
+    @abc.abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Create the object only if absent, atomically; True if this call created it."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; an absent one is fine."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether the object exists."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> List[str]:
+        """Keys under prefix, recursively, sorted; temporaries left out."""
+
+    @abc.abstractmethod
+    def children(self, prefix: str = "") -> List[str]:
+        """Names directly under prefix, sorted; temporaries left out."""
+
+    @abc.abstractmethod
+    def sizes(self, prefix: str = "") -> Dict[str, int]:
+        """Key -> bytes, recursively under prefix."""
 
     def sync(self, keys: Iterable[str]) -> None:
         """Make objects written by another writer (Zarr) durable. An object store's PUT already is."""
@@ -118,35 +156,20 @@ class LocalLocation(Location):
     def read(self, key: str) -> bytes:
         return self._inside(self._p(key)).read_bytes()
 
-    def _write_temp(self, path: Path, data: bytes) -> Path:
+    def _writable(self, key: str) -> Path:
+        path = self._p(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._inside(path)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # durable before it gets its final name
-        return tmp
+        return self._inside(path)
 
     def write(self, key: str, data: bytes) -> None:
-        path = self._p(key)
-        tmp = self._write_temp(path, data)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(self._writable(key), data)
 
     def create(self, key: str, data: bytes) -> bool:
-        path = self._p(key)
-        tmp = self._write_temp(path, data)
         try:
-            os.link(tmp, path)
+            atomic_write(self._writable(key), data, exclusive=True)
             return True
         except FileExistsError:
             return False
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def delete(self, key: str) -> None:
         self._p(key).unlink(missing_ok=True)
@@ -226,8 +249,12 @@ class FsspecLocation(Location):
     def write(self, key: str, data: bytes) -> None:
         self.fs.pipe_file(self._p(key), data)  # one PUT: the object is replaced whole or not at all
 
+    @property
+    def supports_exclusive_create(self) -> bool:
+        return self.protocol in EXCLUSIVE_CREATE_PROTOCOLS
+
     def create(self, key: str, data: bytes) -> bool:
-        if self.protocol not in EXCLUSIVE_CREATE_PROTOCOLS:
+        if not self.supports_exclusive_create:
             raise KdcacheError(f"{self.url}: kdcache writes caches only where an object can be created "
                                f"exclusively (local or NFS paths, s3://); {self.protocol}:// is read-only for kdcache")
         try:

@@ -6,19 +6,13 @@ stores the given JPEG bytes unchanged in the RGBImageField layout (mode, width, 
 the stock decoders and kdcache's replay decoder read it as any RGBImageField.
 """
 
-import contextlib
-import functools
-import sys
 from pathlib import Path
 
 import numpy as np
-import kdcache.ffcv_fixes  # noqa: F401 (first: corrects FFCV as it is imported)
+from kdcache.ffcv_fixes import writer_bar_on_terminal_only, writer_field_type  # first: corrects FFCV as it is imported
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.rgb_image import IMAGE_MODES
-from ffcv.types import TYPE_ID_HANDLER
-import ffcv.writer
 from ffcv.writer import DatasetWriter
-from tqdm import tqdm
 
 from kdcache.data.shards import JpegReader
 
@@ -35,18 +29,6 @@ class CanonicalJPEGField(RGBImageField):
         destination["height"], destination["width"] = height, width
         destination["data_ptr"], storage = malloc(data.nbytes)
         storage[:] = data
-
-
-@contextlib.contextmanager
-def _rgb_type_id_for_canonical_field():
-    """DatasetWriter looks field types up by exact class; our subclass must be written with
-    RGBImageField's type id (2) so that any FFCV reader opens the beton as a plain RGBImageField."""
-    saved = TYPE_ID_HANDLER[_RGB_TYPE_ID]
-    TYPE_ID_HANDLER[_RGB_TYPE_ID] = CanonicalJPEGField
-    try:
-        yield
-    finally:
-        TYPE_ID_HANDLER[_RGB_TYPE_ID] = saved
 
 
 class _SplitRows:
@@ -67,17 +49,7 @@ def write_beton(path: Path, reader: JpegReader, labels: np.ndarray, sizes: np.nd
     page_size = 1 << max(21, int(np.ceil(np.log2(largest * 2))))  # every sample must fit one page
     fields = {"image": CanonicalJPEGField(write_mode="jpg"), "label": IntField(), "index": IntField()}
     writer = DatasetWriter(str(path), fields, page_size=page_size, num_workers=max(1, workers))
-    with _rgb_type_id_for_canonical_field(), _bar_on_terminal_only():
+    # written under RGBImageField's type id (2), so that any FFCV reader opens the beton as a plain RGBImageField
+    with writer_field_type(_RGB_TYPE_ID, CanonicalJPEGField), writer_bar_on_terminal_only():
         writer.from_indexed_dataset(_SplitRows(reader, labels, sizes), chunksize=256)
 
-
-@contextlib.contextmanager
-def _bar_on_terminal_only():
-    """FFCV's writer always draws a tqdm bar, which in a log is a line of carriage returns: a bar on a
-    terminal only (prepare says what it wrote in plain lines)."""
-    saved = ffcv.writer.tqdm
-    ffcv.writer.tqdm = functools.partial(tqdm, disable=None, file=sys.stderr, mininterval=1.0)
-    try:
-        yield
-    finally:
-        ffcv.writer.tqdm = saved

@@ -4,6 +4,7 @@ into place when complete, so a half-written directory is never taken for a datas
 import datetime
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -23,8 +24,11 @@ from kdcache.data.orphans import children_die_with_this_process
 from kdcache.data.shards import JpegReader, ShardSink, jpeg_locations
 from kdcache.data.sources import Source
 from kdcache.errors import KdcacheError
-from kdcache.files import write_text_atomic
+from kdcache.files import atomic_file, atomic_write
 from kdcache.progress import ProgressLines, duration, rate_eta
+
+
+log = logging.getLogger(__name__)
 
 
 class IncompatibleDataset(KdcacheError):
@@ -105,10 +109,9 @@ def _write_split(split: str, samples, out: Path, settings: CanonicalSettings, nu
     labels = np.asarray(labels, np.int64)
     sizes = np.asarray(sizes, np.int32).reshape(-1, 2)
     locations = jpeg_locations(split_dir, names, keys)
-    np.save(split_dir / "labels.npy", labels)
-    np.save(split_dir / "sizes.npy", sizes)
-    np.save(split_dir / "jpeg_locations.npy", locations)
-    (split_dir / "keys.txt").write_text("".join(k + "\n" for k in keys))
+    for name, array in (("labels.npy", labels), ("sizes.npy", sizes), ("jpeg_locations.npy", locations)):
+        _save_npy(split_dir / name, array)
+    atomic_write(split_dir / "keys.txt", "".join(k + "\n" for k in keys))
     beton = split_dir / f"{split}.beton"
     write_beton(beton, JpegReader(split_dir, names, locations), labels, sizes, workers)
     if lines.active:
@@ -119,6 +122,11 @@ def _write_split(split: str, samples, out: Path, settings: CanonicalSettings, nu
             "content_sha256": content_hash.hexdigest(), "max_label": int(labels.max()), "skipped": skipped}
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
+        np.save(f, array)
+
+
 def _same_input(manifest: dict, source: Source, settings: CanonicalSettings, shard_size: int) -> bool:
     return (manifest.get("format_version") == DATASET_FORMAT_VERSION
             and manifest.get("source") == source.description
@@ -127,7 +135,7 @@ def _same_input(manifest: dict, source: Source, settings: CanonicalSettings, sha
 
 
 def _set_view_size(out: Path, manifest: dict, view_size: int) -> None:
-    write_text_atomic(out / MANIFEST, json.dumps(dict(manifest, view_size=int(view_size)), indent=1))
+    atomic_write(out / MANIFEST, json.dumps(dict(manifest, view_size=int(view_size)), indent=1))
 
 
 def _remove_stale_temporaries(out: Path) -> None:
@@ -137,37 +145,32 @@ def _remove_stale_temporaries(out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare(source: Source, out, settings: Optional[CanonicalSettings] = None, shard_size: int = 10000,
-            workers: Optional[int] = None, skip_bad: bool = False, overwrite: bool = False,
-            view_size: Optional[int] = None) -> PreparedDataset:
-    """Write the canonical dataset of `source` to `out`. An existing dataset of the same input and
-    settings is left as it is (returned); another one is replaced only with overwrite=True."""
-    out = Path(out)
-    settings = settings or CanonicalSettings(max_side=source.max_side)
-    workers = workers or len(os.sched_getaffinity(0))
-    if shard_size < 1:
-        raise KdcacheError(f"--shard-size must be positive, got {shard_size}")
+def _existing(out: Path, source: Source, settings: CanonicalSettings, shard_size: int, overwrite: bool,
+              view_size: Optional[int]) -> Optional[PreparedDataset]:
+    """The dataset already at `out` when it is the one asked for (its default view size updated); None when
+    `out` is to be (re)written; an error when `out` holds something else."""
     if (out / MANIFEST).is_file():
         existing = PreparedDataset.open(out)
         if _same_input(existing.manifest, source, settings, shard_size) and not overwrite:
             if view_size and view_size != existing.view_size:
                 # The view size is only the later commands' default (in no fingerprint): no re-encode.
                 _set_view_size(out, existing.manifest, view_size)
-                print(f"{out}: already prepared from the same source and settings; default view size "
-                      f"{existing.view_size} -> {view_size}", file=sys.stderr)
+                log.info(f"{out}: already prepared from the same source and settings; default view size "
+                         f"{existing.view_size} -> {view_size}")
                 return PreparedDataset.open(out)
-            print(f"{out}: already prepared from the same source and settings; nothing to do", file=sys.stderr)
+            log.info(f"{out}: already prepared from the same source and settings; nothing to do")
             return existing
         if not overwrite:
             raise IncompatibleDataset(f"{out}: holds a dataset prepared from another source or settings; "
                                       "pass --overwrite to replace it")
     elif out.exists() and any(out.iterdir()):
         raise KdcacheError(f"{out}: exists and is not a prepared dataset; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    return None
+
+
+def _write_dataset(source: Source, tmp: Path, out_name: str, settings: CanonicalSettings, shard_size: int,
+                   skip_bad: bool, workers: int, view_size: Optional[int]) -> None:
+    """Every split, then the manifest (last: a directory with a manifest is a complete dataset)."""
     canonical = settings.to_dict()
     num_classes = source.num_classes
     # the pool's workers and FFCV's beton writers: none outlives a killed prepare (orphans.py)
@@ -180,34 +183,36 @@ def prepare(source: Source, out, settings: Optional[CanonicalSettings] = None, s
                                              skip_bad, pool, workers, (source.counts or {}).get(split))
                 if num_classes is None:  # shards without a class count: train's labels define it
                     num_classes = splits[split]["max_label"] + 1
-            for info in splits.values():
-                info["fingerprint"] = split_fingerprint(info, num_classes, canonical)
-            manifest = {
-                "kind": "dataset",
-                "format_version": DATASET_FORMAT_VERSION,
-                "kdcache_version": __version__,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "source": source.description,
-                "num_classes": num_classes,
-                "class_names": source.class_names,
-                "view_size": int(view_size or source.view_size),
-                "canonical": canonical,
-                "shard_size": shard_size,
-                "fingerprint": dataset_fingerprint({s: i["fingerprint"] for s, i in splits.items()}),
-                "splits": splits,
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            timm_info = {"name": out.name, "splits": {s: {"name": s, "num_samples": i["num_samples"],
-                                                          "filenames": [f"{s}/{n}" for n in i["shards"]],
-                                                          "shard_lengths": i["shard_counts"]}
-                                                      for s, i in splits.items()}}
-            (tmp / "_info.json").write_text(json.dumps(timm_info, indent=1))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         finally:
             if pool is not None:
                 pool.terminate()
+    for info in splits.values():
+        info["fingerprint"] = split_fingerprint(info, num_classes, canonical)
+    manifest = {
+        "kind": "dataset",
+        "format_version": DATASET_FORMAT_VERSION,
+        "kdcache_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source.description,
+        "num_classes": num_classes,
+        "class_names": source.class_names,
+        "view_size": int(view_size or source.view_size),
+        "canonical": canonical,
+        "shard_size": shard_size,
+        "fingerprint": dataset_fingerprint({s: i["fingerprint"] for s, i in splits.items()}),
+        "splits": splits,
+    }
+    atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    timm_info = {"name": out_name, "splits": {s: {"name": s, "num_samples": i["num_samples"],
+                                                  "filenames": [f"{s}/{n}" for n in i["shards"]],
+                                                  "shard_lengths": i["shard_counts"]}
+                                              for s, i in splits.items()}}
+    atomic_write(tmp / "_info.json", json.dumps(timm_info, indent=1))
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    # A rename of the whole directory, not atomic_write: a dataset is many files that must appear together,
+    # and a directory cannot be renamed over a non-empty one, so an old dataset is moved aside first.
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)
@@ -215,4 +220,30 @@ def prepare(source: Source, out, settings: Optional[CanonicalSettings] = None, s
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out)
+
+
+def prepare(source: Source, out, settings: Optional[CanonicalSettings] = None, shard_size: int = 10000,
+            workers: Optional[int] = None, skip_bad: bool = False, overwrite: bool = False,
+            view_size: Optional[int] = None) -> PreparedDataset:
+    """Write the canonical dataset of `source` to `out`. An existing dataset of the same input and
+    settings is left as it is (returned); another one is replaced only with overwrite=True."""
+    out = Path(out)
+    settings = settings or CanonicalSettings(max_side=source.max_side)
+    workers = workers or len(os.sched_getaffinity(0))
+    if shard_size < 1:
+        raise KdcacheError(f"--shard-size must be positive, got {shard_size}")
+    existing = _existing(out, source, settings, shard_size, overwrite, view_size)
+    if existing is not None:
+        return existing
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_dataset(source, tmp, out.name, settings, shard_size, skip_bad, workers, view_size)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _move_into_place(tmp, out)
     return PreparedDataset.open(out)

@@ -4,13 +4,13 @@ Checkpoints hold only tensors, numbers, strings, lists, tuples and dicts, and ar
 `weights_only=True`: a run directory may be shared, and a full unpickle of a file in it can run code.
 """
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kdcache.files import atomic_file
 from kdcache.models import META_CLASSES, META_MEAN, META_MODEL, META_STD
 from kdcache.weights import torch_load
 
@@ -34,9 +34,8 @@ def plain(obj):
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(plain(obj), tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(plain(obj), tmp)
 
 
 def rng_state() -> dict:
@@ -80,6 +79,5 @@ def export_safetensors(path: Path, state_dict: dict, model_name: str, num_classe
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     meta = {META_MODEL: model_name, META_CLASSES: str(num_classes), META_MEAN: json.dumps(list(mean)),
             META_STD: json.dumps(list(std))}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
