@@ -12,6 +12,8 @@ import logging
 import statistics
 from pathlib import Path
 
+from kdcache.files import atomic_file, atomic_write
+
 # per-run numbers kept in summary.json's students.<way>.runs, averaged into students.<way>
 RUN_KEYS = ("val_top1", "best_top1", "val_top5", "epoch_time_s", "img_per_s", "teacher_forward_s_per_epoch")
 COMPARISONS = (("cache", "online", "cached vs online KD"), ("cache", "none", "cached KD vs none"),
@@ -121,7 +123,8 @@ def _plots(out: Path, students: dict, run_dirs: dict, teacher_top1=None) -> None
     b.set_title("epoch time, mean and seed range", fontsize=10)
     b.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(out / "students.png", dpi=110)
+    with atomic_file(out / "students.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -237,9 +240,9 @@ def write_report(pipeline) -> dict:
         "comparisons": compare(students),
         "steps": pipeline.state,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     table = _table(students)
-    (out / "report.md").write_text(_markdown(out, summary, teacher, cache, table))
+    atomic_write(out / "report.md", _markdown(out, summary, teacher, cache, table))
     if students:
         _plots(out, students, run_dirs, summary["teacher"]["val_top1"])
     _preview_views(out, cache)
