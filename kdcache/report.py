@@ -8,15 +8,19 @@ holds every seed's value). A difference between two ways exceeds the seed spread
 their means is larger than the larger of their two spreads; with one seed per way nothing can be said."""
 
 import json
+import logging
 import statistics
-import sys
 from pathlib import Path
+
+from kdcache.files import atomic_file, atomic_write
 
 # per-run numbers kept in summary.json's students.<way>.runs, averaged into students.<way>
 RUN_KEYS = ("val_top1", "best_top1", "val_top5", "epoch_time_s", "img_per_s", "teacher_forward_s_per_epoch")
 COMPARISONS = (("cache", "online", "cached vs online KD"), ("cache", "none", "cached KD vs none"),
                ("online", "none", "online KD vs none"))
 COLORS = {"none": "#999999", "online": "#d95f02", "cache": "#1b9e77"}
+
+logger = logging.getLogger(__name__)
 
 
 def _read(path: Path) -> dict:
@@ -119,45 +123,42 @@ def _plots(out: Path, students: dict, run_dirs: dict, teacher_top1=None) -> None
     b.set_title("epoch time, mean and seed range", fontsize=10)
     b.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(out / "students.png", dpi=110)
+    with atomic_file(out / "students.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
-def write_report(pipeline) -> dict:
-    out = pipeline.out
+def _way_records(pipeline, runs) -> tuple:
+    """A way's finished runs -> (their RUN_KEYS records, their folders, epochs and device of the last one)."""
+    records, dirs, epochs, device = [], [], None, None
+    for _, seed, d in runs:
+        if not (d / "summary.json").is_file():
+            continue
+        s = _read(d / "summary.json")
+        records.append({"seed": seed, "run": str(d.relative_to(pipeline.out)), "val_top1": s["final_top1"],
+                        "best_top1": s["best_top1"], "val_top5": s["final_top5"],
+                        "epoch_time_s": s["epoch_time_s"], "img_per_s": s["img_per_s"],
+                        "teacher_forward_s_per_epoch": s["teacher_forward_s_per_epoch"]})
+        dirs.append(d)
+        epochs, device = s["epochs"], s["device"]
+    return records, dirs, epochs, device
+
+
+def _students(pipeline) -> tuple:
+    """({way: way_summary with epochs, device (and teacher_time_saved_s for cache)}, {way: run folders})."""
     students, run_dirs = {}, {}
     for mode, runs in pipeline.student_runs().items():
-        done = [(seed, d) for _, seed, d in runs if (d / "summary.json").is_file()]
-        if not done:
-            continue
-        records = []
-        for seed, d in done:
-            s = _read(d / "summary.json")
-            records.append({"seed": seed, "run": str(d.relative_to(out)), "val_top1": s["final_top1"],
-                            "best_top1": s["best_top1"], "val_top5": s["final_top5"],
-                            "epoch_time_s": s["epoch_time_s"], "img_per_s": s["img_per_s"],
-                            "teacher_forward_s_per_epoch": s["teacher_forward_s_per_epoch"]})
-            epochs, device = s["epochs"], s["device"]
-        students[mode] = {**way_summary(records), "epochs": epochs, "device": device}
-        run_dirs[mode] = [d for _, d in done]
+        records, dirs, epochs, device = _way_records(pipeline, runs)
+        if records:
+            students[mode] = {**way_summary(records), "epochs": epochs, "device": device}
+            run_dirs[mode] = dirs
     if "online" in students and "cache" in students:
         o, c = students["online"], students["cache"]
-        saved = (o["epoch_time_s"] - c["epoch_time_s"]) * c["epochs"]
-        students["cache"]["teacher_time_saved_s"] = saved
-    teacher = _read(out / "teacher" / "summary.json")
-    from kdcache.cache.schema import TeacherCache
-    cache = TeacherCache.open(out / "cache").summary() if (out / "cache" / "zarr.json").is_file() else {}
-    summary = {
-        "name": pipeline.recipe.get("name"), "seed": pipeline.seed, "seeds": pipeline.seeds,
-        "teacher": {"val_top1": teacher.get("final_top1"), "model": teacher.get("model"), "epochs": teacher.get("epochs"),
-                    "epoch_time_s": teacher.get("epoch_time_s")},
-        "cache": {k: cache.get(k) for k in ("seeds_complete", "topk", "bytes_on_disk", "bytes_per_view", "num_samples")},
-        "students": students,
-        "comparisons": compare(students),
-        "steps": pipeline.state,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    seeds = max((len(s["runs"]) for s in students.values()), default=0)
+        students["cache"]["teacher_time_saved_s"] = (o["epoch_time_s"] - c["epoch_time_s"]) * c["epochs"]
+    return students, run_dirs
+
+
+def _table(students: dict) -> list:
     table = ["| student | val top-1 (%), mean ± spread/2 | per seed | epoch time (s) | img/s | "
              "teacher forward (s/epoch) | teacher time saved (s) |",
              "|---|---|---|---|---|---|---|"]
@@ -167,6 +168,13 @@ def write_report(pipeline) -> dict:
         table.append(f"| {mode} | {s['val_top1']:.2f} ± {s['val_top1_spread'] / 2:.2f} | {per_seed} (seeds {seeds_of}) | "
                      f"{s['epoch_time_s']:.1f} | {s['img_per_s']:.0f} | {s['teacher_forward_s_per_epoch']:.1f} | "
                      f"{s.get('teacher_time_saved_s', 0):.0f} |")
+    return table
+
+
+def _noise_section(summary: dict, teacher: dict) -> list:
+    """The report's "Differences against the seed spread" section."""
+    students = summary["students"]
+    seeds = max((len(s["runs"]) for s in students.values()), default=0)
     noise = ["## Differences against the seed spread", ""]
     if seeds >= 2:
         noise.append(f"Each way was trained with {seeds} student seeds (initialisation and sample order; the teacher, "
@@ -183,12 +191,17 @@ def write_report(pipeline) -> dict:
             noise += ["", f"The teacher ({summary['teacher']['val_top1']:.2f} %) is below the mean of "
                       f"{', '.join(above)}: the students learn from the hard labels as well as from the teacher's soft "
                       "labels, and a teacher trained on a short schedule can be overtaken by its students."]
+    return noise
+
+
+def _markdown(out: Path, summary: dict, teacher: dict, cache: dict, table: list) -> str:
+    """report.md."""
     lines = [f"# {summary['name'] or out.name}", "",
              f"Teacher: {summary['teacher']['model']}, val top-1 {summary['teacher']['val_top1']:.2f} %" if teacher else
              "Teacher: given checkpoint", "",
              f"Cache: seeds {cache.get('seeds_complete')}, top-{cache.get('topk')}, "
              f"{(cache.get('bytes_on_disk') or 0) / 2**20:.1f} MiB ({cache.get('bytes_per_view') or 0:.1f} bytes/view)", "",
-             *table, "", *noise]
+             *table, "", *_noise_section(summary, teacher)]
     lines += ["", "`± spread/2`: half of max - min over the seeds (mean ± it holds every seed's value); epoch time, "
               "img/s and teacher forward: means over the seeds. `teacher forward`: time the teacher took inside online "
               "KD's epochs; `teacher time saved`: (online - cache epoch time) x epochs, what the cache saves each "
@@ -196,9 +209,11 @@ def write_report(pipeline) -> dict:
               "![students](students.png)", "", "![views](views.png)", "",
               "Logs: `students/<mode>[-seed<S>]/metrics.jsonl`, `students/<mode>[-seed<S>]/summary.json`, "
               "`teacher/`, `cache/logs/`."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    if students:
-        _plots(out, students, run_dirs, summary["teacher"]["val_top1"])
+    return "\n".join(lines) + "\n"
+
+
+def _preview_views(out: Path, cache: dict) -> None:
+    """views.png, the picture of the cache's views, unless it is there already."""
     if not (out / "views.png").is_file() and (out / "data" / "manifest.json").is_file():
         from kdcache.augment.preview import preview
         from kdcache.augment.recipe import ViewRecipe
@@ -206,7 +221,32 @@ def write_report(pipeline) -> dict:
         if cache:
             preview(PreparedDataset.open(out / "data").split("train"), ViewRecipe.from_dict(cache["recipe"]),
                     0, 8, 4, out / "views.png")
-    print(f"teacher val top-1 {summary['teacher']['val_top1']}\n" + "\n".join(table) + "\n"
-          + "\n".join(_verdict(c) for c in summary["comparisons"]))
-    print(f"report: {out / 'report.md'}", file=sys.stderr)
+
+
+def write_report(pipeline) -> dict:
+    """summary.json, report.md, students.png and views.png of a pipeline run in pipeline.out; logs the table
+    and the verdicts (INFO), then where report.md is. Returns the summary."""
+    out = pipeline.out
+    students, run_dirs = _students(pipeline)
+    teacher = _read(out / "teacher" / "summary.json")
+    from kdcache.cache.schema import TeacherCache
+    cache = TeacherCache.open(out / "cache").summary() if (out / "cache" / "zarr.json").is_file() else {}
+    summary = {
+        "name": pipeline.recipe.get("name"), "seed": pipeline.seed, "seeds": pipeline.seeds,
+        "teacher": {"val_top1": teacher.get("final_top1"), "model": teacher.get("model"), "epochs": teacher.get("epochs"),
+                    "epoch_time_s": teacher.get("epoch_time_s")},
+        "cache": {k: cache.get(k) for k in ("seeds_complete", "topk", "bytes_on_disk", "bytes_per_view", "num_samples")},
+        "students": students,
+        "comparisons": compare(students),
+        "steps": pipeline.state,
+    }
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+    table = _table(students)
+    atomic_write(out / "report.md", _markdown(out, summary, teacher, cache, table))
+    if students:
+        _plots(out, students, run_dirs, summary["teacher"]["val_top1"])
+    _preview_views(out, cache)
+    logger.info("%s", f"teacher val top-1 {summary['teacher']['val_top1']}\n" + "\n".join(table) + "\n"
+                + "\n".join(_verdict(c) for c in summary["comparisons"]))
+    logger.info("report: %s", out / "report.md")
     return summary

@@ -1,0 +1,81 @@
+"""The teacher's side of the dump: a batch of uint8 views in, its top-k answers out (TeacherRunner), and the
+buffers the views are rendered into (OutputRing)."""
+
+import numpy as np
+import torch
+
+from kdcache.dist import resolve_amp
+from kdcache.models import Normalize, forward_u8
+
+
+class TeacherRunner:
+    """uint8 NHWC views -> (top-k log-probabilities, top-k indices, log tail mass), on the chosen device."""
+
+    def __init__(self, model, info: dict, device: torch.device, amp: str, compile_model: bool, topk: int):
+        self.device, self.topk = device, topk
+        self.amp_dtype, self.amp = resolve_amp(amp, device)
+        self.normalize = Normalize(info["mean"], info["std"]).to(device)
+        model = model.to(device, memory_format=torch.channels_last).eval()
+        self.model = torch.compile(model) if compile_model else model
+
+    @torch.inference_mode()
+    def logits(self, views_nhwc: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(views_nhwc).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        return forward_u8(self.model, self.normalize, x, self.amp_dtype)
+
+    @torch.inference_mode()
+    def launch(self, views_nhwc: np.ndarray) -> "TopkResult":
+        """Start the forward of one batch; on CUDA it returns before the GPU is done, so the caller can
+        queue the next batch first (the GPU never waits for the host between batches)."""
+        logits = self.logits(views_nhwc)
+        values, indices = logits.topk(self.topk, dim=1, sorted=True)
+        # float64 from the full fp32 logits: the tail mass is summed over its own classes, never taken as
+        # 1 - sum(top-k) (at p_top = 0.99 that difference loses most of its digits)
+        full = logits.double()
+        lse = torch.logsumexp(full, dim=1, keepdim=True)
+        logp = values.double() - lse
+        if self.topk < logits.shape[1]:
+            log_tail = torch.logsumexp(full.scatter(1, indices, -torch.inf), dim=1) - lse[:, 0]
+        else:  # no other classes: tail mass 0
+            log_tail = torch.full_like(lse[:, 0], -torch.inf)
+        outputs = (logp.float(), indices, log_tail.float())
+        if self.device.type != "cuda":
+            return TopkResult(outputs, None)
+        # pinned host copies, asynchronous; the event says when they have landed
+        host = tuple(t.to("cpu", non_blocking=True) for t in outputs)
+        done = torch.cuda.Event()
+        done.record()
+        return TopkResult(host, done)
+
+    def topk_outputs(self, views_nhwc: np.ndarray):
+        """(top-k log-probabilities, top-k indices, log tail mass) of one batch, as numpy arrays."""
+        return self.launch(views_nhwc).get()
+
+
+class TopkResult:
+    """A launched batch's outputs; get() waits for them (a no-op off CUDA)."""
+
+    def __init__(self, tensors, done):
+        self.tensors, self.done = tensors, done
+
+    def get(self):
+        if self.done is not None:
+            self.done.synchronize()
+        return tuple(t.numpy() for t in self.tensors)
+
+
+class OutputRing:
+    """Rendered-view buffers reused round-robin (pinned memory on CUDA: asynchronous host->device copies)."""
+
+    def __init__(self, slots: int, pinned: bool):
+        self.slots, self.pinned = [None] * slots, pinned
+        self.i = 0
+
+    def next(self, shape) -> np.ndarray:
+        need = int(np.prod(shape))
+        j = self.i % len(self.slots)
+        self.i += 1
+        if self.slots[j] is None or self.slots[j].size < need:
+            self.slots[j] = (torch.empty(need, dtype=torch.uint8, pin_memory=True).numpy() if self.pinned
+                             else np.empty(need, np.uint8))
+        return self.slots[j][:need].reshape(shape)
