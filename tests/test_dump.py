@@ -409,6 +409,33 @@ def test_dump_config_is_checked_before_anything_is_written(fmnist_small, tmp_pat
         assert not (tmp_path / "cache").exists()
 
 
+def test_a_reader_that_cannot_open_ends_the_dump_with_its_error(fmnist_small, tmp_path, monkeypatch):
+    """The render thread's set-up (opening the shards) failing is raised by dump_teacher; before, the error
+    escaped the thread before it could tell the consumer, which then waited forever."""
+    import threading
+
+    from kdcache.data.dataset import PreparedSplit
+    from kdcache.teacher.dump import DumpConfig, dump_teacher
+
+    def unreadable(self):
+        raise OSError(f"{self.root}: shard unreadable")
+    monkeypatch.setattr(PreparedSplit, "jpeg_reader", unreadable)
+    cfg = DumpConfig(data=fmnist_small.root, out=tmp_path / "cache", seeds=[0], topk=3, batch_size=64,
+                     teacher=ModelSpec(name="resnet10t", random_init=True), progress=False, workers=1)
+    raised = []
+
+    def run():
+        try:
+            dump_teacher(cfg)
+        except BaseException as exc:
+            raised.append(exc)
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=300)   # a hang detector only: the dump ends in seconds or never
+    assert not worker.is_alive(), "dump_teacher still waiting for a render thread that died"
+    assert len(raised) == 1 and "shard unreadable" in str(raised[0]), raised
+
+
 def test_the_dumps_render_is_the_same_for_any_thread_count_and_grouping(folder_ds):
     """dump-teacher renders chunks in groups of samples of equal cost, one group per thread: the grouping
     (and the thread count) decides who renders a sample, never its pixels, which are render_views' on

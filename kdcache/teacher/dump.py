@@ -139,20 +139,23 @@ class Producer:
     def _main(self) -> None:
         import numba
         from concurrent.futures import ThreadPoolExecutor
-        numba.set_num_threads(self.workers)
-        reader = self.split.jpeg_reader()
-        read_ahead = ThreadPoolExecutor(1, thread_name_prefix="kdcache-read")  # the next chunk's JPEGs, during a render
-        render = partial(render_chunks, reader, read_ahead, self.split, self.recipe, workers=self.workers,
-                         ring=OutputRing(ring_slots(self.messages.maxsize), pinned=self.pinned),
-                         buffers=SampleBuffers())
-        try:
+        reader = read_ahead = None
+        try:  # the set-up too: a reader that cannot open must end the dump, not leave the consumer waiting
+            numba.set_num_threads(self.workers)
+            reader = self.split.jpeg_reader()
+            read_ahead = ThreadPoolExecutor(1, thread_name_prefix="kdcache-read")  # the next chunk's JPEGs
+            render = partial(render_chunks, reader, read_ahead, self.split, self.recipe, workers=self.workers,
+                             ring=OutputRing(ring_slots(self.messages.maxsize), pinned=self.pinned),
+                             buffers=SampleBuffers())
             self._claim_and_render(render)
         except BaseException as exc:  # handed to the main thread, which raises it
             self.messages.put(ProducerFailed(exc))
         finally:
             self.messages.put(Done())
-            read_ahead.shutdown(wait=True, cancel_futures=True)
-            reader.close()
+            if read_ahead is not None:
+                read_ahead.shutdown(wait=True, cancel_futures=True)
+            if reader is not None:
+                reader.close()
 
     def _claim_and_render(self, render) -> None:
         """Rounds over the passes left: render those this process claims; the units other live writers hold
