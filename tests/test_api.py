@@ -149,6 +149,10 @@ def test_public_losses_are_student_loss(fmnist_small, a2_cache):
     partner, lam = mix.in_batch(batch)
     target = hard_label_target(labels_all[batch], 10, 0.1, partner, lam)
     assert torch.equal(target, mix.hard_target(labels_all, batch, 10, 0.1))
+    by_label = hard_label_target(labels_all[batch], 10, 0.1, lam=lam, partner_labels=labels_all[batch][partner])
+    assert torch.equal(by_label, target)
+    with pytest.raises(KdcacheError, match="give lam with partner"):
+        hard_label_target(labels_all[batch], 10, partner=partner)
     i = int(np.flatnonzero(params[64:128, o] != 0)[0]) + 64
     j = i + int(params[i, o + 1])
     want = mixup_target(labels_all[[i, j]], 10, lam=float(params[i, o + 2]), smoothing=0.1)[0]

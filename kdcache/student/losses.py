@@ -105,7 +105,8 @@ def mixed_one_hot(labels: torch.Tensor, partner_labels: torch.Tensor, num_classe
 
 
 def hard_label_target(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0,
-                      partner: Optional[torch.Tensor] = None, lam: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      partner: Optional[torch.Tensor] = None, lam: Optional[torch.Tensor] = None, *,
+                      partner_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The (B, C) hard-label target of a batch: smoothed one-hot labels, lambda-mixed with the partner's
     for mixed views (timm's mixup_target, each sample with its own partner and lambda).
 
@@ -120,7 +121,11 @@ def hard_label_target(labels: torch.Tensor, num_classes: int, smoothing: float =
     partner : torch.Tensor, optional
         (B,) int64 row *in this batch* of each sample's mixing partner (``Batch.partner``; itself when unmixed).
     lam : torch.Tensor, optional
-        (B,) float32 each sample's own weight (``Batch.lam``; 1 when unmixed). Give both or neither.
+        (B,) float32 each sample's own weight (``Batch.lam``; 1 when unmixed). Give it with `partner` or
+        `partner_labels`, or give none of the three.
+    partner_labels : torch.Tensor, optional
+        (B,) int64 the partners' classes, instead of `partner` (a batch whose partners are global indices,
+        such as kdcache.student.dataset's ReplayBatch.partner_labels).
 
     Returns
     -------
@@ -128,12 +133,16 @@ def hard_label_target(labels: torch.Tensor, num_classes: int, smoothing: float =
         (B, C) float32, each row summing to 1: the target of timm's SoftTargetCrossEntropy (or of
         BinaryCrossEntropy), what `kdcache train-student` uses for mixed views.
     """
-    if (partner is None) != (lam is None):
-        raise KdcacheError("hard_label_target: give both partner and lam (a mixed batch) or neither")
-    if partner is None:
+    if partner is not None and partner_labels is not None:
+        raise KdcacheError("hard_label_target: give partner (rows of the batch) or partner_labels, not both")
+    if (partner is None and partner_labels is None) != (lam is None):
+        raise KdcacheError("hard_label_target: give lam with partner or partner_labels (a mixed batch), or none")
+    if lam is None:
         lam = torch.ones(labels.shape[0], dtype=torch.float32, device=labels.device)
-        partner = torch.arange(labels.shape[0], device=labels.device)
-    return mixed_one_hot(labels, labels[partner], num_classes, smoothing, lam)
+        partner_labels = labels
+    elif partner_labels is None:
+        partner_labels = labels[partner]
+    return mixed_one_hot(labels, partner_labels, num_classes, smoothing, lam)
 
 
 @dataclass

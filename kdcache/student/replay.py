@@ -26,7 +26,8 @@ from kdcache.student.soft_labels import CachedTeacher, NoTeacher, OnlineTeacher,
 
 @dataclass
 class Batch:
-    """One training batch of replayed views; every tensor on the loader's device.
+    """One training batch of replayed views; every tensor on the loader's device and its own (a kept batch
+    stays valid: FFCV's buffers are copied out of on the CPU).
 
     images : (B, 3, H, W) uint8 (channels_last memory), or float32 normalised with the loader's mean/std.
     labels : (B,) int64 ground-truth classes.
@@ -54,6 +55,13 @@ def _distributed(requested: Optional[bool]) -> bool:
         return requested
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _owned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on the device, in memory of its own: FFCV refills its batch buffers a few batches later, so a
+    Batch that is kept (a list of batches, a prefetching wrapper) must not point into them."""
+    out = t.to(device, non_blocking=True)
+    return out.clone(memory_format=torch.preserve_format) if out.data_ptr() == t.data_ptr() else out
 
 
 def _as_cache(cache) -> Cache:
@@ -249,9 +257,9 @@ class ReplayLoader:
 
     def _batch(self, images, labels, indices, teacher_images, views, mix) -> Batch:
         dev = self.device
-        images = images.to(dev, non_blocking=True)
-        labels = labels.to(dev, non_blocking=True)
-        rows = indices.to(dev, non_blocking=True)
+        images = images.to(dev, non_blocking=True) if self._normalize is not None else _owned(images, dev)
+        labels = _owned(labels, dev)
+        rows = _owned(indices, dev)
         targets = self._targets(images, teacher_images, rows)
         partner, lam = mix.in_batch(rows) if mix is not None else (None, None)
         seed = int(views.seeds) if np.isscalar(views.seeds) else torch.from_numpy(
