@@ -35,8 +35,8 @@ class Batch:
     targets : the teacher's answers to exactly these views: SparseTargets (cache), (B, C) float32 dense
         log-probabilities (cache with mix_labels: the lambda-mix of the two stored distributions), (B, C)
         float32 logits (online teacher), or None (no teacher).
-    partner : (B,) int64 row in this batch of each sample's mixing partner (itself when unmixed); None when
-        the recipe does not mix.
+    partner : (B,) int64 row in this batch of each sample's mixing partner (itself when its view is not mixed,
+        lam = 1); None when the recipe does not mix.
     lam : (B,) float32 each sample's own weight in its mixed view (1 when unmixed); None when the recipe does
         not mix. `hard_label_target(labels, C, smoothing, partner, lam)` is the mixed hard-label target.
     seed : the augmentation seed of the pass (int), or (B,) int64 per sample (cache, seed_choice="per-sample").

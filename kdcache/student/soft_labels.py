@@ -76,15 +76,15 @@ class MixTargets:
 
     def in_batch(self, indices: torch.Tensor):
         """(partner, lam) of a batch's samples: each partner as a row of the batch (kdcache.student.losses.
-        hard_label_target's form). A partner outside the batch has weight 0 (lambda = 1: the loader refuses a
-        mixed view without its partner), so the sample is its own partner there."""
+        hard_label_target's form); a view that is not mixed (lambda = 1) is its own partner (its pair partner
+        has weight 0; the loader refuses a mixed view whose partner is not in the batch)."""
         lam = self.lam[indices]
         wanted = self.partner[indices]
         order = torch.argsort(indices)
         ordered = indices[order]
         at = torch.searchsorted(ordered, wanted).clamp_max(len(indices) - 1)
         rows = torch.arange(len(indices), device=indices.device)
-        return torch.where(ordered[at] == wanted, order[at], rows), lam
+        return torch.where((ordered[at] == wanted) & (lam < 1), order[at], rows), lam
 
 
 class NoTeacher:
