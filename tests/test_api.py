@@ -129,6 +129,24 @@ def test_replay_loader_mixing_partners_and_normalised_images(fmnist_small, a2_ca
     assert mixed > 100
 
 
+def test_replay_loader_online_teacher_scores_the_cached_views(fmnist_small, random_teacher, exact_cache):
+    """Without a cache the loader draws the recipe's views (global seed 0, pass t: seed t): the views the lossless
+    cache holds, so the online teacher's log-probabilities are the cached ones (float32 sums in other batches:
+    rounding differences of order 1e-6), and without a teacher the batches have no targets."""
+    model, info, _ = random_teacher
+    cache = open_cache(exact_cache)
+    online = ReplayLoader(data=fmnist_small.root, teacher=model, teacher_mean=info["mean"], teacher_std=info["std"],
+                          batch_size=100, workers=2, order_seed=1, recipe=cache.recipe)
+    plain = ReplayLoader(data=fmnist_small.root, batch_size=100, workers=2, order_seed=1, recipe=cache.recipe)
+    for b, p in zip(online, plain):
+        assert b.seed == p.seed == 0 and torch.equal(b.indices, p.indices) and torch.equal(b.images, p.images)
+        assert p.targets is None and b.targets.shape == (100, 10)
+        stored = torch.log_softmax(cache.targets(0, b.indices).dense_logits(), 1)
+        assert torch.allclose(torch.log_softmax(b.targets, 1), stored, atol=1e-4)
+    with pytest.raises(KdcacheError, match="a cache or an online teacher, not both"):
+        ReplayLoader(data=fmnist_small.root, cache=exact_cache, teacher=model, batch_size=100)
+
+
 def test_public_losses_are_student_loss(fmnist_small, a2_cache):
     from timm.data.mixup import mixup_target
     torch.manual_seed(0)
