@@ -1,8 +1,7 @@
-"""A plain PyTorch loop that trains a timm student from a kdcache cache (cached KD), with kdcache's public names.
+"""Train a timm student from a kdcache cache (cached KD) in a plain PyTorch loop, with kdcache's public names.
 
-It makes the choices `kdcache train-student --cache C` makes by default (timm's SGD, a cosine schedule stepped
-every update, channels_last, float32 on the CPU), so its per-step losses equal train-student's at the same
-settings (tests/test_api.py). Prints one JSON line per step: {"epoch", "step", "loss"}.
+Its choices are `kdcache train-student --cache C`'s (timm's SGD, cosine schedule stepped per update, channels_last),
+so its per-step losses equal train-student's at the same settings (tests/test_api.py). Prints a JSON line per step.
 """
 
 import argparse
@@ -20,7 +19,7 @@ from kdcache.cache.reader import open_dataset
 from kdcache.student.losses import hard_label_target, kd_loss
 from kdcache.student.replay import ReplayLoader
 
-p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument("--data", required=True, help="prepared dataset (kdcache prepare)")
 p.add_argument("--cache", required=True, help="teacher cache of its train split (path or URL)")
 p.add_argument("--model", default="resnet18", help="timm model name")
