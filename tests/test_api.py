@@ -197,10 +197,19 @@ def _run_example(*args) -> str:
     return out.getvalue()
 
 
-def test_example_lists_its_options():
+PUBLIC_MODULES = {"kdcache", "kdcache.cache.reader", "kdcache.student.replay", "kdcache.student.losses"}
+
+
+def test_example_lists_its_options_and_uses_public_names_only():
+    import ast
     with pytest.raises(SystemExit) as exit_:
         _run_example("--help")
     assert exit_.value.code == 0
+    tree = ast.parse(EXAMPLE.read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported = {name for name in imported if name.split(".")[0] == "kdcache"}
+    assert imported and imported <= PUBLIC_MODULES
 
 
 def test_example_loop_takes_train_students_steps(fmnist_small, a2_cache, tmp_path):
