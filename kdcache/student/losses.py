@@ -1,5 +1,7 @@
-"""Distillation and label losses. Teacher logits are dense (B, C): online from the teacher, or rebuilt
-from a cache row with the documented top-k rule (kdcache.cache.targets.dense_logits).
+"""Distillation and label losses (public: kdcache.kd_loss, kdcache.dkd_loss, kdcache.hard_label_target).
+
+A batch's teacher targets are either a cache's stored answers (kdcache.cache.targets.SparseTargets, rebuilt
+to dense (B, C) log-probabilities with the documented top-k rule) or dense (B, C) logits (an online teacher).
 
     vanilla KD   KL(teacher || student) at temperature T, times T^2, batch mean (Hinton et al. 2015;
                  VanillaKD, Hao et al. 2023; the same expression as timm's LogitDistillationTask)
@@ -10,19 +12,47 @@ from a cache row with the documented top-k rule (kdcache.cache.targets.dense_log
 """
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from kdcache.cache.targets import SparseTargets
 from kdcache.errors import KdcacheError
+
+Targets = Union[SparseTargets, torch.Tensor]
+
+
+def as_teacher_logits(targets: Targets) -> torch.Tensor:
+    """(B, C) teacher logits of a batch: a SparseTargets' dense rebuild, or dense logits as they are."""
+    return targets.dense_logits() if isinstance(targets, SparseTargets) else targets
 
 
 def vanilla_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def kd_loss(student_logits: torch.Tensor, targets: Targets, temperature: float = 1.0) -> torch.Tensor:
+    """Vanilla KD: KL(teacher || student) of the distributions softened at `temperature`, times T^2, batch mean.
+
+    Parameters
+    ----------
+    student_logits : torch.Tensor
+        (B, C) the student's logits (computed in float32).
+    targets : SparseTargets or torch.Tensor
+        The batch's teacher answers: a cache's SparseTargets (``Batch.targets``) or (B, C) teacher logits.
+    temperature : float
+        T > 0; both distributions are softmax(z / T).
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar: the loss `kdcache train-student --kd-loss kd` optimises.
+    """
+    return vanilla_kd(student_logits, as_teacher_logits(targets), temperature)
 
 
 def dkd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -40,6 +70,79 @@ def dkd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torc
     masked_t = F.log_softmax(t - 1000.0 * gt, -1)
     nckd = F.kl_div(masked_s, masked_t, reduction="batchmean", log_target=True) * temperature ** 2
     return alpha * tckd + beta * nckd
+
+
+def dkd_loss(student_logits: torch.Tensor, targets: Targets, labels: torch.Tensor, alpha: float = 1.0,
+             beta: float = 8.0, temperature: float = 4.0) -> torch.Tensor:
+    """Decoupled KD (Zhao et al. 2022): alpha * TCKD + beta * NCKD at `temperature`, each times T^2.
+
+    Parameters
+    ----------
+    student_logits : torch.Tensor
+        (B, C) the student's logits.
+    targets : SparseTargets or torch.Tensor
+        The batch's teacher answers (as for `kd_loss`).
+    labels : torch.Tensor
+        (B,) int64 ground-truth classes (the "target class" of TCKD).
+    alpha, beta : float
+        Weights of the target-class and non-target-class terms.
+    temperature : float
+        T > 0.
+    """
+    return dkd(student_logits, as_teacher_logits(targets), labels, alpha, beta, temperature)
+
+
+def mixed_one_hot(labels: torch.Tensor, partner_labels: torch.Tensor, num_classes: int, smoothing: float,
+                  lam: torch.Tensor) -> torch.Tensor:
+    """timm's mixup_target per sample: lam * y(labels) + (1 - lam) * y(partner_labels), y smoothed one-hot."""
+    from timm.data.mixup import one_hot
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+    y1 = one_hot(labels, num_classes, on, off)
+    y2 = one_hot(partner_labels, num_classes, on, off)
+    lam = lam[:, None]
+    return y1 * lam + y2 * (1.0 - lam)
+
+
+def hard_label_target(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0,
+                      partner: Optional[torch.Tensor] = None, lam: Optional[torch.Tensor] = None, *,
+                      partner_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The (B, C) hard-label target of a batch: smoothed one-hot labels, lambda-mixed with the partner's
+    for mixed views (timm's mixup_target, each sample with its own partner and lambda).
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        (B,) int64 classes of the batch's samples.
+    num_classes : int
+        C.
+    smoothing : float
+        Label smoothing: the true class gets 1 - smoothing + smoothing / C, the others smoothing / C.
+    partner : torch.Tensor, optional
+        (B,) int64 row *in this batch* of each sample's mixing partner (``Batch.partner``; itself when unmixed).
+    lam : torch.Tensor, optional
+        (B,) float32 each sample's own weight (``Batch.lam``; 1 when unmixed). Give it with `partner` or
+        `partner_labels`, or give none of the three.
+    partner_labels : torch.Tensor, optional
+        (B,) int64 the partners' classes, instead of `partner` (a batch whose partners are global indices,
+        such as kdcache.student.dataset's ReplayBatch.partner_labels).
+
+    Returns
+    -------
+    torch.Tensor
+        (B, C) float32, each row summing to 1: the target of timm's SoftTargetCrossEntropy (or of
+        BinaryCrossEntropy), what `kdcache train-student` uses for mixed views.
+    """
+    if partner is not None and partner_labels is not None:
+        raise KdcacheError("hard_label_target: give partner (rows of the batch) or partner_labels, not both")
+    if (partner is None and partner_labels is None) != (lam is None):
+        raise KdcacheError("hard_label_target: give lam with partner or partner_labels (a mixed batch), or none")
+    if lam is None:
+        lam = torch.ones(labels.shape[0], dtype=torch.float32, device=labels.device)
+        partner_labels = labels
+    elif partner_labels is None:
+        partner_labels = labels[partner]
+    return mixed_one_hot(labels, partner_labels, num_classes, smoothing, lam)
 
 
 @dataclass
@@ -63,6 +166,9 @@ class LossConfig:
 
 
 class StudentLoss(torch.nn.Module):
+    """The loss `kdcache train-student` optimises: kd_weight * (kd_loss or dkd_loss) + hard_weight * the
+    hard-label loss, with each part returned for logging."""
+
     def __init__(self, cfg: LossConfig):
         super().__init__()
         cfg.validate()
@@ -77,17 +183,19 @@ class StudentLoss(torch.nn.Module):
             self.hard = self.soft_hard = None
 
     def forward(self, student_logits: torch.Tensor, labels: torch.Tensor,
-                teacher_logits: Optional[torch.Tensor] = None,
+                teacher_logits: Optional[Targets] = None,
                 hard_target: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """hard_target: (B, C) soft label target of mixed views (smoothing included), else labels are used."""
+        """teacher_logits: the batch's teacher targets (SparseTargets or dense logits); hard_target: (B, C) soft
+        label target of mixed views (hard_label_target, smoothing included), else labels are used."""
         cfg = self.cfg
         parts = {}
         total = student_logits.new_zeros((), dtype=torch.float32)
         if cfg.kd_loss != "none":
             if cfg.kd_loss == "kd":
-                parts["kd_loss"] = vanilla_kd(student_logits, teacher_logits, cfg.temperature)
+                parts["kd_loss"] = kd_loss(student_logits, teacher_logits, cfg.temperature)
             else:
-                parts["kd_loss"] = dkd(student_logits, teacher_logits, labels, cfg.dkd_alpha, cfg.dkd_beta, cfg.temperature)
+                parts["kd_loss"] = dkd_loss(student_logits, teacher_logits, labels, cfg.dkd_alpha, cfg.dkd_beta,
+                                            cfg.temperature)
             total = total + cfg.kd_weight * parts["kd_loss"]
         if self.hard is not None:
             if hard_target is not None:

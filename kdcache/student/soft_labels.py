@@ -35,9 +35,10 @@ from kdcache.augment.recipe import ViewRecipe
 from kdcache.cache.schema import TeacherCache
 from kdcache.cache.integrity import check_sizes
 from kdcache.cache.slabs import SlabPrefetcher, read_slab
-from kdcache.cache.targets import dense_logits
+from kdcache.cache.targets import SparseTargets, dense_logits
 from kdcache.errors import KdcacheError
 from kdcache.models import Normalize, forward_u8
+from kdcache.student.losses import mixed_one_hot
 
 
 @dataclasses.dataclass
@@ -71,13 +72,19 @@ class MixTargets:
 
     def hard_target(self, labels_all: torch.Tensor, rows: torch.Tensor, num_classes: int, smoothing: float):
         """timm's mixup_target for each sample with its own partner: lambda·y_i + (1 - lambda)·y_j, smoothed."""
-        from timm.data.mixup import one_hot
-        off = smoothing / num_classes
-        on = 1.0 - smoothing + off
-        y1 = one_hot(labels_all[rows], num_classes, on, off)
-        y2 = one_hot(labels_all[self.partner[rows]], num_classes, on, off)
-        lam = self.lam[rows][:, None]
-        return y1 * lam + y2 * (1.0 - lam)
+        return mixed_one_hot(labels_all[rows], labels_all[self.partner[rows]], num_classes, smoothing, self.lam[rows])
+
+    def in_batch(self, indices: torch.Tensor):
+        """(partner, lam) of a batch's samples: each partner as a row of the batch (kdcache.student.losses.
+        hard_label_target's form); a view that is not mixed (lambda = 1) is its own partner (its pair partner
+        has weight 0; the loader refuses a mixed view whose partner is not in the batch)."""
+        lam = self.lam[indices]
+        wanted = self.partner[indices]
+        order = torch.argsort(indices)
+        ordered = indices[order]
+        at = torch.searchsorted(ordered, wanted).clamp_max(len(indices) - 1)
+        rows = torch.arange(len(indices), device=indices.device)
+        return torch.where((ordered[at] == wanted) & (lam < 1), order[at], rows), lam
 
 
 class NoTeacher:
@@ -243,11 +250,17 @@ class CachedTeacher:
     def mix(self) -> Optional[MixTargets]:
         return self._mix
 
+    def targets(self, indices: torch.Tensor) -> SparseTargets:
+        """The stored answers of the pass's views of these samples, on the device."""
+        logp, idx, log_tail = self._labels
+        rows = indices.to(self.device, non_blocking=True)
+        return SparseTargets(idx[rows], logp[rows], log_tail[rows], self.num_classes)
+
     @torch.no_grad()
     def logits(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         logp, idx, log_tail = self._labels
         rows = indices.to(self.device, non_blocking=True)
-        own = dense_logits(logp[rows], idx[rows], log_tail[rows], self.num_classes)
+        own = self.targets(rows).dense_logits()
         if not self.mix_labels:
             return own
         # FKD/ReLabel: the lambda-mix of the two cached distributions, as log-probabilities
@@ -255,3 +268,19 @@ class CachedTeacher:
         other = dense_logits(logp[j], idx[j], log_tail[j], self.num_classes)
         lam = self._mix.lam[rows][:, None].clamp(1e-12, 1.0)
         return torch.logaddexp(own + lam.log(), other + (1.0 - lam).clamp_min(1e-12).log())
+
+
+def epoch_passes(source, loader, epoch: int, passes: int, layout: ParamLayout, device, size: int):
+    """The batches of one epoch at the epoch's size: R passes, each with its own views (repeated augmentation),
+    and the pass's mixing weights when the recipe mixes. `loader`: a kdcache.augment.loader.ReplayLoader.
+    A batch is (images, labels, indices, teacher images or None, views, mix)."""
+    for r in range(passes):
+        views = source.begin_pass(epoch, r)
+        loader.set_views(views.params, views.active)
+        loader.set_size(size)                          # before iter(): FFCV allocates the epoch's buffers then
+        loader.loader.next_epoch = epoch * passes + r   # the order is a function of (seed, pass): resumable
+        mix = getattr(source, "mix", None)        # a cached source has them already for this pass
+        if mix is None and layout.mixing:
+            mix = MixTargets(views.params, layout, device)
+        for batch in loader:
+            yield (*batch[:3], batch[3] if len(batch) > 3 else None, views, mix)
