@@ -12,8 +12,8 @@ per update -> EMA; evaluation on the val beton; checkpoints and logs in the run 
 """
 
 import json
+import logging
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -39,6 +39,7 @@ from kdcache.student.resolution import adaptation_warning, final_size_training
 from kdcache.student.state import Optimization, Run, Student, TrainState
 from kdcache.weights import load_into
 
+log = logging.getLogger(__name__)
 _lr_curve = lr_curve   # the name tools/ and tests/ import
 
 
@@ -50,7 +51,7 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
     state = open_run_dir(run, resume)
     t_run = time.time()
     # a terminal gets tqdm's bar; a log or a pipe a plain line every 10 s (kdcache.progress)
-    run.lines = ProgressLines(cfg.progress and run.ctx.is_coordinator)
+    run.lines = ProgressLines(cfg.progress and run.ctx.is_coordinator, logger=log)
     for epoch in range(state.epoch, cfg.epochs):
         record = train_one_epoch(run, state, epoch)
         if run.ctx.is_coordinator and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
@@ -60,7 +61,7 @@ def train_student(cfg: TrainConfig, resume: bool = False) -> dict:
         if run.ctx.is_coordinator:  # checkpoint first: an "epoch" line in metrics.jsonl means last.pt has that epoch
             save_checkpoint(run, state)
             run.log.write(record)
-            print(epoch_line(run, state, record), file=sys.stderr)
+            log.info(epoch_line(run, state, record))
         run.ctx.barrier()
     summary = summarize(run, state, t_run)
     if run.ctx.is_coordinator:
@@ -120,7 +121,7 @@ def open_run_dir(run: Run, resume: bool) -> TrainState:
     if ctx.is_coordinator:
         out.mkdir(parents=True, exist_ok=True)
     if resume and not (out / "last.pt").is_file():
-        print(f"{out}: no checkpoint yet (interrupted in the first epoch); starting from the beginning", file=sys.stderr)
+        log.warning(f"{out}: no checkpoint yet (interrupted in the first epoch); starting from the beginning")
         resume = False
     state = resume_from(run, out / "last.pt") if resume else TrainState()
     if ctx.is_coordinator:
