@@ -24,7 +24,7 @@ import torch
 from kdcache.augment.loader import eval_loader
 from kdcache.data.dataset import PreparedDataset
 from kdcache.dist import init_from_env, resolve_amp, resolve_device
-from kdcache.files import write_text_atomic
+from kdcache.files import atomic_write
 from kdcache.progress import ProgressLines
 from kdcache.student import checkpoint as ckpt
 from kdcache.student.build import (build_source, build_student_model, build_train_data, create_scheduler,
@@ -126,7 +126,7 @@ def open_run_dir(run: Run, resume: bool) -> TrainState:
     state = resume_from(run, out / "last.pt") if resume else TrainState()
     if ctx.is_coordinator:
         run.log = MetricsLog(out / "metrics.jsonl", truncate_after_epoch=state.epoch)
-        (out / "config.json").write_text(json.dumps(asdict(run.cfg), indent=1))
+        atomic_write(out / "config.json", json.dumps(asdict(run.cfg), indent=1))
     return state
 
 
@@ -213,5 +213,5 @@ def write_outputs(run: Run, summary: dict) -> None:
     if student.ema is not None:
         ckpt.export_safetensors(out / "model_ema.safetensors", student.ema.module.state_dict(), cfg.model, classes,
                                 student.mean, student.std)
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     plot_curves(run.log.records(), out / "curves.png", title=f"{cfg.model} ({cfg.mode})")
