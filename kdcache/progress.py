@@ -1,11 +1,13 @@
 """Progress of the long steps (prepare, dump-teacher, train-student), seen on a terminal and in a log.
 
 On a terminal the steps draw tqdm bars. Anywhere else (a pipe, a file, `make demo | tee demo.log`, CI),
-tqdm draws nothing (or carriage returns a log cannot show), so the steps print a plain line every
-`interval` seconds instead: where the step is, its rate and its ETA. The interval is 10 s, or
-KDCACHE_PROGRESS_INTERVAL seconds (0: at every update). `--no-progress` turns both off.
+tqdm draws nothing (or carriage returns a log cannot show), so the steps log a plain line (INFO) every
+`interval` seconds instead: where the step is, its rate and its ETA; the command line prints it on stderr
+(kdcache.log). The interval is 10 s, or KDCACHE_PROGRESS_INTERVAL seconds (0: at every update).
+`--no-progress` turns both off.
 """
 
+import logging
 import os
 import sys
 import time
@@ -42,10 +44,13 @@ def rate_eta(done: float, total: Optional[float], seconds: float, unit: str = "i
 
 
 class ProgressLines:
-    """Plain progress lines, at most one per interval, where tqdm's bar cannot be seen (not a terminal)."""
+    """Plain progress lines, at most one per interval, where tqdm's bar cannot be seen: `file` (where the bar
+    would be drawn, stderr) is not a terminal. Each line is an INFO record of `logger` (default: this module's)."""
 
-    def __init__(self, enabled: bool = True, file: Optional[TextIO] = None, interval: Optional[float] = None):
+    def __init__(self, enabled: bool = True, file: Optional[TextIO] = None, interval: Optional[float] = None,
+                 logger: Optional[logging.Logger] = None):
         self.file = file if file is not None else sys.stderr
+        self.logger = logger or logging.getLogger(__name__)
         self.active = enabled and not is_terminal(self.file)
         self.interval = _interval() if interval is None else interval
         self.next = time.time() + self.interval
@@ -54,7 +59,7 @@ class ProgressLines:
         return self.active and time.time() >= self.next
 
     def line(self, text: str) -> None:
-        print(text, file=self.file, flush=True)
+        self.logger.info(text)
         self.next = time.time() + self.interval
 
     def tqdm_disabled(self, enabled: bool = True) -> Optional[bool]:

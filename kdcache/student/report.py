@@ -4,13 +4,15 @@ import json
 from pathlib import Path
 from typing import List
 
+from kdcache.files import atomic_file, atomic_write
+
 
 class MetricsLog:
     def __init__(self, path: Path, truncate_after_epoch: int = None):
         self.path = Path(path)
         if truncate_after_epoch is not None and self.path.exists():  # resume: drop lines of the unfinished epoch
             keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("epoch", 0) < truncate_after_epoch]
-            self.path.write_text("".join(k + "\n" for k in keep))
+            atomic_write(self.path, "".join(k + "\n" for k in keep))   # a kill here leaves the old log whole
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -43,5 +45,6 @@ def plot_curves(records: List[dict], out: Path, title: str = "") -> None:
     b.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=110, format=Path(out).suffix.lstrip(".") or "png")
     plt.close(fig)
