@@ -406,6 +406,8 @@ def _one_line_warnings() -> None:
 
 def main(argv=None) -> None:
     _one_line_warnings()
+    from kdcache.log import setup_cli_logging
+    setup_cli_logging()   # the library logs; the command line shows its records as plain lines
     parser = build_parser()
     try:
         if argv is None:

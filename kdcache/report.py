@@ -12,6 +12,7 @@ import logging
 import statistics
 from pathlib import Path
 
+from kdcache.log import RESULT
 from kdcache.files import atomic_file, atomic_write
 
 # per-run numbers kept in summary.json's students.<way>.runs, averaged into students.<way>
@@ -247,6 +248,6 @@ def write_report(pipeline) -> dict:
         _plots(out, students, run_dirs, summary["teacher"]["val_top1"])
     _preview_views(out, cache)
     logger.info("%s", f"teacher val top-1 {summary['teacher']['val_top1']}\n" + "\n".join(table) + "\n"
-                + "\n".join(_verdict(c) for c in summary["comparisons"]))
+                + "\n".join(_verdict(c) for c in summary["comparisons"]), extra=RESULT)
     logger.info("report: %s", out / "report.md")
     return summary

@@ -29,7 +29,18 @@ def test_the_command_line_prints_each_record_once_as_a_plain_line_on_the_current
         logging.getLogger("kdcache.student.train").warning("run: no checkpoint yet")
         logging.getLogger("kdcache.student.train").debug("not shown")
         logging.getLogger("elsewhere").warning("not kdcache's")
-    assert err.getvalue().splitlines() == ["run: epoch 1/2: 3.1 s, 650 img/s", "run: no checkpoint yet"]
+    assert err.getvalue().splitlines() == ["run: epoch 1/2: 3.1 s, 650 img/s", "kdcache: warning: run: no checkpoint yet"]
+
+
+def test_a_result_goes_to_stdout_and_everything_else_to_stderr(kdcache_logger):
+    from kdcache.log import RESULT
+    setup_cli_logging()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        logging.getLogger("kdcache.report").info("teacher val top-1 80.5\nnone 79.1", extra=RESULT)
+        logging.getLogger("kdcache.report").info("report: runs/x/report.md")
+    assert out.getvalue() == "teacher val top-1 80.5\nnone 79.1\n"
+    assert err.getvalue() == "report: runs/x/report.md\n"
 
 
 def test_progress_lines_are_log_records_where_no_bar_can_be_seen(caplog):

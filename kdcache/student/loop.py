@@ -5,40 +5,15 @@ metrics.jsonl "train" record every --log-interval updates, and the progress bar 
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, NamedTuple, Optional
+from typing import Dict
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdcache.augment.params import ParamLayout
 from kdcache.progress import rate_eta
-from kdcache.student.soft_labels import MixTargets
+from kdcache.student.soft_labels import PassBatch, epoch_passes
 from kdcache.student.state import Run, TrainState
-
-
-class PassBatch(NamedTuple):
-    images: torch.Tensor
-    labels: torch.Tensor
-    indices: torch.Tensor                   # global sample indices
-    teacher_images: Optional[torch.Tensor]  # online KD at another size: the view at the recipe's size
-    views: object                           # the pass's PassViews (params, seeds, active samples)
-    mix: Optional[MixTargets]               # partners and weights when the recipe mixes
-
-
-def epoch_passes(source, loader, epoch: int, passes: int, layout: ParamLayout, device, size: int) -> Iterator[PassBatch]:
-    """The batches of one epoch at the epoch's size: R passes, each with its own views (repeated augmentation),
-    and the pass's mixing weights when the recipe mixes."""
-    for r in range(passes):
-        views = source.begin_pass(epoch, r)
-        loader.set_views(views.params, views.active)
-        loader.set_size(size)                          # before iter(): FFCV allocates the epoch's buffers then
-        loader.loader.next_epoch = epoch * passes + r   # the order is a function of (seed, pass): resumable
-        mix = getattr(source, "mix", None)        # a cached source has them already for this pass
-        if mix is None and layout.mixing:
-            mix = MixTargets(views.params, layout, device)
-        for batch in loader:
-            yield PassBatch(*batch[:3], batch[3] if len(batch) > 3 else None, views, mix)
 
 
 def train_step(run: Run, batch: PassBatch) -> Dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ mixes the views, and the target is lambda·p_i + (1 - lambda)·p_j of the cached
 import dataclasses
 import time
 import warnings
-from typing import List, Optional
+from typing import Iterator, List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -270,10 +270,19 @@ class CachedTeacher:
         return torch.logaddexp(own + lam.log(), other + (1.0 - lam).clamp_min(1e-12).log())
 
 
-def epoch_passes(source, loader, epoch: int, passes: int, layout: ParamLayout, device, size: int):
+class PassBatch(NamedTuple):
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor                   # global sample indices
+    teacher_images: Optional[torch.Tensor]  # online KD at another size: the view at the recipe's size
+    views: PassViews                        # the pass's views (params, seeds, active samples)
+    mix: Optional[MixTargets]               # partners and weights when the recipe mixes
+
+
+def epoch_passes(source, loader, epoch: int, passes: int, layout: ParamLayout, device, size: int) -> Iterator[PassBatch]:
     """The batches of one epoch at the epoch's size: R passes, each with its own views (repeated augmentation),
     and the pass's mixing weights when the recipe mixes. `loader`: a kdcache.augment.loader.ReplayLoader.
-    A batch is (images, labels, indices, teacher images or None, views, mix)."""
+    Used by train-student's loop and by the public kdcache.student.replay.ReplayLoader alike."""
     for r in range(passes):
         views = source.begin_pass(epoch, r)
         loader.set_views(views.params, views.active)
@@ -283,4 +292,4 @@ def epoch_passes(source, loader, epoch: int, passes: int, layout: ParamLayout, d
         if mix is None and layout.mixing:
             mix = MixTargets(views.params, layout, device)
         for batch in loader:
-            yield (*batch[:3], batch[3] if len(batch) > 3 else None, views, mix)
+            yield PassBatch(*batch[:3], batch[3] if len(batch) > 3 else None, views, mix)

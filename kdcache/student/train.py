@@ -121,7 +121,7 @@ def open_run_dir(run: Run, resume: bool) -> TrainState:
     if ctx.is_coordinator:
         out.mkdir(parents=True, exist_ok=True)
     if resume and not (out / "last.pt").is_file():
-        log.warning(f"{out}: no checkpoint yet (interrupted in the first epoch); starting from the beginning")
+        log.info(f"{out}: no checkpoint yet (interrupted in the first epoch); starting from the beginning")
         resume = False
     state = resume_from(run, out / "last.pt") if resume else TrainState()
     if ctx.is_coordinator:
