@@ -2,6 +2,9 @@
 sample of two datasets and three seeds with RandAugment, erasing, mixup and cutmix, the cache's own targets,
 the same batches as train-student's paired order, and the evaluation views of eval_loader."""
 
+import runpy
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +187,26 @@ def test_bad_settings_are_named(a2, tmp_path):
         ReplayDataset(ds.root, cache_path, view_seeds=[0, 5])
     with pytest.raises(KdcacheError, match="mix must be"):
         ReplayDataset(ds.root, mix="pairs")
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "dataloader_loop.py"
+
+
+@pytest.mark.parametrize("a2", ["fmnist_small"], indirect=True)
+def test_dataloader_example_trains_a_student_from_the_cache(a2, capsys):
+    """examples/dataloader_loop.py: --help lists its inputs; two epochs of six steps from the A2 cache (its two
+    first seeds, mixed views) give finite, positive KD losses that go down."""
+    ds, cache_path = a2
+    main = runpy.run_path(str(EXAMPLE), run_name="example")["main"]
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    usage = capsys.readouterr().out
+    for flag in ("--data", "--cache", "--model", "--epochs", "--batch-size", "--workers", "--lr"):
+        assert flag in usage
+    losses = main(["--data", str(ds.root), "--cache", str(cache_path), "--model", "resnet10t", "--epochs", "2",
+                   "--batch-size", "32", "--workers", "2", "--lr", "0.05", "--max-steps", "6", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert len(losses) == 12 and all(np.isfinite(losses)) and min(losses) > 0
+    assert "epoch 0 step 0 seed 0" in printed and "epoch 1 step 5 seed 1" in printed
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
