@@ -33,6 +33,7 @@ pixels of kdcache.augment.loader.eval_loader.
 """
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Union
@@ -44,7 +45,8 @@ from torch.utils.data import Dataset, Sampler
 from kdcache.augment.mixing import MIX_COLUMNS, MODE_NONE
 from kdcache.augment.params import ParamLayout, view_params
 from kdcache.augment.recipe import ViewRecipe
-from kdcache.augment.render import decode_jpeg, mix_views, render_views
+from kdcache.augment import render
+from kdcache.augment.render import mix_views
 from kdcache.augment.rescale import rescale_params
 from kdcache.cache.targets import SparseTargets
 from kdcache.data.dataset import PreparedDataset, PreparedSplit
@@ -100,11 +102,41 @@ def _open_split(data, split: str):
     return ds, ds.split(split)
 
 
-def _render_one(reader, split: PreparedSplit, i: int, row: np.ndarray, size: int, layout) -> np.ndarray:
-    """View of sample i as the teacher side renders it (unmixed): (size, size, 3) uint8."""
-    height, width = (int(x) for x in split.sizes[i])
-    image = decode_jpeg(reader[i], height, width, what=f"{split.dir} sample {i}")
-    return render_views(image, row, size, layout)[0]
+class _ViewRenderer:
+    """Renders one sample's view as the teacher side does (unmixed): its JPEG bytes read from the shards, decoded
+    with FFCV's decoder, then render.render_many. Per-item costs kept low for small views: the layout array and
+    image sizes are prepared once, and each thread decodes into its own reused buffer (a fresh image-sized array
+    per item costs page faults comparable to the decode itself at 224 px)."""
+
+    def __init__(self, split: PreparedSplit, size: int, layout: ParamLayout):
+        self.split, self.size = split, size
+        self.layout = layout.as_array()
+        self.heights = split.sizes[:, 0].tolist()
+        self.widths = split.sizes[:, 1].tolist()
+        self.reader = split.jpeg_reader()
+        self._local = threading.local()
+
+    def __call__(self, i: int, row: np.ndarray) -> np.ndarray:
+        height, width = self.heights[i], self.widths[i]
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or buffer.size < height * width * 3:
+            buffer = self._local.buffer = np.empty(max(height * width * 3, 1 << 20), np.uint8)
+        image = buffer[:height * width * 3].reshape(height, width, 3)
+        status = render.decode_into(np.frombuffer(self.reader[i], np.uint8), height, width, image, render.C_FUNCTIONS)
+        if status != 0:
+            raise KdcacheError(f"{self.split.dir}: sample {i}: JPEG decode failed (turbojpeg status {status})")
+        out = np.empty((1, self.size, self.size, 3), np.uint8)
+        render.render_many(image, row.reshape(1, -1), self.layout, out, render.C_FUNCTIONS)
+        return out[0]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_local"]            # per process and thread; made again where unpickled
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
 
 
 class _ViewRows(NamedTuple):
@@ -115,11 +147,11 @@ class _ViewRows(NamedTuple):
     targets: Optional[tuple]
 
 
-def _warm_renderer(reader, split: PreparedSplit, row: np.ndarray, size: int, layout: ParamLayout) -> None:
+def _warm_renderer(renderer: _ViewRenderer, row: np.ndarray) -> None:
     """Compile (or load from numba's cache) the renderer's entry points in this process, so that DataLoader
     workers forked from it start rendering at once instead of each loading them again every epoch."""
-    if split.num_samples:
-        view = _render_one(reader, split, 0, row, size, layout)
+    if renderer.split.num_samples:
+        view = renderer(0, row)
         mix_views(view, view.copy(), np.zeros(MIX_COLUMNS, np.float32), _MIX_ONLY_LAYOUT)
 
 
@@ -169,11 +201,13 @@ class ReplayDataset(Dataset):
         self.layout = ParamLayout.of(self.recipe)
         self.size = int(size or self.recipe.size)
         self.labels = np.asarray(self.split.labels, np.int64)
-        self._reader = self.split.jpeg_reader()
+        self._render = _ViewRenderer(self.split, self.size, self.layout)
         self._rows: Optional[_ViewRows] = None
-        self._chosen = torch.full((1,), -1, dtype=torch.int64).share_memory_()   # seen by every worker
+        # the chosen seed in shared memory, seen by every worker; read through a numpy view (cheaper per item)
+        self._chosen = torch.full((1,), -1, dtype=torch.int64).share_memory_()
+        self._chosen_view = self._chosen.numpy()
         self.set_epoch(0)
-        _warm_renderer(self._reader, self.split, self._current().params[0], self.size, self.layout)
+        _warm_renderer(self._render, self._current().params[0])
 
     # --- where the views come from ---------------------------------------------------------------
     def _use_cache(self, cache, recipe, view_global_seed, view_seeds) -> None:
@@ -237,15 +271,15 @@ class ReplayDataset(Dataset):
             raise KdcacheError(f"{self._cache_where}: seed {seed} is not complete in this cache")
         if seed < 0:
             raise KdcacheError(f"ReplayDataset: view seed {seed} must be >= 0")
-        self._chosen[0] = seed
+        self._chosen_view[0] = seed
         self._current()   # load here, so that workers forked afterwards share the rows
 
     @property
     def view_seed(self) -> int:
-        return int(self._chosen[0])
+        return int(self._chosen_view[0])
 
     def _current(self) -> _ViewRows:
-        seed = int(self._chosen[0])
+        seed = int(self._chosen_view[0])
         if self._rows is None or self._rows.seed != seed:
             self._rows = self._load(seed)
         return self._rows
@@ -267,7 +301,7 @@ class ReplayDataset(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"ReplayDataset: index {index} outside [0, {len(self)})")
         rows = self._current()
-        view = _render_one(self._reader, self.split, i, rows.params[i], self.size, self.layout)
+        view = self._render(i, rows.params[i])
         j, lam, pending = i, 1.0, None
         if self.layout.mix_offset is not None:
             mixing = rows.params[i, self.layout.mix_offset:self.layout.mix_offset + MIX_COLUMNS]
@@ -291,14 +325,19 @@ class ReplayDataset(Dataset):
 
     def _mix_here(self, view: np.ndarray, i: int, j: int, rows: _ViewRows) -> None:
         """mix="item": render the partner's view too and mix the pair into `view` (in place)."""
-        other = _render_one(self._reader, self.split, j, rows.params[j], self.size, self.layout)
+        other = self._render(j, rows.params[j])
         lower, upper = (view, other) if i < j else (other, view)
         mix_views(lower, upper, rows.params[min(i, j)], self.layout)
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_cache"] = None          # reopened by path where needed (zarr handles do not travel)
+        del state["_chosen_view"]
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._chosen_view = self._chosen.numpy()
 
 
 def collate_views(items: List[ReplayItem]) -> ReplayBatch:
@@ -424,8 +463,8 @@ class CentreCropDataset(Dataset):
         self.size, self.crop_ratio = int(size), float(crop_ratio)
         self.labels = np.asarray(self.split.labels, np.int64)
         self.layout = ParamLayout(renderer=1)   # renderer 1: FFCV's own resize_crop (cv::resize INTER_AREA)
-        self._reader = self.split.jpeg_reader()
-        _warm_renderer(self._reader, self.split, self._row(0), self.size, self.layout)
+        self._render = _ViewRenderer(self.split, self.size, self.layout)
+        _warm_renderer(self._render, self._row(0))
 
     def __len__(self) -> int:
         return self.split.num_samples
@@ -434,7 +473,7 @@ class CentreCropDataset(Dataset):
         i = int(index)
         if not 0 <= i < len(self):
             raise IndexError(f"CentreCropDataset: index {index} outside [0, {len(self)})")
-        view = _render_one(self._reader, self.split, i, self._row(i), self.size, self.layout)
+        view = self._render(i, self._row(i))
         return torch.from_numpy(view).permute(2, 0, 1), int(self.labels[i]), i
 
     def _row(self, i: int) -> np.ndarray:
