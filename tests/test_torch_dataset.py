@@ -117,10 +117,22 @@ def test_recipe_views_without_a_cache_equal_the_replay(a2):
     params = view_params(recipe, 11, 9, np.arange(n), split.sizes[:, 0], split.sizes[:, 1], n)
     assert dataset.view_seed == 9 and np.array_equal(dataset.partners(),
                                                      np.arange(n) + params[:, dataset.layout.mix_offset + 1])
-    replay = ffcv_views(replay_loader(split, dataset.layout, recipe.size), params)
+    loader = replay_loader(split, dataset.layout, recipe.size)
+    replay = ffcv_views(loader, params)
     for batch in dataset_batches(dataset, batch_size=64):
         for image, i in zip(batch.images.numpy(), batch.indices.tolist()):
             assert np.array_equal(image, replay[i]), f"sample {i}"
+    # another output size (progressive resizing): the erasing and cutmix boxes scaled as the replay scales them
+    smaller = ReplayDataset(ds.root, recipe=recipe, view_global_seed=11, size=recipe.size * 3 // 4)
+    smaller.set_view_seed(9)
+    loader.set_size(smaller.size)
+    try:
+        replay = ffcv_views(loader, params)
+    finally:
+        loader.set_size(recipe.size)
+    for batch in dataset_batches(smaller, batch_size=64):
+        for image, i in zip(batch.images.numpy(), batch.indices.tolist()):
+            assert np.array_equal(image, replay[i]), f"sample {i} at {smaller.size} px"
 
 
 def test_workers_follow_the_epochs_seed(folder_ds, tmp_path):
@@ -179,8 +191,8 @@ def test_centre_crop_dataset_equals_eval_loader(folder_ds):
             assert np.array_equal(evaluation[i][0].numpy(), image), f"val sample {i}"
 
 
-def test_bad_settings_are_named(a2, tmp_path):
-    ds, cache_path = a2
+def test_bad_settings_are_named(fmnist_small, exact_cache):
+    ds, cache_path = fmnist_small, exact_cache
     with pytest.raises(KdcacheError, match="recipe given with cache"):
         ReplayDataset(ds.root, cache_path, recipe=ViewRecipe(size=32))
     with pytest.raises(KdcacheError, match=r"seeds \[5\] are not complete"):
