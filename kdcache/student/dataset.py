@@ -150,9 +150,8 @@ class _ViewRows(NamedTuple):
 def _warm_renderer(renderer: _ViewRenderer, row: np.ndarray) -> None:
     """Compile (or load from numba's cache) the renderer's entry points in this process, so that DataLoader
     workers forked from it start rendering at once instead of each loading them again every epoch."""
-    if renderer.split.num_samples:
-        view = renderer(0, row)
-        mix_views(view, view.copy(), np.zeros(MIX_COLUMNS, np.float32), _MIX_ONLY_LAYOUT)
+    view = renderer(0, row)
+    mix_views(view, view.copy(), np.zeros(MIX_COLUMNS, np.float32), _MIX_ONLY_LAYOUT)
 
 
 class ReplayDataset(Dataset):
@@ -207,7 +206,8 @@ class ReplayDataset(Dataset):
         self._chosen = torch.full((1,), -1, dtype=torch.int64).share_memory_()
         self._chosen_view = self._chosen.numpy()
         self.set_epoch(0)
-        _warm_renderer(self._render, self._current().params[0])
+        if len(self):
+            _warm_renderer(self._render, self._current().params[0])
 
     # --- where the views come from ---------------------------------------------------------------
     def _use_cache(self, cache, recipe, view_global_seed, view_seeds) -> None:
@@ -221,6 +221,9 @@ class ReplayDataset(Dataset):
         if spec.dataset["split_fingerprint"] != self.split.fingerprint:
             raise KdcacheError(f"{self._cache_where}: made for dataset split {spec.dataset['split_fingerprint'][:16]}, "
                                f"but {self.dataset.root} {self.split.name} is {self.split.fingerprint[:16]}")
+        if spec.num_classes != self.dataset.num_classes:
+            raise KdcacheError(f"{self._cache_where}: {spec.num_classes} teacher classes, dataset {self.dataset.root} "
+                               f"has {self.dataset.num_classes}")
         if view_global_seed is not None and int(view_global_seed) != spec.global_seed:
             raise KdcacheError(f"ReplayDataset: view_global_seed {view_global_seed} contradicts the global seed "
                                f"{spec.global_seed} of cache {self._cache_where}")
@@ -464,7 +467,8 @@ class CentreCropDataset(Dataset):
         self.labels = np.asarray(self.split.labels, np.int64)
         self.layout = ParamLayout(renderer=1)   # renderer 1: FFCV's own resize_crop (cv::resize INTER_AREA)
         self._render = _ViewRenderer(self.split, self.size, self.layout)
-        _warm_renderer(self._render, self._row(0))
+        if len(self):
+            _warm_renderer(self._render, self._row(0))
 
     def __len__(self) -> int:
         return self.split.num_samples
@@ -478,7 +482,7 @@ class CentreCropDataset(Dataset):
 
     def _row(self, i: int) -> np.ndarray:
         """FFCV's get_center_crop as a crop row: the fractions round back to its integers in crop_box."""
-        height, width = (int(x) for x in self.split.sizes[i]) if self.split.num_samples else (1, 1)
+        height, width = (int(x) for x in self.split.sizes[i])
         side = int(self.crop_ratio * min(height, width))
         top, left = (height - side) // 2, (width - side) // 2
         return np.array([top / height, left / width, side / height, side / width, 0.0], np.float32)
