@@ -137,12 +137,16 @@ class Option:
 
 
 def deprecated(old: str, new: str, command: str, where: str = "") -> None:
-    """The one-line warning of a former spelling (kdcache.cli prints warnings as 'kdcache: warning: ...')."""
+    """The one-line warning of a former spelling (kdcache.cli prints warnings as 'kdcache: warning: ...').
+    On the command line every use is told; a recipe's key is told once per process (kdcache run reads
+    a table more than once)."""
     import warnings
-    prefix = f"{where}: " if where else ""
+    if where:
+        warnings.warn(f"{where}: {old} is deprecated for {command}; use {new}", FutureWarning, stacklevel=3)
+        return
     with warnings.catch_warnings():
-        warnings.simplefilter("always", FutureWarning)   # every use is told, not only a process's first
-        warnings.warn(f"{prefix}{old} is deprecated for {command}; use {new}", FutureWarning, stacklevel=3)
+        warnings.simplefilter("always", FutureWarning)
+        warnings.warn(f"{old} is deprecated for {command}; use {new}", FutureWarning, stacklevel=3)
 
 
 def check_range(opt: Option, value, where: str = "") -> None:

@@ -25,7 +25,8 @@ from kdcache.seeds import parse_seeds, seed_ranges
 from kdcache.student.resolution import parse_size   # (numpy only: cheap to import with the parser)
 
 __all__ = ["Option", "Range", "SEED", "options", "check_values", "table_options", "table_values", "config_values",
-           "check_needed", "harmless_fields", "parse_seeds", "seed_ranges", "parse_size", "usable_cores"]
+           "check_needed", "make_config", "harmless_fields", "key_defaults", "parse_seeds", "seed_ranges", "parse_size",
+           "usable_cores"]
 
 AMP = ("auto", "bf16", "fp16", "off")
 HARMLESS = dict(changes_results=False)      # how a step runs, not what it makes: not in kdcache run's keys
