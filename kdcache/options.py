@@ -1,240 +1,283 @@
-"""Command options -> library inputs, in one place for the command line and for `kdcache run`.
+"""Every command's options, declared once (kdcache.option.Option), and what is derived from them.
 
-`kdcache prepare`, `dump-teacher` and `train-student` take options; the functions here turn them into
-what the library runs on: a data source and canonical settings (prepare_dataset), a DumpConfig
-(dump_config), a TrainConfig (train_config). cli.py calls them with its parsed arguments; kdcache.pipeline
-with the tables of a recipe, made into the same namespace by table_options (keys: the long option
-names, dashes or underscores). So a recipe table means exactly what the same options mean on the
-command line.
+From these tables come: the argparse parsers (kdcache.cli), a TOML recipe table read as the same options
+(table_options: keys are the long option names, dashes or underscores; used by `kdcache run` and by
+train-student --config), the range checks (check_values), `kdcache run`'s step keys (harmless_fields:
+the settings that do not change results) and the config objects (config_values: the fields a command's
+options fill, read by TrainConfig / DumpConfig / VerifyConfig / CopyConfig.from_options). Adding an option
+is one Option(...) line here, plus the code that uses it.
 
-OPTIONS lists every option of those commands with its default, type and choices: the namespace a recipe
-table becomes. It must match the parsers in cli.py (tests/test_options.py checks that): an option added
-to a parser is added here too.
+Nothing here opens a dataset or a cache: resolving options against files (a cache under --cache-root, the
+dataset's view size, recipe flags against a cache's recipe) is the config modules' step.
 """
 
 import argparse
-import math
-import os
-from dataclasses import asdict, dataclass
+import dataclasses
+import typing
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Dict, List, Optional
 
+from kdcache.augment.recipe import TRAIN_RENAMED, recipe_options
 from kdcache.errors import KdcacheError
+from kdcache.option import (CORES, FRACTION, NON_NEGATIVE, NOT_A_FIELD, POSITIVE, PROBABILITY, SEED, Option,
+                            Range, check_range, deprecated, usable_cores)
+from kdcache.seeds import parse_seeds, seed_ranges
 from kdcache.student.resolution import parse_size   # (numpy only: cheap to import with the parser)
 
-
-def parse_seeds(text: str):
-    """'A:B' -> [A, B) ; 'A' -> [A]. Checked here, while parsing, so that a bad range creates nothing; a
-    KdcacheError (one line) rather than argparse's usage text, also for a seed range from a TOML recipe."""
-    try:
-        a, b = (int(x) for x in text.split(":")) if ":" in text else (int(text), int(text) + 1)
-    except ValueError:
-        raise KdcacheError(f"seed range {text!r}: expected A:B (the seeds A to B - 1) or one seed A") from None
-    if b <= a:
-        raise KdcacheError(f"seed range {text!r} is empty: A:B is the seeds A to B - 1, so B must be greater than A")
-    from kdcache.cache.schema import MAX_SEED
-    if a < 0 or b - 1 > MAX_SEED:
-        raise KdcacheError(f"seed range {text!r}: seeds are integers from 0 to {MAX_SEED} "
-                           "(the cache names each with 6 digits)")
-    return list(range(a, b))
-
-
-def seed_ranges(seeds) -> str:
-    """[0, 1, 2, 5] -> '0:3,5'."""
-    seeds = sorted(seeds)
-    if not seeds:
-        return "none"
-    out, start, prev = [], seeds[0], seeds[0]
-    for s in seeds[1:] + [None]:
-        if s is not None and s == prev + 1:
-            prev = s
-            continue
-        out.append(f"{start}" if start == prev else f"{start}:{prev + 1}")
-        if s is not None:
-            start = prev = s
-    return ",".join(out)
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-@dataclass(frozen=True)
-class Range:
-    """An option's valid values: lo <= v <= hi (strict where *_open), finite; hi may be the usable cores."""
-    lo: Optional[float] = None
-    hi: Optional[float] = None
-    lo_open: bool = False
-    hi_open: bool = False
-    hi_is_cores: bool = False
-
-    def bounds(self):
-        return self.lo, (usable_cores() if self.hi_is_cores else self.hi)
-
-    def text(self) -> str:
-        lo, hi = (None if v is None else int(v) if float(v).is_integer() else v for v in self.bounds())
-        cores = " (the usable cores)" if self.hi_is_cores else ""
-        if lo is not None and hi is not None:
-            return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}{cores}"
-        if lo is not None:
-            return f"{'>' if self.lo_open else '>='} {lo}"
-        if hi is not None:
-            return f"{'<' if self.hi_open else '<='} {hi}"
-        return "a finite number"
-
-    def contains(self, v) -> bool:
-        lo, hi = self.bounds()
-        if isinstance(v, float) and not math.isfinite(v):
-            return False
-        return ((lo is None or (v > lo if self.lo_open else v >= lo))
-                and (hi is None or (v < hi if self.hi_open else v <= hi)))
-
-
-SEED = Range(0, 2**32 - 1)      # seeds go to numpy, torch and the 64-bit view hash: all take 32 bits
-POSITIVE = Range(1)             # counts and sizes
-NON_NEGATIVE = Range(0)
-FRACTION = Range(0, 1, hi_open=True)
-PROBABILITY = Range(0, 1)
-CORES = Range(1, hi_is_cores=True)
-
-
-@dataclass(frozen=True)
-class Option:
-    default: Any = None
-    type: Callable = str               # int, float, str, Path, bool (a flag), parse_seeds
-    choices: Optional[Tuple] = None
-    nargs: Optional[int] = None
-    valid: Optional[Range] = None      # numbers: checked before anything is created (check_values)
-
-
-def _recipe_options(renamed: Optional[dict] = None) -> Dict[str, Option]:
-    """The view-recipe flags (kdcache.augment.recipe.add_recipe_args): all default to None, "not given"."""
-    from kdcache.augment.recipe import DEFAULTS, RECIPE_FLAGS, flag_dest
-    out = {}
-    for name in RECIPE_FLAGS:
-        default = DEFAULTS[name].default
-        dest = flag_dest(name, renamed)
-        if name in ("scale", "ratio"):
-            out[dest] = Option(None, float, nargs=2)
-        elif name in ("aa", "remode"):
-            out[dest] = Option(None, str)
-        else:
-            out[dest] = Option(None, type(default))
-    return out
-
+__all__ = ["Option", "Range", "SEED", "options", "check_values", "table_options", "table_values", "config_values",
+           "check_needed", "make_config", "harmless_fields", "key_defaults", "parse_seeds", "seed_ranges", "parse_size",
+           "usable_cores"]
 
 AMP = ("auto", "bf16", "fp16", "off")
-_PREPARE_COMMON = {
-    "out": Option(None, Path), "limit": Option(None, int, valid=POSITIVE), "max_side": Option(None, int, valid=POSITIVE),
-    "jpeg_quality": Option(90, int, valid=Range(1, 100)), "view_size": Option(None, int, valid=POSITIVE),
-    "shard_size": Option(10000, int, valid=POSITIVE), "workers": Option(None, int, valid=POSITIVE),
-    "skip_bad": Option(False, bool), "overwrite": Option(False, bool),
-}
+HARMLESS = dict(changes_results=False)      # how a step runs, not what it makes: not in kdcache run's keys
+
+# ---- prepare SOURCE --------------------------------------------------------------------------------
+_PREPARE_COMMON = [
+    Option("--out", Path, required=True, help="dataset directory to create"),
+    Option("--limit", int, valid=POSITIVE, help="keep the first N samples of each split"),
+    Option("--max-side", int, valid=POSITIVE, help="resize so the longest side is at most this",
+           default_text="500; Fashion-MNIST: keep 28"),
+    Option("--jpeg-quality", int, 90, valid=Range(1, 100), help="quality of the one JPEG encode"),
+    Option("--view-size", int, valid=POSITIVE, help="default view size for later commands",
+           default_text="32 Fashion-MNIST, 224 otherwise"),
+    Option("--shard-size", int, 10000, valid=POSITIVE, help="samples per webdataset shard"),
+    Option("--workers", int, valid=POSITIVE, help="processes", default_text="all usable cores", **HARMLESS),
+    Option("--skip-bad", bool, help="skip bad samples and record them in the manifest"),
+    Option("--overwrite", bool, help="replace a dataset prepared from other input", **HARMLESS),
+]
 PREPARE_SOURCES = {
-    "fashion-mnist": {"root": Option(None, str)},
-    "imagefolder": {"root": Option(None, str), "shuffle_seed": Option(None, int, valid=SEED)},
-    "wds": {"pattern": Option(None, str), "val": Option(None, str),
-            "num_classes": Option(None, int, valid=Range(1, 2**31 - 1))},
+    "fashion-mnist": [Option("--root", help="folder with the IDX files",
+                             default_text="/usr/share/datasets/fashion-mnist")],
+    "imagefolder": [Option("root", help="folder holding train/ and val/"),
+                    Option("--shuffle-seed", int, valid=SEED, default_text="class order",
+                           help="train order: a permutation of the class-sorted listing (needed for mixing recipes, "
+                                "which pair consecutive samples)")],
+    "wds": [Option("pattern", help="train shards: brace pattern or glob"),
+            Option("--val", help="validation shards: brace pattern or glob"),
+            Option("--num-classes", int, valid=Range(1, 2**31 - 1), help="class count",
+                   default_text="largest train label + 1")],
 }
-_TEACHER = {
-    "teacher": Option(None, str), "teacher_module": Option(None, str), "teacher_checkpoint": Option(None, str),
-    "random_teacher": Option(False, bool), "mean": Option(None, float, nargs=3, valid=Range()),
-    "std": Option(None, float, nargs=3, valid=Range(0, lo_open=True)),
-}
-_DUMP = {
-    "data": Option(None, Path), "out": Option(None, str), "cache_root": Option(None, str),
-    "seeds": Option(None, parse_seeds),
-    "topk": Option(10, int, valid=POSITIVE), **_TEACHER, "seed": Option(0, int, valid=SEED),
-    "batch_size": Option(256, int, valid=POSITIVE),
-    "device": Option("auto", str), "amp": Option("auto", str, AMP), "compile": Option(False, bool),
-    "workers": Option(None, int, valid=CORES), "values_dtype": Option("uint16", str, ("uint16", "float32")),
-    "unit_size": Option(None, int, valid=POSITIVE), "seeds_per_pass": Option(32, int, valid=POSITIVE),
+
+
+# ---- the teacher (dump-teacher, train-student --kd online): kdcache.models.ModelSpec's fields -------------
+def _teacher(init_seed_default: str) -> List[Option]:
+    g = dict(group="teacher")
+    return [
+        Option("--teacher", help="timm model name", field="teacher.name", **g),
+        Option("--teacher-module", field="teacher.module", **g,
+               help="'package.module:factory' for a model timm does not have, called as factory(num_classes=C)"),
+        Option("--teacher-checkpoint", exclusive="weights", field="teacher.checkpoint", **g,
+               help="local weights: .safetensors or torch checkpoint"),
+        Option("--random-teacher", bool, exclusive="weights", field="teacher.random_init", **g,
+               help="random weights from --teacher-init-seed (tests, smoke runs)"),
+        Option("--teacher-init-seed", int, valid=SEED, field="teacher.seed", default_text=init_seed_default, **g,
+               help="the random teacher's weights"),
+        Option("--mean", float, nargs=3, valid=Range(), field="teacher.mean", default_text="the model's pretrained_cfg",
+               help="input mean", **g),
+        Option("--std", float, nargs=3, valid=Range(0, lo_open=True), field="teacher.std",
+               default_text="the model's pretrained_cfg", help="input std", **g),
+    ]
+
+
+# ---- dump-teacher (DumpConfig) ----------------------------------------------------------------------
+_DUMP = [
+    Option("--data", Path, required=True, help="prepared dataset (its train split is dumped)"),
+    Option("--out", exclusive="where", required=True,
+           help="the cache: a directory or s3:// URL (created, or extended/resumed)"),
+    Option("--cache-root", exclusive="where", required=True,
+           help="a directory or s3:// URL holding many caches: the cache of this teacher, data and recipe is found "
+                "there (extended/resumed) or created (kdcache ls ROOT lists them)"),
+    # more seeds extend the same cache: kdcache run checks the seeds against the cache's complete ones
+    Option("--seeds", parse_seeds, required=True, help="augmentation seeds A:B (B excluded)", **HARMLESS),
+    Option("--topk", int, 10, valid=POSITIVE, help="teacher outputs kept per view"),
+    *_teacher("--view-global-seed"),
+    Option("--view-global-seed", int, 0, valid=SEED, field="global_seed", old=("--seed",),
+           help="global seed of the views: their parameters (and a random teacher's weights, unless "
+                "--teacher-init-seed)"),
+    Option("--batch-size", int, 256, valid=POSITIVE, help="views per teacher forward", **HARMLESS),
+    Option("--device", default="auto", help="auto, cpu, cuda, cuda:N (under torchrun: the local GPU)", **HARMLESS),
+    Option("--amp", default="auto", choices=AMP, help="autocast (auto: bf16 on CUDA, off on CPU)", **HARMLESS),
+    Option("--compile", bool, help="torch.compile the teacher", **HARMLESS),
+    Option("--workers", int, valid=CORES, help="render threads", **HARMLESS,
+           default_text="usable cores; on a GPU two fewer, for the threads that feed it and write"),
+    Option("--values-dtype", default="uint16", choices=("uint16", "float32"),
+           help="top-k log-probabilities as uint16 fixed point (step 1/2048) or float32"),
+    Option("--unit-size", int, valid=POSITIVE, default_text="the existing cache's, else 32768",
+           help="samples per work unit = Zarr shard (smaller for more parallel writers)"),
+    # only how the rows are made; but in kdcache run's dump key since the option came: changing that now
+    # would rerun the dump step of every run directory made since
+    Option("--seeds-per-pass", int, 32, valid=POSITIVE, help="seeds rendered per decode of a block and claimed together"),
     # the heartbeat rewrites a claim every max(0.2 s, ttl / 6) (kdcache.cache.ledger): at 1 s five beats
     # still fit in a TTL; shorter ones would let a slow store's write make a live claim look stale
-    "claim_ttl": Option(300.0, float, valid=Range(1)),
-    "no_progress": Option(False, bool),
-}
-_TRAIN = {
-    "config": Option(None, Path), "resume": Option(None, Path), "data": Option(None, Path),
-    "model": Option(None, str), "epochs": Option(None, int, valid=POSITIVE), "out": Option(None, Path),
-    "cache": Option(None, str),
-    "cache_root": Option(None, str), "cache_id": Option(None, str), "teacher_sha256": Option(None, str),
-    "kd": Option(None, str, ("online", "none")), **_TEACHER, "batch_size": Option(256, int, valid=POSITIVE),
-    "opt": Option("sgd", str), "lr": Option(None, float, valid=NON_NEGATIVE), "momentum": Option(0.9, float, valid=FRACTION),
-    "weight_decay": Option(5e-5, float, valid=NON_NEGATIVE), "sched": Option("cosine", str),
-    "warmup_epochs": Option(0, int, valid=NON_NEGATIVE), "warmup_lr": Option(1e-5, float, valid=NON_NEGATIVE),
-    "min_lr": Option(0.0, float, valid=NON_NEGATIVE), "clip_grad": Option(None, float, valid=Range(0, lo_open=True)),
-    "model_ema_decay": Option(0.0, float, valid=FRACTION), "drop_path": Option(None, float, valid=FRACTION),
-    "amp": Option("auto", str, AMP),
-    "no_channels_last": Option(False, bool), "compile": Option(False, bool), "workers": Option(None, int, valid=CORES),
-    "device": Option("auto", str), "seed": Option(0, int, valid=SEED), "view_global_seed": Option(None, int, valid=SEED),
-    "view_seeds": Option(None, parse_seeds), "mix_labels": Option(False, bool),
-    "seed_choice": Option("cycle", str, ("cycle", "per-sample")),
-    "kd_loss": Option("kd", str, ("kd", "dkd")), "kd_weight": Option(1.0, float, valid=NON_NEGATIVE),
-    "temperature": Option(1.0, float, valid=Range(0, lo_open=True)),
-    "hard_loss": Option(None, str, ("none", "ce", "bce")), "hard_weight": Option(1.0, float, valid=NON_NEGATIVE),
-    "smoothing": Option(0.0, float, valid=FRACTION), "dkd_alpha": Option(1.0, float, valid=NON_NEGATIVE),
-    "dkd_beta": Option(8.0, float, valid=NON_NEGATIVE),
-    "eval_every": Option(1, int, valid=POSITIVE), "crop_pct": Option(0.875, float, valid=Range(0, 1, lo_open=True)),
-    "log_interval": Option(50, int, valid=POSITIVE),
-    "no_progress": Option(False, bool), "size": Option(None, parse_size), "ramp_start": Option(None, int, valid=NON_NEGATIVE),
-    "ramp_end": Option(None, int, valid=NON_NEGATIVE), "size_step": Option(32, int, valid=POSITIVE),
-    "val_res": Option(None, int, valid=POSITIVE),
-}
-# the commands that have no recipe table: declared here too, so that every option's range is checked
-_VERIFY = {
-    "cache": Option(None, str), "replay": Option(0, int, valid=NON_NEGATIVE), "teacher_checkpoint": Option(None, str),
-    "teacher_module": Option(None, str), "data": Option(None, Path), "device": Option("auto", str),
-    "seed": Option(0, int, valid=SEED), "min_agreement": Option(None, float, valid=PROBABILITY),
-    "max_kl": Option(None, float, valid=NON_NEGATIVE), "max_tail_error": Option(None, float, valid=NON_NEGATIVE),
-    "json": Option(False, bool),
-}
-_PREVIEW = {
-    "data": Option(None, Path), "split": Option("train", str), "samples": Option(8, int, valid=Range(1, 1024)),
-    "seeds": Option(4, int, valid=Range(1, 64)), "seed": Option(0, int, valid=SEED), "out": Option(Path("views.png"), Path),
-}
+    Option("--claim-ttl", float, 300.0, valid=Range(1), **HARMLESS,
+           help="seconds without a heartbeat after which another writer's unit claim is stale"),
+    Option("--no-progress", bool, field="progress", inverted=True, help="no progress bar or lines", **HARMLESS),
+]
+
+# ---- train-student (TrainConfig) --------------------------------------------------------------------
+_LOSS = dict(group="loss")
+_SIZE = dict(group="training size (progressive resizing, FFCV's names and ramp)", key_omits_default=True)
+_TRAIN = [
+    Option("--config", Path, field=NOT_A_FIELD,
+           help="TOML recipe: keys are these options' long names (dashes or underscores); flags override it"),
+    Option("--resume", Path, metavar="RUNDIR", field=NOT_A_FIELD, help="continue an interrupted run"),
+    Option("--data", Path, needed=True, help="prepared dataset"),
+    Option("--model", needed=True, help="timm model name of the student"),
+    Option("--epochs", int, valid=POSITIVE, needed=True),
+    Option("--out", Path, needed=True, help="run directory"),
+    Option("--cache", help="teacher cache (cached KD): a directory or s3:// URL"),
+    Option("--cache-root", field=NOT_A_FIELD,
+           help="cached KD from the cache for --data found under this root (kdcache ls ROOT)"),
+    Option("--cache-id", field=NOT_A_FIELD, help="with --cache-root: the cache's id, when several match"),
+    Option("--teacher-sha256", field=NOT_A_FIELD,
+           help="with --cache-root: the teacher's weights hash (a prefix will do), when several match"),
+    Option("--kd", choices=("online", "none"), field=NOT_A_FIELD,
+           help="online: the teacher runs in the loop on the same views; none: plain supervised training"),
+    *_teacher("--seed"),
+    Option("--batch-size", int, 256, valid=POSITIVE),
+    Option("--opt", default="sgd", help="timm optimizer name: sgd, adamw, lamb, ..."),
+    Option("--lr", float, valid=NON_NEGATIVE, default_text="0.1 (sgd), 1e-3 (adamw), 5e-3 (lamb) x batch/256"),
+    Option("--momentum", float, 0.9, valid=FRACTION),
+    Option("--weight-decay", float, 5e-5, valid=NON_NEGATIVE),
+    Option("--sched", default="cosine", help="timm scheduler name"),
+    Option("--warmup-epochs", int, 0, valid=NON_NEGATIVE),
+    Option("--warmup-lr", float, 1e-5, valid=NON_NEGATIVE),
+    Option("--min-lr", float, 0.0, valid=NON_NEGATIVE),
+    Option("--clip-grad", float, valid=Range(0, lo_open=True), help="clip the gradient norm"),
+    Option("--model-ema-decay", float, 0.0, valid=FRACTION, field="ema_decay",
+           help="EMA of the weights (timm ModelEmaV3); 0 = off"),
+    Option("--drop-path", float, valid=FRACTION),
+    Option("--amp", default="auto", choices=AMP),
+    Option("--no-channels-last", bool, field="channels_last", inverted=True),
+    Option("--compile", bool, help="torch.compile the student", **HARMLESS),
+    Option("--workers", int, valid=CORES, help="loader threads", default_text="usable cores", **HARMLESS),
+    Option("--device", default="auto", **HARMLESS),
+    Option("--seed", int, 0, valid=SEED, help="the student's initialisation and sample order"),
+    Option("--view-global-seed", int, valid=SEED, help="global seed of the views",
+           default_text="cached KD: the cache's; --kd online/none: 0, dump-teacher's default, so the baselines see "
+                        "the cache's views"),
+    Option("--view-seeds", parse_seeds, help="A:B: augmentation seeds cycled over passes",
+           default_text="cache: its seeds; none/online: one new seed per pass"),
+    Option("--mix-labels", bool,
+           help="cached KD from a cache dumped without mixing: the loader mixes the views (--mixup/--cutmix) and the "
+                "target is the lambda-mix of the two cached distributions (FKD/ReLabel)"),
+    Option("--seed-choice", default="cycle", choices=("cycle", "per-sample"),
+           help="cache: epoch e uses seed e mod S (cycle), or each sample draws a stored seed (per-sample)"),
+    Option("--kd-loss", default="kd", choices=("kd", "dkd"), help="vanilla KD (KL) or DKD", field="loss.kd_loss", **_LOSS),
+    Option("--kd-weight", float, 1.0, valid=NON_NEGATIVE, field="loss.kd_weight", **_LOSS),
+    Option("--temperature", float, 1.0, valid=Range(0, lo_open=True), field="loss.temperature", **_LOSS),
+    Option("--hard-loss", choices=("none", "ce", "bce"), help="hard-label term", field="loss.hard_loss",
+           default_text="none with KD, ce without", **_LOSS),
+    Option("--hard-weight", float, 1.0, valid=NON_NEGATIVE, field="loss.hard_weight", **_LOSS),
+    Option("--smoothing", float, 0.0, valid=FRACTION, help="label smoothing of the hard-label term",
+           field="loss.smoothing", **_LOSS),
+    Option("--dkd-alpha", float, 1.0, valid=NON_NEGATIVE, field="loss.dkd_alpha", **_LOSS),
+    Option("--dkd-beta", float, 8.0, valid=NON_NEGATIVE, field="loss.dkd_beta", **_LOSS),
+    Option("--eval-every", int, 1, valid=POSITIVE, **HARMLESS),
+    Option("--crop-pct", float, 0.875, valid=Range(0, 1, lo_open=True),
+           help="eval: centre crop of this fraction of the short side"),
+    Option("--log-interval", int, 50, valid=POSITIVE, **HARMLESS),
+    Option("--no-progress", bool, field="progress", inverted=True, help="no progress bar or lines", **HARMLESS),
+    Option("--size", parse_size, metavar="N|START:END", default_text="the views' size", **_SIZE,
+           help="the student's image size: fixed N, or START up to --ramp-start, then a linear ramp (multiples of "
+                "--size-step) to END at --ramp-end; the views (crop box, augmentations, cached teacher answers) "
+                "stay those of the recipe's size"),
+    Option("--ramp-start", int, valid=NON_NEGATIVE, help="last epoch at START, counted from 0",
+           default_text="floor(epochs * 65/88) as ffcv-imagenet, before --ramp-end", **_SIZE),
+    Option("--ramp-end", int, valid=NON_NEGATIVE, **_SIZE,
+           help="first epoch at END (a ramp by 1.5x or more that trains END for less than half of the epochs is "
+                "warned about, with the numbers)", default_text="floor(epochs * 76/88), at most the last epoch"),
+    Option("--size-step", int, 32, valid=POSITIVE, help="ramp sizes are multiples of this (FFCV: 32; e.g. 8 for 32-px "
+                                                          "images)", **_SIZE),
+    Option("--val-res", int, valid=POSITIVE, help="evaluation size (centre crop)", default_text="the last training size",
+           **_SIZE),
+]
+
+# ---- verify (VerifyConfig), preview, run, ls, copy (CopyConfig), info --------------------------------
+_VERIFY = [
+    Option("cache", help="cache directory or s3:// URL"),
+    Option("--replay", int, 0, valid=NON_NEGATIVE, metavar="N", help="re-render N random views and re-run the teacher"),
+    Option("--teacher-checkpoint", help="weights to replay with", default_text="the recorded checkpoint"),
+    Option("--teacher-module", metavar="PACKAGE.MODULE:FACTORY",
+           help="the factory of a teacher that came from a module: verify never imports the module a cache names "
+                "(importing runs its code), only this one"),
+    Option("--data", Path, help="prepared dataset", default_text="the recorded path"),
+    Option("--device", default="auto"),
+    Option("--replay-seed", int, 0, valid=SEED, old=("--seed",), help="which views are drawn for --replay"),
+    # defaults by precision (kdcache.teacher.verify.THRESHOLDS): fp32 dump and replay on the CPU, or reduced
+    Option("--min-agreement", float, valid=PROBABILITY, help="replay passes at this top-1 agreement",
+           default_text="0.999 fp32 on CPU, else 0.99"),
+    Option("--max-kl", float, valid=NON_NEGATIVE, default_text="1e-4 fp32 on CPU, else 1e-3",
+           help="replay passes at this mean KL(fresh || cached) over the k + 1 stored bins"),
+    Option("--max-tail-error", float, valid=NON_NEGATIVE, default_text="1e-3 fp32 on CPU, else 0.2",
+           help="replay passes at this mean relative tail-mass error"),
+    Option("--json", bool, field=NOT_A_FIELD, help="machine-readable report"),
+]
+_PREVIEW = [
+    Option("data", Path, help="prepared dataset directory"),
+    Option("--split", default="train"),
+    Option("--samples", int, 8, valid=Range(1, 1024)),
+    Option("--num-seeds", int, 4, valid=Range(1, 64), old=("--seeds",), help="augmentation seeds 0..N-1"),
+    Option("--view-global-seed", int, 0, valid=SEED, old=("--seed",), help="global seed of the views"),
+    Option("--out", Path, Path("views.png")),
+]
 _OTHERS = {
-    "run": {"recipe": Option(None, Path), "out": Option(None, Path), "full": Option(False, bool),
-            "seed": Option(None, int, valid=SEED), "device": Option(None, str)},
-    "ls": {"root": Option(None, str), "json": Option(False, bool)},
-    "copy": {"src": Option(None, str), "dst": Option(None, str), "root": Option(False, bool),
-             "seeds": Option(None, parse_seeds), "workers": Option(8, int, valid=Range(1, 256)),
-             "no_progress": Option(False, bool)},
-    "info": {"path": Option(None, str), "json": Option(False, bool)},
+    "run": [Option("recipe", Path, help="pipeline TOML, e.g. pipelines/demo-fashion-mnist.toml"),
+            Option("--out", Path, help="run directory", default_text="the recipe's, under runs/"),
+            Option("--full", bool, help="the recipe's full-size variant (its [full] tables)"),
+            Option("--seed", int, valid=SEED, help="the students' global seed", default_text="the recipe's"),
+            Option("--device", help="device for every step", default_text="auto")],
+    "ls": [Option("root", help="cache root"),
+           Option("--json", bool, help='machine-readable: {"caches": [{"id", "path", "seeds_complete", ...}]}')],
+    "copy": [Option("src", help="source cache (directory or s3:// URL)"),
+             Option("dst", help="destination cache, or with --root the cache root to put it under"),
+             Option("--root", bool, help="DST is a cache root: the copy goes to DST/<cache id>"),
+             Option("--seeds", parse_seeds, help="copy only these seeds A:B", default_text="all"),
+             Option("--workers", int, 8, valid=Range(1, 256), help="units copied at once"),
+             Option("--no-progress", bool, field="progress", inverted=True, help="no progress bar or lines")],
+    "info": [Option("path", help="dataset or cache directory (or a cache's s3:// URL)"),
+             Option("--json", bool, help="machine-readable output")],
 }
+COMMANDS = ("prepare", "dump-teacher", "verify", "train-student", "run", "ls", "copy", "info", "preview")
+
+
+def _by_dest(*lists) -> Dict[str, Option]:
+    return {o.dest: o for opts in lists for o in opts}
 
 
 def options(command: str, source: Optional[str] = None) -> Dict[str, Option]:
-    """The options of `kdcache COMMAND` (prepare: of `kdcache prepare SOURCE`), by argparse dest."""
+    """The options of `kdcache COMMAND` (prepare: of `kdcache prepare SOURCE`), by argparse dest, in --help order."""
     if command == "prepare":
         if source not in PREPARE_SOURCES:
             raise KdcacheError(f"prepare: source must be one of {', '.join(PREPARE_SOURCES)}, got {source!r}")
-        return {**_PREPARE_COMMON, **PREPARE_SOURCES[source]}
+        return _by_dest(_PREPARE_COMMON, PREPARE_SOURCES[source])
     if command == "dump-teacher":
-        return {**_DUMP, **_recipe_options()}
+        return {**_by_dest(_DUMP), **recipe_options()}
     if command == "train-student":
-        from kdcache.augment.recipe import TRAIN_RENAMED
-        return {**_TRAIN, **_recipe_options(TRAIN_RENAMED)}
+        return {**_by_dest(_TRAIN), **recipe_options(TRAIN_RENAMED)}
     if command == "verify":
-        return dict(_VERIFY)
+        return _by_dest(_VERIFY)
     if command == "preview":
-        return {**_PREVIEW, **_recipe_options()}
+        return {**_by_dest(_PREVIEW), **recipe_options()}
     if command in _OTHERS:
-        return dict(_OTHERS[command])
+        return _by_dest(_OTHERS[command])
     raise KeyError(command)
+
+
+def _where(command: str, source: Optional[str]) -> str:
+    return f"{command} {source}" if source else command
+
+
+def former_spellings(command: str, source: Optional[str] = None) -> Dict[str, Option]:
+    """dest of a former spelling ('seed') -> the option it now is."""
+    return {o.old_dest(old): o for o in options(command, source).values() for old in o.old}
 
 
 def check_values(command: str, ns: argparse.Namespace, source: Optional[str] = None, where: str = "") -> None:
     """Every numeric option of `kdcache COMMAND` within its declared range (Option.valid): one line naming
     the option, the value and the range, before anything is created."""
     for dest, opt in options(command, source).items():
-        value = getattr(ns, dest, None)
-        if opt.valid is None or value is None:
-            continue
-        for v in (value if isinstance(value, (list, tuple)) else [value]):
-            if not opt.valid.contains(v):
-                flag = "--" + dest.replace("_", "-")
-                raise KdcacheError(f"{where + ' ' if where else ''}{flag} {v!r}: must be {opt.valid.text()}")
+        check_range(opt, getattr(ns, dest, None), where)
 
 
 def _convert(opt: Option, value, where: str):
@@ -289,26 +332,38 @@ def _convert(opt: Option, value, where: str):
     return value
 
 
-def table_options(command: str, table: dict, where: str, source: Optional[str] = None,
-                  reserved: Optional[Dict[str, str]] = None) -> argparse.Namespace:
-    """A recipe table -> the namespace the command's parser would give for the same options: every option
-    at its default, then the table's values (keys: long option names, dashes or underscores). An unknown
-    key, or one in `reserved` (dest -> why it may not be set here), is an error naming `where` and the key."""
-    known = options(command, source)
+def table_values(command: str, table: dict, where: str, source: Optional[str] = None,
+                 reserved: Optional[Dict[str, str]] = None) -> Dict[str, object]:
+    """The settings a recipe table gives, by dest, converted as argparse converts the same options (keys: long
+    option names, dashes or underscores; a former spelling is taken with a warning). An unknown key, or one
+    in `reserved` (dest -> why it may not be set here), is an error naming `where` and the key."""
+    known, former = options(command, source), former_spellings(command, source)
     reserved = reserved or {}
-    values = {dest: opt.default for dest, opt in known.items()}
+    values: Dict[str, object] = {}
     seen: Dict[str, str] = {}
     for key, value in table.items():
         dest = key.replace("-", "_")
+        if dest in former:
+            opt = former[dest]
+            deprecated(repr(key), repr(opt.flag.lstrip("-")), f"kdcache {_where(command, source)}", where)
+            dest = opt.dest
         if dest in seen:
             raise KdcacheError(f"{where}: {seen[dest]!r} and {key!r} are the same setting; keep one")
         seen[dest] = key
         if dest in reserved:
             raise KdcacheError(f"{where}: {key!r} cannot be set here: {reserved[dest]}")
         if dest not in known:
-            raise KdcacheError(f"{where}: unknown setting {key!r} (not an option of kdcache {command}"
-                               + (f" {source}" if source else "") + ")")
+            raise KdcacheError(f"{where}: unknown setting {key!r} (not an option of kdcache {_where(command, source)})")
         values[dest] = _convert(known[dest], value, f"{where} {key}")
+    return values
+
+
+def table_options(command: str, table: dict, where: str, source: Optional[str] = None,
+                  reserved: Optional[Dict[str, str]] = None) -> argparse.Namespace:
+    """A recipe table -> the namespace the command's parser would give for the same options: every option
+    at its default, then the table's values (table_values), range-checked."""
+    values = {dest: opt.default for dest, opt in options(command, source).items()}
+    values.update(table_values(command, table, where, source, reserved))
     ns = argparse.Namespace(**values)
     if source is not None:
         ns.source = source
@@ -316,110 +371,71 @@ def table_options(command: str, table: dict, where: str, source: Optional[str] =
     return ns
 
 
-# ---- options -> library inputs -------------------------------------------------------------------
-def teacher_spec(o):
-    """--teacher, --teacher-checkpoint, ... -> kdcache.models.ModelSpec (the global seed inits a random teacher)."""
-    from kdcache.models import ModelSpec
-    return ModelSpec(name=o.teacher, checkpoint=o.teacher_checkpoint, module=o.teacher_module,
-                     random_init=o.random_teacher, seed=o.seed, mean=o.mean, std=o.std)
-
-
-def prepare_source(o):
-    """(Source, CanonicalSettings) of `kdcache prepare SOURCE ...`."""
-    from kdcache.data import sources
-    from kdcache.data.canonical import CanonicalSettings
-    if o.source == "fashion-mnist":
-        src = sources.fashion_mnist(o.root or sources.FASHION_MNIST_DIR, limit=o.limit)
-    elif o.source == "imagefolder":
-        if not o.root:
-            raise KdcacheError("prepare imagefolder needs ROOT (the folder holding train/ and val/)")
-        src = sources.imagefolder(o.root, limit=o.limit, shuffle_seed=o.shuffle_seed)
-    elif o.source == "wds":
-        if not o.pattern:
-            raise KdcacheError("prepare wds needs the train shards' PATTERN")
-        src = sources.wds(o.pattern, val_pattern=o.val, num_classes=o.num_classes, limit=o.limit)
-    else:
-        raise KdcacheError(f"prepare: unknown source {o.source!r}")
-    max_side = o.max_side if o.max_side is not None else src.max_side
-    return src, CanonicalSettings(max_side=max_side, jpeg_quality=o.jpeg_quality)
-
-
-def prepare_dataset(o):
-    """Run `kdcache prepare`: the PreparedDataset at o.out."""
-    from kdcache.data.prepare import prepare
-    src, settings = prepare_source(o)
-    return prepare(src, o.out, settings, shard_size=o.shard_size, workers=o.workers, skip_bad=o.skip_bad,
-                   overwrite=o.overwrite, view_size=o.view_size)
-
-
-def dump_config(o):
-    """The DumpConfig of `kdcache dump-teacher ...` (the recipe's default size: the dataset's view size)."""
-    from kdcache.augment.recipe import recipe_from_args
-    from kdcache.data.dataset import PreparedDataset
-    from kdcache.teacher.dump import DumpConfig
-    missing = [n for n in ("data", "seeds") if getattr(o, n) is None]
-    if o.out is None and o.cache_root is None:
-        missing.insert(1, "out (or --cache-root)")
+# ---- options -> config objects and step keys ----------------------------------------------------------
+def check_needed(command: str, ns: argparse.Namespace) -> None:
+    """The options a config object cannot be made without (Option.required / needed; of a required exclusive
+    set, one) in one error naming them all; two options of an exclusive set given: an error naming both."""
+    opts = options(command)
+    given = {dest: getattr(ns, dest, None) not in (None, False) for dest in opts}
+    sets: Dict[str, List[Option]] = {}
+    for opt in opts.values():
+        if opt.exclusive:
+            sets.setdefault(opt.exclusive, []).append(opt)
+    missing = []
+    for dest, opt in opts.items():
+        if opt.exclusive:
+            members = sets[opt.exclusive]
+            if opt.required and opt is members[0] and not any(given[m.dest] for m in members):
+                missing.append(f"{opt.flag} (or {', '.join(m.flag for m in members[1:])})")
+        elif (opt.required or opt.needed) and not given[dest]:
+            missing.append(opt.flag)
     if missing:
-        raise KdcacheError("dump-teacher needs " + ", ".join("--" + m for m in missing))
-    if o.out is not None and o.cache_root is not None:
-        raise KdcacheError("--out and --cache-root are exclusive")
-    ds = PreparedDataset.open(o.data)
-    return DumpConfig(data=o.data, out=o.out, seeds=o.seeds, topk=o.topk, teacher=teacher_spec(o),
-                      recipe=recipe_from_args(o, ds.view_size), global_seed=o.seed, batch_size=o.batch_size,
-                      device=o.device, amp=o.amp, compile=o.compile, workers=o.workers,
-                      values_dtype=o.values_dtype, unit_size=o.unit_size, claim_ttl=o.claim_ttl,
-                      progress=not o.no_progress, cache_root=o.cache_root, seeds_per_pass=o.seeds_per_pass)
+        raise KdcacheError(f"{command} needs {', '.join(missing)}")
+    for members in sets.values():
+        both = [m.flag for m in members if given[m.dest]]
+        if len(both) > 1:
+            raise KdcacheError(f"{' and '.join(both)} are exclusive")
 
 
-def train_config(o):
-    """The TrainConfig of `kdcache train-student ...` (cached KD: recipe flags must agree with the cache's)."""
-    from kdcache.student.train import TrainConfig
-    missing = [n for n in ("data", "model", "epochs", "out") if getattr(o, n) is None]
-    if missing:
-        raise KdcacheError("train-student needs " + ", ".join("--" + m for m in missing))
-    if o.cache_root:
-        if o.cache:
-            raise KdcacheError("--cache and --cache-root are exclusive")
-        from kdcache.cache.catalog import find_cache
-        from kdcache.data.dataset import PreparedDataset
-        split = PreparedDataset.open(o.data).split("train")
-        o.cache = find_cache(o.cache_root, split.fingerprint, o.cache_id, o.teacher_sha256).path
-    if o.cache and o.kd:
-        raise KdcacheError("--cache and --kd are exclusive (cached KD uses the cache's teacher)")
-    mode = "cache" if o.cache else o.kd
-    if mode is None:
-        raise KdcacheError("choose a mode: --cache CACHE, --kd online (with --teacher), or --kd none")
-    teacher = None
-    if mode == "online":  # TrainConfig.validate checks that the teacher has weights
-        teacher = asdict(teacher_spec(o))
-    from kdcache.augment.recipe import (TRAIN_RENAMED, ViewRecipe, check_flags_match, given_recipe_flags,
-                                        recipe_from_args)
-    recipe = None
-    if mode == "cache":
-        from kdcache.cache.schema import TeacherCache
-        cache_recipe = ViewRecipe.from_dict(TeacherCache.open(o.cache).spec.recipe)
-        mixing_flags = ("mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mix_block")
-        check_flags_match(o, cache_recipe, str(o.cache), allowed=mixing_flags if o.mix_labels else (),
-                          renamed=TRAIN_RENAMED)
-        if o.mix_labels:
-            recipe = {k: v for k, v in given_recipe_flags(o, TRAIN_RENAMED).items() if k in mixing_flags}
-    elif given_recipe_flags(o, TRAIN_RENAMED):
-        from kdcache.data.dataset import PreparedDataset
-        recipe = recipe_from_args(o, PreparedDataset.open(o.data).view_size, renamed=TRAIN_RENAMED).to_dict()
-    loss = {"kd_loss": o.kd_loss if mode != "none" else "none", "kd_weight": o.kd_weight,
-            "temperature": o.temperature, "hard_loss": o.hard_loss or ("ce" if mode == "none" else "none"),
-            "hard_weight": o.hard_weight, "smoothing": o.smoothing, "dkd_alpha": o.dkd_alpha,
-            "dkd_beta": o.dkd_beta}
-    return TrainConfig(data=str(o.data), out=str(o.out), model=o.model, epochs=o.epochs, mode=mode,
-                       cache=str(o.cache) if o.cache else None, teacher=teacher, batch_size=o.batch_size,
-                       opt=o.opt, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                       sched=o.sched, warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr, min_lr=o.min_lr,
-                       clip_grad=o.clip_grad, ema_decay=o.model_ema_decay, drop_path=o.drop_path,
-                       amp=o.amp, channels_last=not o.no_channels_last, compile=o.compile,
-                       workers=o.workers, device=o.device, seed=o.seed, view_global_seed=o.view_global_seed,
-                       view_seeds=o.view_seeds, seed_choice=o.seed_choice, recipe=recipe,
-                       mix_labels=o.mix_labels, loss=loss, eval_every=o.eval_every,
-                       crop_pct=o.crop_pct, log_interval=o.log_interval, progress=not o.no_progress,
-                       size=o.size, ramp_start=o.ramp_start, ramp_end=o.ramp_end, size_step=o.size_step,
-                       val_res=o.val_res)
+def config_values(command: str, ns: argparse.Namespace) -> Dict[str, object]:
+    """field -> value of every option of `command` that fills a field of its config object (Option.field),
+    dotted fields nested: {'teacher': {'seed': 3, ...}, 'global_seed': 0, ...}."""
+    out: Dict[str, object] = {}
+    for dest, opt in options(command).items():
+        name = opt.config_field
+        if name is None:
+            continue
+        value = getattr(ns, dest, opt.default)
+        if opt.inverted:
+            value = not value
+        head, _, key = name.partition(".")
+        if key:
+            out.setdefault(head, {})[key] = value
+        else:
+            out[head] = value
+    return out
+
+
+def make_config(cls, values: Dict[str, object]):
+    """cls(**values) with paths as text where the field holds text (config.json stores strings)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {unknown[0]!r} (kdcache.options declares it)")
+
+    def text_field(name):
+        hint = hints[name]
+        return hint is str or (typing.get_origin(hint) is typing.Union and str in typing.get_args(hint))
+    return cls(**{k: str(v) if isinstance(v, Path) and text_field(k) else v for k, v in values.items()})
+
+
+def harmless_fields(command: str, source: Optional[str] = None) -> List[str]:
+    """The config fields of the settings that change how `command` runs, not what it makes
+    (Option.changes_results False): left out of kdcache run's step keys."""
+    return [o.config_field or o.dest for o in options(command, source).values() if not o.changes_results]
+
+
+def key_defaults(command: str) -> Dict[str, object]:
+    """field -> default of the options that kdcache run's key leaves out at their default (Option.key_omits_default)."""
+    return {o.config_field: o.default for o in options(command).values() if o.key_omits_default}

@@ -3,13 +3,14 @@
     prepare -> teacher (train-student --kd none, or a given checkpoint) -> dump (dump-teacher)
             -> students (the same student recipe: none / online / cache, once per student seed) -> report
 
-Each step calls the library (kdcache.options turns a recipe table into the very config the command's
-options give) and writes into the run directory: RUN/data, RUN/teacher, RUN/cache, RUN/students/<mode>
+Each step calls the library (kdcache.options turns a recipe table into the options the command line
+gives; the config objects' from_options make the very configs the command makes of them) and writes into the run directory: RUN/data, RUN/teacher, RUN/cache, RUN/students/<mode>
 (the first student seed's run; RUN/students/<mode>-seed<S> each further seed's: `seed = [0, 1]`).
 A step's key is the hash of the settings that change its outputs, and of the identity of what it reads:
 a dataset's fingerprint, a teacher's weights (their sha256, never the file's time). Settings that only
-change how a step runs are not in it: for the dump batch-size, workers, device, amp, compile, claim-ttl,
-no-progress; for training eval-every, log-interval, workers, no-progress, device, compile.
+change how a step runs are not in it: those declared with changes_results=False (kdcache.options; for the
+dump batch-size, workers, device, amp, compile, claim-ttl, no-progress; for training eval-every,
+log-interval, workers, no-progress, device, compile).
 
 kdcache run never deletes what a step made. A step whose key is recorded in RUN/steps.json and whose
 outputs are there is skipped; otherwise:
@@ -40,19 +41,19 @@ from typing import Callable, Dict, List, Optional
 from kdcache import options
 from kdcache.errors import KdcacheError
 from kdcache.files import write_text_atomic
+from kdcache.seeds import seed_ranges
+from kdcache.student.config import TrainConfig
 
 MODES = ("none", "online", "cache")
 TOP_LEVEL = ("name", "seed", "teacher_seed", "students", "out", "prepare", "teacher", "dump", "student", "full")
 SETTINGS = "pipeline-settings.json"      # in a teacher or student run directory: what it was made with
-# train-student settings that change how a run goes, not what it makes (not in a run's key)
-RUN_HARMLESS = ("eval_every", "log_interval", "workers", "progress", "device", "compile")
-_SIZE_DEFAULTS = {"size": None, "ramp_start": None, "ramp_end": None, "size_step": 32, "val_res": None}
-# dump-teacher settings that change how the dump goes, not the cache (not in the dump's key; seeds extend)
-DUMP_HARMLESS = ("batch_size", "workers", "device", "amp", "compile", "claim_ttl", "progress", "seeds")
+# where a step reads and writes: not in its key, which holds what it reads by identity (fingerprint, weights)
+PATHS = ("data", "out", "cache")
 
 _GIVEN_BY_TEACHER = "the teacher comes from the [teacher] table"
 _TEACHER_OPTIONS = {"teacher": _GIVEN_BY_TEACHER, "teacher_module": _GIVEN_BY_TEACHER,
-                    "teacher_checkpoint": _GIVEN_BY_TEACHER, "random_teacher": _GIVEN_BY_TEACHER}
+                    "teacher_checkpoint": _GIVEN_BY_TEACHER, "random_teacher": _GIVEN_BY_TEACHER,
+                    "teacher_init_seed": _GIVEN_BY_TEACHER}
 _RUN_RESERVED = {"config": "the recipe table is the configuration",
                  "resume": "kdcache run resumes interrupted runs itself",
                  "data": "kdcache run trains on RUN/data",
@@ -184,9 +185,9 @@ def run_settings(cfg, upstream: dict) -> dict:
     TrainConfig less the harmless settings and the paths (the teacher's by its weights), and the identity
     of what it reads (`upstream`: dataset fingerprint, cache or teacher weights)."""
     d = asdict(cfg)
-    for name in RUN_HARMLESS + ("data", "out", "cache"):
+    for name in options.harmless_fields("train-student") + list(PATHS):
         d.pop(name, None)
-    for name, default in _SIZE_DEFAULTS.items():   # added with issue 11: runs recorded before keep their key
+    for name, default in options.key_defaults("train-student").items():   # runs recorded before keep their key
         if d.get(name) == default:
             d.pop(name)
     d.update(d.pop("loss") or {})
@@ -195,6 +196,15 @@ def run_settings(cfg, upstream: dict) -> dict:
     recipe = d.pop("recipe") or {}
     flat = {**_flat("", d), **_flat("teacher", teacher), **_flat("recipe", recipe), **_flat("", upstream)}
     return json.loads(json.dumps({k.replace("_", "-"): v for k, v in flat.items()}, sort_keys=True, default=str))
+
+
+def dump_identity(cfg, dataset_fingerprint: str, teacher: dict) -> dict:
+    """What makes a dump's cache what it is: its DumpConfig less the harmless settings and the paths, the
+    split's fingerprint, the recipe, and the teacher by identity (name, weights sha256, normalisation)."""
+    skip = set(options.harmless_fields("dump-teacher")) | set(PATHS) | {"teacher", "recipe"}
+    identity = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    identity.update(dataset=dataset_fingerprint, recipe=cfg.recipe.to_dict(), teacher=teacher)
+    return identity
 
 
 _MISSING = object()
@@ -286,15 +296,17 @@ class Pipeline:
 
     # ---- the steps -------------------------------------------------------------------------------
     def prepare(self) -> None:
+        from kdcache.data.config import prepare_dataset
         from kdcache.data.dataset import PreparedDataset
         from kdcache.data.prepare import IncompatibleDataset
         ns = _prepare_options(self.recipe["prepare"])
         ns.out = self.data
-        settings = {k: v for k, v in vars(ns).items() if k not in ("out", "workers", "overwrite")}
+        skip = set(options.harmless_fields("prepare", ns.source)) | set(PATHS)
+        settings = {k: v for k, v in vars(ns).items() if k not in skip}
 
         def run():
             try:
-                options.prepare_dataset(ns)
+                prepare_dataset(ns)
             except IncompatibleDataset as exc:
                 raise KdcacheError(f"{exc}.\nkdcache run never replaces a dataset: move {self.data} away to prepare "
                                    "it anew (the cache and the runs made from it are then refused too: move them "
@@ -312,22 +324,20 @@ class Pipeline:
         run_dir = self.out / "teacher"
         ns.kd, ns.seed, ns.data, ns.out = "none", self.recipe.get("teacher_seed", 0), self.data, run_dir
         self._set_device(ns)
-        cfg = options.train_config(ns)
+        cfg = TrainConfig.from_options(ns)
         self._train_step("teacher", run_dir, cfg, {"dataset": self.dataset.fingerprint},
                          [run_dir / "summary.json", run_dir / "model.safetensors"])
 
     def dump(self) -> None:
         from kdcache.cache.schema import IncompatibleCache, TeacherCache
+        from kdcache.teacher.config import DumpConfig
         from kdcache.teacher.dump import dump_teacher
         ns = _dump_options(self.recipe["dump"])
         ns.data, ns.out = self.data, self.cache
         self._teacher_into(ns)
         self._set_device(ns)
-        cfg = self.dump_cfg = options.dump_config(ns)
-        skip = DUMP_HARMLESS + ("data", "out", "teacher", "recipe")
-        identity = {k: v for k, v in asdict(cfg).items() if k not in skip}
-        identity.update(dataset=self.dataset.split(cfg.split).fingerprint, recipe=cfg.recipe.to_dict(),
-                        teacher=self.teacher_identity(cfg.teacher))
+        cfg = self.dump_cfg = DumpConfig.from_options(ns)
+        identity = dump_identity(cfg, self.dataset.split(cfg.split).fingerprint, self.teacher_identity(cfg.teacher))
 
         def complete() -> bool:
             return ((self.cache / "zarr.json").is_file()
@@ -342,10 +352,10 @@ class Pipeline:
                                    "as well), or run the recipe into another --out") from exc
             missing = sorted(set(cfg.seeds) - set(s["seeds_complete"]))
             if missing:
-                raise KdcacheError(f"{self.cache}: seeds {options.seed_ranges(missing)} are not complete "
+                raise KdcacheError(f"{self.cache}: seeds {seed_ranges(missing)} are not complete "
                                    "(units held by another writer?)")
             print(f"[kdcache run] dump: {s['views_written']} views written, seeds complete "
-                  f"{options.seed_ranges(s['seeds_complete'])}", file=sys.stderr)
+                  f"{seed_ranges(s['seeds_complete'])}", file=sys.stderr)
         self._step("dump", _key("dump", identity), complete, run)
 
     def student_runs(self) -> Dict[str, List[tuple]]:
@@ -389,8 +399,10 @@ class Pipeline:
                 ns.view_seeds = seeds
             if mode == "online":
                 self._teacher_into(ns)
-                upstream["teacher-sha256"] = self.teacher_identity(options.teacher_spec(ns))["sha256"]
-        cfg = options.train_config(ns)
+        cfg = TrainConfig.from_options(ns)
+        if mode == "online":
+            from kdcache.models import ModelSpec
+            upstream["teacher-sha256"] = self.teacher_identity(ModelSpec(**cfg.teacher))["sha256"]
         self._train_step(name, run_dir, cfg, upstream, [run_dir / "summary.json"])
 
     @staticmethod
@@ -418,7 +430,6 @@ class Pipeline:
         if (run_dir / SETTINGS).is_file():
             return json.loads((run_dir / SETTINGS).read_text())["settings"], False
         if (run_dir / "config.json").is_file():
-            from kdcache.student.train import TrainConfig
             try:
                 return run_settings(TrainConfig(**json.loads((run_dir / "config.json").read_text())), {}), True
             except (TypeError, ValueError):

@@ -34,3 +34,15 @@ def test_warnings_are_one_line():
     code = "import warnings, kdcache.cli as c; c._one_line_warnings(); warnings.warn('30 passes over 4 cached seeds')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stderr == "kdcache: warning: 30 passes over 4 cached seeds\n"
+
+
+def test_no_help_text_types_its_default_and_former_spellings_are_hidden():
+    """A default is written once, on the declaration (Option.default or default_text): the help shows it."""
+    from kdcache import options
+    for command in options.COMMANDS:
+        sources = options.PREPARE_SOURCES if command == "prepare" else [None]
+        for source in sources:
+            for opt in options.options(command, source).values():
+                assert "(default" not in opt.help, (command, opt.flag)
+    text = dict(_parsers(build_parser()))["kdcache dump-teacher"].format_help()
+    assert "--view-global-seed" in text and "--seed " not in text and "--seed\n" not in text

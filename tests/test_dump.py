@@ -205,7 +205,8 @@ def test_extending_seeds_leaves_old_seeds_untouched(fmnist_small, small_copy):
 
 @pytest.mark.parametrize("change,field", [
     (["--topk", "3"], "topk"),
-    (["--seed", "1"], "teacher.sha256"),           # the random teacher's init follows the global seed
+    (["--view-global-seed", "1"], "teacher.sha256"),  # the random teacher's init follows the views' global seed
+    (["--teacher-init-seed", "1"], "teacher.sha256"),  # ... unless given its own
     (["--scale", "0.5", "1"], "recipe.scale"),
     (["--renderer", "1"], "recipe.renderer"),      # other pixels: never mixed into one cache
     (["--values-dtype", "float32"], "values_dtype"),

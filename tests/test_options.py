@@ -1,6 +1,11 @@
-"""kdcache.options: the command line and a recipe table give the same configs."""
+"""kdcache.options: each option declared once; the parsers, recipe tables, range checks, step keys and config
+objects derived from the declarations mean the same thing."""
 
 import argparse
+import json
+import subprocess
+import sys
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
@@ -8,6 +13,8 @@ import pytest
 from kdcache import options
 from kdcache.cli import build_parser
 from kdcache.errors import KdcacheError
+from kdcache.student.config import TrainConfig
+from kdcache.teacher.config import CopyConfig, DumpConfig, VerifyConfig
 
 
 def _subparser(*names) -> argparse.ArgumentParser:
@@ -20,25 +27,34 @@ def _subparser(*names) -> argparse.ArgumentParser:
 COMMANDS = [("prepare", "fashion-mnist"), ("prepare", "imagefolder"), ("prepare", "wds"),
             ("dump-teacher", None), ("train-student", None), ("verify", None), ("preview", None), ("run", None),
             ("ls", None), ("copy", None), ("info", None)]
+CONFIGS = {"dump-teacher": DumpConfig, "train-student": TrainConfig, "verify": VerifyConfig, "copy": CopyConfig}
 
 
 @pytest.mark.parametrize("command,source", COMMANDS, ids=lambda c: str(c))
-def test_options_match_the_parsers(command, source):
-    """options.options() lists every option of the parser, with its default, type, choices and nargs: a
-    recipe table then means what the same options mean on the command line."""
+def test_every_declared_option_is_in_its_parser_with_its_default_help_and_choices(command, source, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")   # help lines unwrapped (argparse breaks lines at hyphens)
     parser = _subparser(command, source) if source else _subparser(command)
-    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
-    known = options.options(command, source)
-    assert set(known) == set(actions), "options.py and cli.py list different options"
-    for dest, a in actions.items():
-        o = known[dest]
-        assert o.default == a.default, dest
-        if isinstance(a, argparse._StoreTrueAction):
-            assert o.type is bool, dest
-            continue
-        assert o.type is (a.type or str), dest
-        assert o.choices == (tuple(a.choices) if a.choices else None), dest
-        assert o.nargs == (a.nargs if isinstance(a.nargs, int) else None), dest
+    actions = {a.dest: a for a in parser._actions if a.dest != "help" and a.help != argparse.SUPPRESS}
+    declared = options.options(command, source)
+    assert list(actions) == list(declared)
+    text = " ".join(parser.format_help().split())
+    for dest, opt in declared.items():
+        a = actions[dest]
+        assert a.option_strings == ([] if opt.positional else [opt.flag]), dest
+        assert a.default == (None if opt.positional else opt.default), dest
+        assert (a.type or str) is (str if opt.type is bool else opt.type), dest
+        assert a.choices == (list(opt.choices) if opt.choices else None), dest
+        assert a.nargs == (0 if opt.type is bool else opt.nargs), dest
+        assert " ".join(opt.help.split()) in text, dest
+        if opt.shown_default() is not None:  # the default is in the help, written by no one but the declaration
+            assert " ".join(f"{opt.help} (default: {opt.shown_default()})".split()).strip() in text, dest
+
+
+def test_help_shows_the_default_of_a_declared_option():
+    text = " ".join(_subparser("train-student").format_help().split())
+    assert "--batch-size BATCH_SIZE (default: 256)" in text
+    assert "--claim-ttl CLAIM_TTL seconds without a heartbeat after which another writer's unit claim is stale " \
+           "(default: 300.0)" in " ".join(_subparser("dump-teacher").format_help().split())
 
 
 def _argv(table: dict):
@@ -54,24 +70,94 @@ def _argv(table: dict):
     return args
 
 
-def test_a_table_gives_the_train_config_of_the_same_options(tmp_path):
+def test_a_table_gives_the_train_config_of_the_same_options_and_it_round_trips(tmp_path):
     table = {"model": "test_resnet", "epochs": 3, "batch-size": 64, "temperature": 2, "hard_loss": "ce",
-             "lr": 0.1, "no-progress": True, "view-seeds": "0:3", "model-ema-decay": 0.5}
+             "lr": 0.1, "no-progress": True, "view-seeds": "0:3", "model-ema-decay": 0.5, "view-size": 24,
+             "mixup": 0.2}
     common = {"data": str(tmp_path / "d"), "out": str(tmp_path / "o"), "kd": "none"}
     ns = options.table_options("train-student", {**table, **common}, "[student]")
     parsed = build_parser().parse_args(["train-student", *_argv({**table, **common})])
-    assert options.train_config(ns) == options.train_config(parsed)
-    assert options.train_config(ns).loss["temperature"] == 2.0 and options.train_config(ns).view_seeds == [0, 1, 2]
+    cfg = TrainConfig.from_options(ns)
+    assert cfg == TrainConfig.from_options(parsed)
+    assert cfg.loss["temperature"] == 2.0 and cfg.view_seeds == [0, 1, 2] and cfg.ema_decay == 0.5
+    assert cfg.progress is False and cfg.recipe["size"] == 24 and cfg.recipe["mixup"] == 0.2
+    assert cfg.data == str(tmp_path / "d") and cfg.loss["kd_loss"] == "none" and cfg.teacher is None
+    assert TrainConfig(**json.loads(json.dumps(asdict(cfg)))) == cfg       # what --resume reads back
 
 
 def test_a_table_gives_the_dump_config_of_the_same_options(fmnist_small, tmp_path):
     table = {"seeds": "0:4", "topk": 3, "scale": [0.35, 1], "aa": "rand-m5-mstd0.5", "mixup": 0.2,
              "batch_size": 64, "teacher": "resnet10t", "random-teacher": True, "data": str(fmnist_small.root),
-             "out": str(tmp_path / "c")}
+             "out": str(tmp_path / "c"), "view-global-seed": 5}
     ns = options.table_options("dump-teacher", table, "[dump]")
     parsed = build_parser().parse_args(["dump-teacher", *_argv(table)])
-    assert options.dump_config(ns) == options.dump_config(parsed)
-    assert options.dump_config(ns).recipe.scale == (0.35, 1.0)
+    cfg = DumpConfig.from_options(ns)
+    assert cfg == DumpConfig.from_options(parsed)
+    assert cfg.recipe.scale == (0.35, 1.0) and cfg.recipe.size == fmnist_small.view_size  # the dataset's
+    assert cfg.global_seed == 5 and cfg.teacher.seed == 5           # a random teacher: the views' seed by default
+    parsed = build_parser().parse_args(["dump-teacher", *_argv(table), "--teacher-init-seed", "9"])
+    assert DumpConfig.from_options(parsed).teacher.seed == 9 and DumpConfig.from_options(parsed).global_seed == 5
+
+
+def test_verify_and_copy_configs_come_from_their_options():
+    ns = build_parser().parse_args(["verify", "s3://b/c", "--replay", "8", "--replay-seed", "3", "--max-kl", "0.01"])
+    assert VerifyConfig.from_options(ns) == VerifyConfig(cache="s3://b/c", replay=8, replay_seed=3, max_kl=0.01)
+    ns = build_parser().parse_args(["copy", "a", "b", "--root", "--seeds", "2:4", "--no-progress"])
+    assert CopyConfig.from_options(ns) == CopyConfig(src="a", dst="b", root=True, seeds=[2, 3], progress=False)
+
+
+@pytest.mark.parametrize("command", sorted(CONFIGS))
+def test_every_declared_field_is_a_field_of_the_config(command):
+    names = {f.name for f in fields(CONFIGS[command])}
+    for dest, opt in options.options(command).items():
+        if opt.config_field is not None:
+            assert opt.config_field.split(".")[0] in names, f"{command} {opt.flag} -> {opt.config_field}"
+
+
+def test_harmless_settings_come_from_the_declarations():
+    """kdcache run's keys leave out exactly the settings declared not to change results."""
+    assert set(options.harmless_fields("train-student")) == {"eval_every", "log_interval", "workers", "progress",
+                                                               "device", "compile"}
+    assert set(options.harmless_fields("dump-teacher")) == {"batch_size", "workers", "device", "amp", "compile",
+                                                              "claim_ttl", "progress", "seeds"}
+    assert set(options.harmless_fields("prepare", "wds")) == {"workers", "overwrite"}
+
+
+# ---- former spellings: one release with a warning ----------------------------------------------------
+FORMER = [("dump-teacher", "--seed", "--view-global-seed", "view_global_seed", "7", 7),
+          ("verify", "--seed", "--replay-seed", "replay_seed", "7", 7),
+          ("preview", "--seed", "--view-global-seed", "view_global_seed", "7", 7),
+          ("preview", "--seeds", "--num-seeds", "num_seeds", "3", 3)]
+BASE = {"dump-teacher": ["--data", "d", "--out", "o", "--seeds", "0:1"], "verify": ["c"], "preview": ["d"]}
+
+
+@pytest.mark.parametrize("command,old,new,dest,text,value", FORMER, ids=lambda x: str(x))
+def test_a_former_spelling_works_with_a_one_line_warning(command, old, new, dest, text, value, tmp_path):
+    with pytest.warns(FutureWarning, match=f"^{old} is deprecated for {command}; use {new}$"):
+        ns = build_parser().parse_args([command, *BASE[command], old, text])
+    assert getattr(ns, dest) == value and not hasattr(ns, old.lstrip("-"))
+    assert ns == build_parser().parse_args([command, *BASE[command], new, text])
+    from conftest import kdcache
+    argv = {"dump-teacher": ["--data", tmp_path / "none", "--out", tmp_path / "o", "--seeds", "0:1"],
+            "verify": [tmp_path / "none"], "preview": [tmp_path / "none", "--out", tmp_path / "v.png"]}[command]
+    r = kdcache(command, *argv, old, text, check=False)
+    lines = r.stderr.splitlines()
+    assert lines[0] == f"kdcache: warning: {old} is deprecated for {command}; use {new}", lines
+    assert not any("warning" in line for line in lines[1:]), lines
+    # (the command then fails on the missing input, as it does with the new spelling)
+    assert kdcache(command, *argv, new, text, check=False).returncode == r.returncode
+
+
+def test_a_former_spelling_in_a_recipe_table_works_with_a_warning():
+    with pytest.warns(FutureWarning, match=r"^\[dump\]: 'seed' is deprecated for kdcache dump-teacher; "
+                                           r"use 'view-global-seed'$"):
+        ns = options.table_options("dump-teacher", {"seed": 4}, "[dump]")
+    assert ns.view_global_seed == 4 and not hasattr(ns, "seed")
+    with pytest.raises(KdcacheError, match="'seed' and 'view-global-seed' are the same setting"):
+        with pytest.warns(FutureWarning):
+            options.table_options("dump-teacher", {"seed": 4, "view-global-seed": 4}, "[dump]")
+    # train-student keeps --seed: the student's initialisation and order
+    assert options.table_options("train-student", {"seed": 4}, "[student]").seed == 4
 
 
 @pytest.mark.parametrize("table,message", [
@@ -96,6 +182,29 @@ def test_prepare_options_by_source():
     with pytest.raises(KdcacheError, match="unknown setting 'shuffle-seed'.*fashion-mnist"):
         options.table_options("prepare", {"shuffle-seed": 0}, "[prepare]", source="fashion-mnist")
     assert isinstance(options.table_options("prepare", {"out": "x"}, "[prepare]", source="wds").out, Path)
+
+
+def test_missing_and_exclusive_options_are_named_before_any_file_is_read(tmp_path):
+    with pytest.raises(KdcacheError, match=r"dump-teacher needs --data, --out \(or --cache-root\), --seeds"):
+        DumpConfig.from_options(options.table_options("dump-teacher", {}, "[dump]"))
+    with pytest.raises(KdcacheError, match="--out and --cache-root are exclusive"):
+        DumpConfig.from_options(options.table_options(
+            "dump-teacher", {"data": str(tmp_path), "seeds": "0:1", "out": "a", "cache-root": "b"}, "[dump]"))
+    with pytest.raises(KdcacheError, match="train-student needs --data, --model, --epochs, --out"):
+        TrainConfig.from_options(options.table_options("train-student", {}, "[student]"))
+
+
+def test_converting_options_opens_no_file_and_imports_no_command():
+    """kdcache.options reads declarations only: importing it loads neither the teacher, the caches nor torch,
+    and kdcache.cache.catalog does not import it (the former circle catalog -> options -> dump -> catalog)."""
+    code = ("import sys, kdcache.options as o, kdcache.cache.catalog\n"
+            "o.table_options('dump-teacher', {'data': '/nonexistent', 'seeds': '0:2', 'out': 'x'}, '[dump]')\n"
+            "bad = [m for m in sys.modules if m.startswith(('kdcache.teacher', 'kdcache.student.config', 'torch'))]\n"
+            "print(bad)")
+    env_path = str(Path(__file__).parent.parent)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"PYTHONPATH": env_path, "PATH": ""})
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 # ---- every option's range, checked before anything is created ----------------------------------------
@@ -137,8 +246,8 @@ RANGED = [(c, s, dest) for c, s in COMMANDS if (c, s) not in (("ls", None), ("in
 
 def test_every_number_option_declares_its_range():
     """Except the view-recipe flags, whose ranges ViewRecipe.validate checks (one place for dump, train, preview)."""
-    from kdcache.augment.recipe import TRAIN_RENAMED
-    recipe_flags = set(options._recipe_options()) | set(options._recipe_options(TRAIN_RENAMED))
+    from kdcache.augment.recipe import TRAIN_RENAMED, recipe_options
+    recipe_flags = set(recipe_options()) | set(recipe_options(TRAIN_RENAMED))
     for command, source in COMMANDS:
         for dest, o in options.options(command, source).items():
             if o.type in (int, float) and dest not in recipe_flags:
@@ -152,7 +261,7 @@ def test_every_number_option_declares_its_range():
 def test_an_out_of_range_value_is_one_line_naming_the_option_and_nothing_is_created(command, source, dest, tmp_path):
     from conftest import kdcache
     opt = options.options(command, source)[dest]
-    flag = "--" + dest.replace("_", "-")
+    flag = opt.flag
     for value in _out_of_range(opt):
         argv = _minimal_argv(command, source, tmp_path) + [flag] + [value] * (opt.nargs or 1)
         r = kdcache(*argv, check=False)

@@ -2,8 +2,10 @@
 harmless changes keep every output, the cache grows with new seeds, meaningful changes are refused, never
 deleted; the pipeline calls the library, not cli.py."""
 
+import contextlib
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -345,3 +347,49 @@ def test_every_step_prints_progress_lines_with_rate_and_eta_when_stderr_is_not_a
                     "--no-progress")
     assert "600 views written" in quiet.stdout
     assert "dump rank 0" not in quiet.stderr and "ETA" not in quiet.stderr, quiet.stderr
+
+
+# the keys kdcache run recorded for these settings before the options were declared once and --seed renamed
+# (computed with kdcache 8a6c448's pipeline): a run directory made then resumes, nothing is redone
+RECORDED_KEYS = {"prepare": "cfd621670717629d", "dump": "fd51a66296166535", "student-none": "499d18d27e4031ce",
+                 "student-online": "923d0da1b72d01a8"}
+
+
+@pytest.mark.parametrize("global_seed", [{"seed": 7}, {"view-global-seed": 7}], ids=["former --seed", "renamed"])
+def test_step_keys_of_existing_run_directories_do_not_change(global_seed):
+    from kdcache import options
+    from kdcache.pipeline import PATHS, _key, dump_identity, run_settings
+    from kdcache.student.config import TrainConfig
+    from kdcache.teacher.config import DumpConfig
+    teacher = {"name": "resnet10t", "sha256": "0" * 64, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    keys = {}
+    ns = options.table_options("prepare", {"limit": 300, "workers": 2}, "[prepare]", source="fashion-mnist")
+    ns.out = "/x/data"
+    skip = set(options.harmless_fields("prepare", "fashion-mnist")) | set(PATHS)
+    keys["prepare"] = _key("prepare", {k: v for k, v in vars(ns).items() if k not in skip})
+    dump = {"seeds": "0:3", "topk": 3, "unit-size": 128, "batch-size": 64, "no-progress": True, **global_seed,
+            "aa": "rand-m5-mstd0.5", "mixup": 0.2, "scale": [0.35, 1], "size": 32}
+    with pytest.warns(FutureWarning) if "seed" in global_seed else _no_warning():
+        ns = options.table_options("dump-teacher", dump, "[dump]")
+    ns.data, ns.out, ns.teacher, ns.teacher_checkpoint = "/x/data", "/x/cache", "resnet10t", "/x/t.safetensors"
+    cfg = DumpConfig.from_options(ns)
+    assert cfg.global_seed == 7 and cfg.teacher.seed == 7
+    keys["dump"] = _key("dump", dump_identity(cfg, "f" * 64, teacher))
+    student = {"model": "test_resnet", "epochs": 2, "batch-size": 64, "workers": 2, "hard-loss": "ce", "temperature": 2,
+               "eval-every": 1, "no-progress": True}
+    for mode in ("none", "online"):
+        ns = options.table_options("train-student", student, "[student]")
+        ns.data, ns.out, ns.seed, ns.kd = "/x/data", "/x/s", 1, mode
+        ns.view_global_seed, ns.aa, ns.mixup, ns.scale, ns.view_size = 7, "rand-m5-mstd0.5", 0.2, [0.35, 1.0], 32
+        if mode == "online":
+            ns.teacher, ns.teacher_checkpoint = "resnet10t", "/x/t.safetensors"
+        upstream = {"dataset": "f" * 64, **({"teacher-sha256": "0" * 64} if mode == "online" else {})}
+        keys[f"student-{mode}"] = _key(f"student-{mode}", run_settings(TrainConfig.from_options(ns), upstream))
+    assert keys == RECORDED_KEYS
+
+
+@contextlib.contextmanager
+def _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        yield

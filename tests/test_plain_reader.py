@@ -255,7 +255,7 @@ def strong_caches(fmnist_small, tmp_path_factory):
     out = {}
     for mode, flags in RECIPES.items():
         out[mode] = root / mode
-        kdcache("dump-teacher", "--data", fmnist_small.root, "--out", out[mode], "--seeds", "3:5", "--seed", 11,
+        kdcache("dump-teacher", "--data", fmnist_small.root, "--out", out[mode], "--seeds", "3:5", "--view-global-seed", 11,
                 "--teacher", "resnet10t", "--random-teacher", "--topk", 3, "--unit-size", 128, "--no-progress",
                 *flags)
     return out
@@ -327,7 +327,7 @@ def test_plain_reader_rebuilds_the_random_teacher(strong_caches, tmp_path):
 def test_preview_layout_is_the_documented_one(fmnist_small, tmp_path):
     """docs/views.md "kdcache preview": canvas size, tile places, white gaps, no red frame when identical."""
     out = tmp_path / "p.png"
-    proc = kdcache("preview", fmnist_small.root, "--samples", 3, "--seeds", 2, "--reprob", 1.0, "--out", out)
+    proc = kdcache("preview", fmnist_small.root, "--samples", 3, "--num-seeds", 2, "--reprob", 1.0, "--out", out)
     assert "6/6 views identical" in proc.stdout
     img = np.asarray(Image.open(out).convert("RGB"))
     N, S, m = fmnist_small.split("train").num_samples, 32, 2

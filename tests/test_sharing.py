@@ -49,7 +49,7 @@ def test_a_cache_root_gathers_dumps_of_one_identity_into_one_cache(fmnist_small,
     assert c["dataset"]["num_samples"] == 400 and c["seeds_in_progress"] == {}
     assert "4 complete 0:4" in kdcache("ls", root).stdout
     # another teacher (other init seed = other weights): a second cache beside the first
-    dump(fmnist_small.root, "--cache-root", root, seeds="0:1", extra=("--seed", 1))
+    dump(fmnist_small.root, "--cache-root", root, seeds="0:1", extra=("--teacher-init-seed", 1))
     caches = {c["id"]: c for c in ls(root)}
     assert len(caches) == 2
     # a student finds the cache for its dataset; with two, it must be told which (the error lists both)

@@ -99,7 +99,7 @@ def test_mixing_changes_pixels_as_documented(fmnist_small):
 def test_preview_shows_strong_views_identical_on_both_sides(fmnist_small, tmp_path):
     from conftest import kdcache
     out = tmp_path / "strong.png"
-    proc = kdcache("preview", fmnist_small.root, "--samples", 6, "--seeds", 3, "--aa", "rand-m9-mstd0.5",
+    proc = kdcache("preview", fmnist_small.root, "--samples", 6, "--num-seeds", 3, "--aa", "rand-m9-mstd0.5",
                    "--reprob", 0.5, "--mixup", 0.5, "--cutmix", 1.0, "--mix-block", 16, "--out", out)
     assert "18/18 views identical" in proc.stdout and out.is_file()
 

@@ -95,7 +95,7 @@ def test_views_are_not_the_stock_uncropped_image(folder_ds):
 
 def test_preview_cli_writes_side_by_side_picture(fmnist_small, tmp_path):
     out = tmp_path / "views.png"
-    proc = kdcache("preview", fmnist_small.root, "--samples", 8, "--seeds", 4, "--out", out)
+    proc = kdcache("preview", fmnist_small.root, "--samples", 8, "--num-seeds", 4, "--out", out)
     assert "32/32 views identical" in proc.stdout
     img = Image.open(out)
     assert img.size[0] > 4 * 2 * 32 and img.size[1] > 8 * 32

@@ -1,7 +1,8 @@
 """The augmentation recipe of a view: settings named as in timm's train.py, recorded whole in every artefact.
 
-The defaults live here and only here: the CLI's flags default to None ("not given") and take the
-dataclass defaults, so a flag that contradicts a cache's recipe can be told apart from one left alone.
+The defaults live here and only here, and so do the declarations of the recipe's flags (recipe_options):
+the flags default to None ("not given") and take the dataclass defaults, so a flag that contradicts a
+cache's recipe can be told apart from one left alone.
 """
 
 import argparse
@@ -9,9 +10,10 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from kdcache.errors import KdcacheError
+from kdcache.option import Option
 
 # Pixels are part of a cache's meaning: a change of any op's output is a new renderer version
 # (tests/test_golden_views.py keeps a table per version). kdcache.augment.render implements them:
@@ -143,7 +145,7 @@ class ViewRecipe:
 
 DEFAULTS = ViewRecipe.__dataclass_fields__
 _FLAG_HELP = {
-    "size": "view size in pixels (default: the dataset's view size)",
+    "size": "view size in pixels",
     "scale": "RandomResizedCrop area range",
     "ratio": "RandomResizedCrop aspect-ratio range",
     "hflip": "horizontal flip probability",
@@ -161,36 +163,40 @@ _FLAG_HELP = {
                 "1 = OpenCV INTER_AREA (caches made before it; docs/views.md)",
 }
 RECIPE_FLAGS = tuple(_FLAG_HELP)
+RECIPE_GROUP = "view recipe (timm names)"
 # train-student's --size is the size the student trains at (a fixed size or a ramp, kdcache.student.resolution);
 # the views' own size (where their pixel boxes are drawn, what a cache's teacher scored) is --view-size there.
 TRAIN_RENAMED = {"size": "view_size"}
 
 
 def flag_dest(name: str, renamed: Optional[dict] = None) -> str:
-    """The argparse dest of recipe field `name` in a parser made with add_recipe_args(renamed=...)."""
+    """The argparse dest of recipe field `name` in a command whose recipe flags are renamed by `renamed`."""
     return (renamed or {}).get(name, name)
 
 
-def _default(name: str):
-    return DEFAULTS[name].default
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return " ".join(f"{x:g}" for x in value)
+    return "none" if value is None else str(value)
 
 
-def add_recipe_args(parser: argparse.ArgumentParser, renamed: Optional[dict] = None) -> None:
-    """timm train.py names for the view recipe. Every flag defaults to None ("not given"); the value
-    used is then the ViewRecipe default shown in the help. renamed: field -> dest of another name."""
-    g = parser.add_argument_group("view recipe (timm names)")
+def recipe_options(renamed: Optional[dict] = None) -> Dict[str, Option]:
+    """The view-recipe flags, timm train.py's names, by dest (renamed: field -> dest of another name). Every
+    flag defaults to None, "not given", so that a flag contradicting a cache's recipe can be told apart from
+    one left alone; the value then used is the ViewRecipe default, which --help shows."""
+    out = {}
     for name in RECIPE_FLAGS:
-        flag = "--" + flag_dest(name, renamed).replace("_", "-")
-        default = _default(name)
-        shown = "" if name == "size" else f" (default {default if not isinstance(default, tuple) else ' '.join(f'{x:g}' for x in default)})"
-        kw = dict(default=None, help=_FLAG_HELP[name] + shown)
+        default = DEFAULTS[name].default
+        kw = dict(type=type(default))
         if name in ("scale", "ratio"):
-            kw.update(type=float, nargs=2, metavar=("MIN", "MAX"))
+            kw = dict(type=float, nargs=2, metavar=("MIN", "MAX"))
         elif name in ("aa", "remode"):
-            kw.update(type=str)
-        else:
-            kw.update(type=type(default))
-        g.add_argument(flag, **kw)
+            kw = dict(type=str)
+        dest = flag_dest(name, renamed)
+        out[dest] = Option("--" + dest.replace("_", "-"), help=_FLAG_HELP[name], group=RECIPE_GROUP,
+                           field=f"recipe.{name}",
+                           default_text="the dataset's view size" if name == "size" else _shown(default), **kw)
+    return out
 
 
 def given_recipe_flags(args: argparse.Namespace, renamed: Optional[dict] = None) -> dict:
@@ -202,11 +208,14 @@ def given_recipe_flags(args: argparse.Namespace, renamed: Optional[dict] = None)
 def recipe_from_args(args: argparse.Namespace, default_size: int, base: Optional[ViewRecipe] = None,
                      renamed: Optional[dict] = None) -> ViewRecipe:
     """The recipe of the given flags on top of `base` (default: the ViewRecipe defaults at the dataset's size)."""
+    return recipe_from_given(given_recipe_flags(args, renamed), default_size, base)
+
+
+def recipe_from_given(given: dict, default_size: int, base: Optional[ViewRecipe] = None) -> ViewRecipe:
+    """The recipe of the given settings (field -> value; None: not given) on top of `base` (default: the
+    ViewRecipe defaults at default_size)."""
     base = base or ViewRecipe(size=default_size)
-    given = given_recipe_flags(args, renamed)
-    for k in ("scale", "ratio"):
-        if k in given:
-            given[k] = tuple(given[k])
+    given = {k: tuple(v) if k in ("scale", "ratio") else v for k, v in given.items() if v is not None}
     return dataclasses.replace(base, **given)
 
 

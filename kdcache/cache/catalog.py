@@ -16,6 +16,7 @@ from typing import List, Optional
 from kdcache.cache.location import Location
 from kdcache.cache.schema import CacheSpec, NotACache, TeacherCache
 from kdcache.errors import KdcacheError
+from kdcache.seeds import seed_ranges
 
 
 def cache_id(spec: CacheSpec) -> str:
@@ -127,7 +128,6 @@ def find_cache(root, split_fingerprint: str, cache_id_: Optional[str] = None,
 
 
 def render_ls(entries: List[dict], unreadable: Optional[List[dict]] = None) -> str:
-    from kdcache.options import seed_ranges
     if not entries and not unreadable:
         return "no caches"
     lines = []

@@ -94,3 +94,13 @@ def copy_cache(src_where, dst_where, seeds: Optional[List[int]] = None, workers:
                "units_already_there": skipped, "bytes_copied": copied_bytes, "damaged": damaged,
                "seeds_complete": dst.complete_seeds(), "seconds": round(time.time() - t0, 2)}
     return summary
+
+
+def copy_cache_with(cfg) -> dict:
+    """copy_cache() with a kdcache.teacher.config.CopyConfig; with cfg.root the destination is the cache's place
+    under the root cfg.dst (dst/<cache id>, kdcache.cache.catalog)."""
+    dst = cfg.dst
+    if cfg.root:
+        from kdcache.cache.catalog import cache_id
+        dst = str(Location.of(cfg.dst).child(cache_id(TeacherCache.open(cfg.src).spec)))
+    return copy_cache(cfg.src, dst, seeds=cfg.seeds, workers=cfg.workers, progress=cfg.progress)

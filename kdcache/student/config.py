@@ -1,8 +1,15 @@
-"""TrainConfig: everything `kdcache train-student` runs on (what config.json records and --resume reads)."""
+"""TrainConfig: everything `kdcache train-student` runs on (what config.json records and --resume reads),
+made from the command's options (kdcache.options) by TrainConfig.from_options.
 
-from dataclasses import dataclass, field
+from_options is also where options meet files: a cache found under --cache-root, recipe flags checked against
+the cache's recipe, the dataset's view size; never while the options are converted.
+"""
+
+import argparse
+from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
+from kdcache import options
 from kdcache.cache.schema import MAX_SEED
 from kdcache.errors import KdcacheError
 from kdcache.student.resolution import DEFAULT_STEP, SizeSchedule
@@ -55,6 +62,33 @@ class TrainConfig:
     log_interval: int = 50
     progress: bool = True
 
+    @classmethod
+    def from_options(cls, ns: argparse.Namespace) -> "TrainConfig":
+        """The TrainConfig of `kdcache train-student` options (parsed, or a recipe table's). Cached KD: the
+        recipe flags must agree with the cache's; a random online teacher's weights come from --seed unless
+        --teacher-init-seed is given."""
+        from kdcache.models import ModelSpec
+        options.check_needed("train-student", ns)
+        cache = resolve_cache(ns)
+        if cache and ns.kd:
+            raise KdcacheError("--cache and --kd are exclusive (cached KD uses the cache's teacher)")
+        mode = "cache" if cache else ns.kd
+        if mode is None:
+            raise KdcacheError("choose a mode: --cache CACHE, --kd online (with --teacher), or --kd none")
+        values = options.config_values("train-student", ns)
+        teacher = values.pop("teacher")
+        if teacher["seed"] is None:
+            teacher["seed"] = values["seed"]
+        # TrainConfig.validate checks that an online teacher has weights
+        values["teacher"] = asdict(ModelSpec(**teacher)) if mode == "online" else None
+        values["recipe"] = _recipe(mode, cache, values.pop("recipe"), ns)
+        loss = values["loss"]
+        if mode == "none":
+            loss["kd_loss"] = "none"
+        loss["hard_loss"] = loss["hard_loss"] or ("ce" if mode == "none" else "none")
+        values.update(mode=mode, cache=cache)
+        return options.make_config(cls, values)
+
     def validate(self) -> None:
         if self.mode not in ("cache", "online", "none"):
             raise KdcacheError(f"mode must be cache, online or none, got {self.mode!r}")
@@ -84,3 +118,36 @@ class TrainConfig:
         """The training size of every epoch (default: the views' size throughout)."""
         return SizeSchedule.build(self.size or [view_size, view_size], self.epochs, self.ramp_start, self.ramp_end,
                                   self.size_step)
+
+
+def resolve_cache(ns: argparse.Namespace) -> Optional[str]:
+    """--cache, or the cache for --data's train split found under --cache-root (narrowed by --cache-id,
+    --teacher-sha256)."""
+    if not ns.cache_root:
+        return str(ns.cache) if ns.cache else None
+    if ns.cache:
+        raise KdcacheError("--cache and --cache-root are exclusive")
+    from kdcache.cache.catalog import find_cache
+    from kdcache.data.dataset import PreparedDataset
+    split = PreparedDataset.open(ns.data).split("train")
+    return str(find_cache(ns.cache_root, split.fingerprint, ns.cache_id, ns.teacher_sha256).path)
+
+
+MIXING_FLAGS = ("mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mix_block")
+
+
+def _recipe(mode: str, cache: Optional[str], given: dict, ns: argparse.Namespace) -> Optional[dict]:
+    """TrainConfig.recipe: cached KD takes the cache's (flags that contradict it are refused; with --mix-labels
+    the mixing flags are what the loader adds); none/online: the given flags at the dataset's view size."""
+    from kdcache.augment.recipe import TRAIN_RENAMED, ViewRecipe, check_flags_match, recipe_from_given
+    given = {k: v for k, v in given.items() if v is not None}
+    if mode == "cache":
+        from kdcache.cache.schema import TeacherCache
+        cache_recipe = ViewRecipe.from_dict(TeacherCache.open(cache).spec.recipe)
+        check_flags_match(ns, cache_recipe, cache, allowed=MIXING_FLAGS if ns.mix_labels else (),
+                          renamed=TRAIN_RENAMED)
+        return {k: v for k, v in given.items() if k in MIXING_FLAGS} if ns.mix_labels else None
+    if not given:
+        return None
+    from kdcache.data.dataset import PreparedDataset
+    return recipe_from_given(given, given.get("size") or PreparedDataset.open(ns.data).view_size).to_dict()

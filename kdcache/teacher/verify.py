@@ -239,3 +239,10 @@ def render_report(r: dict) -> str:
             lines.append(f"    renderer {rend['cache_version']}: the libraries that made this cache differ from the "
                          f"current ones ({what}); the replay above re-rendered every view with the current ones")
     return "\n".join(lines)
+
+
+def verify_cache(cfg) -> dict:
+    """verify() with a kdcache.teacher.config.VerifyConfig: the report `kdcache verify` prints."""
+    return verify(cfg.cache, replay=cfg.replay, checkpoint=cfg.teacher_checkpoint, data=cfg.data, device=cfg.device,
+                  seed=cfg.replay_seed, min_agreement=cfg.min_agreement, max_kl=cfg.max_kl,
+                  max_tail_error=cfg.max_tail_error, teacher_module=cfg.teacher_module)
