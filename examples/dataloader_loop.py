@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from kdcache.student.dataset import PairBatchSampler, ReplayDataset, collate_views
+from kdcache import PairBatchSampler, ReplayDataset, collate_views
 
 
 def main(argv=None) -> list:

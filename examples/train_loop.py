@@ -15,9 +15,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
-from kdcache.cache.reader import open_dataset
-from kdcache.student.losses import hard_label_target, kd_loss
-from kdcache.student.replay import ReplayLoader
+from kdcache import ReplayLoader, hard_label_target, kd_loss, open_dataset
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument("--data", required=True, help="prepared dataset (kdcache prepare)")

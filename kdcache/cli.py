@@ -117,8 +117,7 @@ def _cmd_preview(args) -> int:
 
 
 def _cmd_dump(args) -> int:
-    from kdcache.teacher.config import DumpConfig
-    from kdcache.teacher.dump import dump_teacher
+    from kdcache import DumpConfig, dump_teacher
     cfg = DumpConfig.from_options(args)
     s = dump_teacher(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -133,15 +132,14 @@ def _cmd_dump(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from kdcache.teacher.config import VerifyConfig
-    from kdcache.teacher.verify import render_report, verify_cache
+    from kdcache import VerifyConfig, verify_cache, verify_report_text
     report = verify_cache(VerifyConfig.from_options(args))
-    print(json.dumps(report, indent=1) if args.json else render_report(report))
+    print(json.dumps(report, indent=1) if args.json else verify_report_text(report))
     return 0 if report["ok"] else 1
 
 
 def _cmd_train(args) -> int:
-    from kdcache.student.train import TrainConfig, train_student
+    from kdcache import TrainConfig, train_student
     if args.resume:
         path = args.resume / "config.json"
         if not path.is_file():
@@ -196,9 +194,8 @@ def _cmd_ls(args) -> int:
 
 
 def _cmd_copy(args) -> int:
-    from kdcache.cache.copy import copy_cache_with
-    from kdcache.teacher.config import CopyConfig
-    s = copy_cache_with(CopyConfig.from_options(args))
+    from kdcache import CopyConfig, copy_cache
+    s = copy_cache(CopyConfig.from_options(args))
     print(f"copy: {s['units_copied']} units ({s['bytes_copied'] / 2**20:.1f} MiB) copied, {s['units_already_there']} "
           f"already there, in {s['seconds']:.1f} s; seeds complete at the destination {_ranges(s['seeds_complete'])} "
           f"-> {s['destination']}")

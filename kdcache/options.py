@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from kdcache.augment.recipe import TRAIN_RENAMED, recipe_options
+from kdcache.augment.recipe import RECIPE_FLAGS, TRAIN_RENAMED, ViewRecipe, flag_dest, recipe_options
 from kdcache.errors import KdcacheError
 from kdcache.option import (CORES, FRACTION, NON_NEGATIVE, NOT_A_FIELD, POSITIVE, PROBABILITY, SEED, Option,
                             Range, check_range, deprecated, usable_cores)
@@ -439,3 +439,13 @@ def harmless_fields(command: str, source: Optional[str] = None) -> List[str]:
 def key_defaults(command: str) -> Dict[str, object]:
     """field -> default of the options that kdcache run's key leaves out at their default (Option.key_omits_default)."""
     return {o.config_field: o.default for o in options(command).values() if o.key_omits_default}
+
+
+def set_recipe_options(ns: argparse.Namespace, recipe: ViewRecipe, renamed: Optional[Dict[str, str]] = TRAIN_RENAMED) -> None:
+    """Every setting of `recipe` into `ns` as the command's recipe flags would set it (train-student's names by
+    default: the views' size is its --view-size; its --size is the student's)."""
+    for name in RECIPE_FLAGS:
+        value = getattr(recipe, name)
+        if value is not None:
+            setattr(ns, flag_dest(name, renamed), list(value) if isinstance(value, tuple) else value)
+

@@ -42,7 +42,7 @@ from kdcache import options
 from kdcache.errors import KdcacheError
 from kdcache.files import write_text_atomic
 from kdcache.seeds import seed_ranges
-from kdcache.student.config import TrainConfig
+from kdcache import TrainConfig
 
 MODES = ("none", "online", "cache")
 TOP_LEVEL = ("name", "seed", "teacher_seed", "students", "out", "prepare", "teacher", "dump", "student", "full")
@@ -289,16 +289,14 @@ class Pipeline:
         # memo for this process only (the dump and the online student ask for the same teacher)
         memo = json.dumps([asdict(spec), st.st_size, st.st_mtime_ns], default=str)
         if memo not in self._teachers:
-            from kdcache.models import build_model
+            from kdcache import build_model
             _, info = build_model(spec, self.dataset.num_classes, what="teacher")
             self._teachers[memo] = {k: info[k] for k in ("name", "sha256", "mean", "std")}
         return self._teachers[memo]
 
     # ---- the steps -------------------------------------------------------------------------------
     def prepare(self) -> None:
-        from kdcache.data.config import prepare_dataset
-        from kdcache.data.dataset import PreparedDataset
-        from kdcache.data.prepare import IncompatibleDataset
+        from kdcache import IncompatibleDataset, PreparedDataset, prepare_dataset
         ns = _prepare_options(self.recipe["prepare"])
         ns.out = self.data
         skip = set(options.harmless_fields("prepare", ns.source)) | set(PATHS)
@@ -329,9 +327,7 @@ class Pipeline:
                          [run_dir / "summary.json", run_dir / "model.safetensors"])
 
     def dump(self) -> None:
-        from kdcache.cache.schema import IncompatibleCache, TeacherCache
-        from kdcache.teacher.config import DumpConfig
-        from kdcache.teacher.dump import dump_teacher
+        from kdcache import DumpConfig, IncompatibleCache, dump_teacher, open_cache
         ns = _dump_options(self.recipe["dump"])
         ns.data, ns.out = self.data, self.cache
         self._teacher_into(ns)
@@ -341,7 +337,7 @@ class Pipeline:
 
         def complete() -> bool:
             return ((self.cache / "zarr.json").is_file()
-                    and set(cfg.seeds) <= set(TeacherCache.open(self.cache).complete_seeds()))
+                    and set(cfg.seeds) <= set(open_cache(self.cache).seeds))
 
         def run():
             try:
@@ -370,9 +366,9 @@ class Pipeline:
         return runs
 
     def students(self) -> None:
-        from kdcache.cache.schema import TeacherCache
-        cache = TeacherCache.open(self.cache)
-        spec, complete = cache.spec, cache.complete_seeds()
+        from kdcache import open_cache
+        cache = open_cache(self.cache)
+        spec, complete = cache.identity, cache.seeds
         seeds = sorted(self.dump_cfg.seeds)
         runs = self.student_runs()
         for j in range(len(self.seeds)):  # seed by seed: an interrupted run has whole comparisons for its first seeds
@@ -389,9 +385,9 @@ class Pipeline:
             ns.cache = self.cache
             if ns.view_seeds is None and complete != seeds:  # the recipe's seeds, not others the cache holds
                 ns.view_seeds = seeds
-            upstream["cache"] = {"teacher": spec.teacher["name"], "teacher-sha256": spec.teacher["sha256"],
-                                 "recipe": spec.recipe, "global-seed": spec.global_seed, "topk": spec.topk,
-                                 "values-dtype": spec.values_dtype, "seeds": ns.view_seeds or complete}
+            upstream["cache"] = {"teacher": spec["teacher"]["name"], "teacher-sha256": spec["teacher"]["sha256"],
+                                 "recipe": spec["recipe"], "global-seed": spec["global_seed"], "topk": spec["topk"],
+                                 "values-dtype": spec["values_dtype"], "seeds": ns.view_seeds or complete}
         else:  # the same views as the cache: its recipe, global seed and seeds
             ns.kd = mode
             self._cache_views(ns, spec)
@@ -401,7 +397,7 @@ class Pipeline:
                 self._teacher_into(ns)
         cfg = TrainConfig.from_options(ns)
         if mode == "online":
-            from kdcache.models import ModelSpec
+            from kdcache import ModelSpec
             upstream["teacher-sha256"] = self.teacher_identity(ModelSpec(**cfg.teacher))["sha256"]
         self._train_step(name, run_dir, cfg, upstream, [run_dir / "summary.json"])
 
@@ -409,13 +405,9 @@ class Pipeline:
     def _cache_views(ns, spec) -> None:
         """none and online do not read the cache: they get its whole view recipe and its global seed
         explicitly, so they train on the very views the cached student replays."""
-        from kdcache.augment.recipe import RECIPE_FLAGS, TRAIN_RENAMED, ViewRecipe, flag_dest
-        recipe = ViewRecipe.from_dict(spec.recipe)
-        ns.view_global_seed = spec.global_seed
-        for name in RECIPE_FLAGS:   # (the views' size is train-student's --view-size; --size is the student's)
-            value = getattr(recipe, name)
-            if value is not None:
-                setattr(ns, flag_dest(name, TRAIN_RENAMED), list(value) if isinstance(value, tuple) else value)
+        from kdcache import ViewRecipe
+        ns.view_global_seed = spec["global_seed"]
+        options.set_recipe_options(ns, ViewRecipe.from_dict(spec["recipe"]))
 
     # ---- training runs ------------------------------------------------------------------------------
     def _train_step(self, name: str, run_dir: Path, cfg, upstream: dict, outputs: List[Path]) -> None:
@@ -439,7 +431,7 @@ class Pipeline:
     def _train(self, name: str, run_dir: Path, cfg, settings: dict, outputs: List[Path]) -> Optional[str]:
         """train-student into run_dir: started, resumed from its last.pt, or found complete. A run that has
         made something (a checkpoint, weights, a summary) with other settings is refused, never replaced."""
-        from kdcache.student.train import train_student
+        from kdcache import train_student
         made = [f for f in ("last.pt", "model.safetensors", "summary.json") if (run_dir / f).is_file()]
         if made:
             recorded = self._recorded(run_dir)

@@ -97,6 +97,13 @@ class Cache:
         return self._cache.path
 
     @property
+    def identity(self) -> dict:
+        """The cache's identity as its root document records it (teacher, dataset, recipe as stored,
+        global_seed, topk, num_classes, values_dtype, unit size, ...): what makes two caches the same."""
+        import dataclasses
+        return dataclasses.asdict(self._cache.spec)
+
+    @property
     def recipe(self) -> ViewRecipe:
         """How the views were drawn and rendered."""
         return ViewRecipe.from_dict(self._cache.spec.recipe)
@@ -200,3 +207,18 @@ class Cache:
     def summary(self) -> dict:
         """What `kdcache info CACHE --json` prints."""
         return self._cache.summary()
+
+
+def list_caches(root, unreadable: Optional[List[dict]] = None) -> List[Cache]:
+    """The caches under a cache root (`kdcache ls ROOT`), each opened for reading.
+
+    Parameters
+    ----------
+    root : str or Path
+        A directory or URL holding caches (each in a folder named by its id).
+    unreadable : list, optional
+        If given, each cache whose metadata cannot be read is appended to it as ``{"path", "error"}``
+        instead of being skipped silently.
+    """
+    from kdcache.cache.catalog import list_caches as _list
+    return [Cache(c) for c in _list(root, unreadable)]
