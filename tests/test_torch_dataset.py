@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import dump_random_teacher
+import kdcache
 from kdcache.augment import ParamLayout, ViewRecipe, view_params
 from kdcache.augment.loader import ReplayLoader, eval_loader
 from kdcache.augment.mixing import MODE_CUTMIX, MODE_MIXUP
@@ -74,7 +75,7 @@ def test_pixels_and_targets_equal_the_ffcv_replay_and_the_cache(a2):
     split = ds.split("train")
     cache = TeacherCache.open(cache_path)
     batched = ReplayDataset(ds.root, cache_path)
-    per_item = ReplayDataset(ds.root, cache_path, mix="item")
+    per_item = ReplayDataset(ds.root, kdcache.open_cache(cache_path), mix="item")   # the public handle works too
     layout = batched.layout
     assert layout.ra_layers and layout.erase_boxes and layout.mixing and batched.seeds == list(SEEDS)
     loader = replay_loader(split, layout, batched.size)

@@ -211,7 +211,10 @@ class ReplayDataset(Dataset):
 
     # --- where the views come from ---------------------------------------------------------------
     def _use_cache(self, cache, recipe, view_global_seed, view_seeds) -> None:
+        from kdcache.cache.reader import Cache
         from kdcache.cache.schema import TeacherCache
+        if isinstance(cache, Cache):   # the public handle (kdcache.open_cache)
+            cache = cache.teacher_cache
         self._cache = cache if isinstance(cache, TeacherCache) else TeacherCache.open(cache)
         self._cache_where = self._cache.path
         spec = self._cache.spec
