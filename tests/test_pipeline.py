@@ -241,7 +241,8 @@ def test_pipeline_does_not_import_the_cli(tmp_path, fmnist_small):
     recipe.write_text(RECIPE.format(student="test_resnet", epochs=1, eval_every=1, students="", seed=0)
                       .replace("limit = 300", "limit = 400\nshard-size = 150"))
     shutil.copytree(fmnist_small.root, out / "data")
-    code = ("import sys\nfrom kdcache.pipeline import Pipeline, load_recipe\n"
+    code = ("import sys\nfrom kdcache.log import setup_cli_logging\nfrom kdcache.pipeline import Pipeline, load_recipe\n"
+            "setup_cli_logging()\n"   # the library logs; a program shows what it chooses (here: as the commands do)
             "p = Pipeline(load_recipe(sys.argv[1]), sys.argv[2])\np.prepare()\n"
             "sys.exit('kdcache.cli' in sys.modules)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent.parent),

@@ -13,6 +13,7 @@ from kdcache.augment.params import ParamLayout, view_params
 from kdcache.augment.recipe import ViewRecipe
 from kdcache.augment.render import decode_jpeg, mix_views, render_views
 from kdcache.data.dataset import PreparedSplit
+from kdcache.files import atomic_file
 
 
 def _partner(params: np.ndarray, layout: ParamLayout, i: int) -> int:
@@ -102,5 +103,6 @@ def preview(split: PreparedSplit, recipe: ViewRecipe, global_seed: int, samples:
                 draw.rectangle([x0 - 2, y0 - 2, x0 + pair_w + 1, y0 + cell + 1], outline=(255, 0, 0), width=2)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
+    with atomic_file(out) as tmp:
+        canvas.save(tmp, format=out.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
     return {"out": str(out), "views": len(teacher), "identical": int(identical), "indices": indices}
