@@ -65,22 +65,32 @@ class PairedOrder:
         return samples + self.decoder.table[samples, offset + 1].astype(np.int64)
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        samples = self.active
-        partner = self.partners(samples)
-        inside = np.isin(partner, samples)
-        lower = samples[(partner > samples) & inside]
-        singles = samples[(partner == samples) | ~inside]
-        rng = np.random.default_rng([self.seed, epoch, 0x0DE7])
-        pairs = rng.permutation(lower)
-        pairs = np.stack([pairs, self.partners(pairs)], 1)             # (P, 2)
-        singles = rng.permutation(singles)
-        per_rank_pairs = len(pairs) // self.world
-        mine_pairs = pairs[self.rank * per_rank_pairs:(self.rank + 1) * per_rank_pairs].reshape(-1)
-        per_rank_singles = len(singles) // self.world
-        mine = np.concatenate([mine_pairs, singles[self.rank * per_rank_singles:(self.rank + 1) * per_rank_singles]])
+        mine = pair_order(self.active, self.partners, self.seed, epoch, self.rank, self.world)
         if self.length is not None:
             mine = mine[:self.length]
         return mine
+
+
+def pair_order(samples: np.ndarray, partner_of, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+               shuffle: bool = True) -> np.ndarray:
+    """The order of `samples` for one epoch on one rank, pairs side by side: partners (partner_of(samples))
+    at positions 2k, 2k+1, the pairs in an order drawn from (seed, epoch), then the unpaired samples (and
+    those whose partner is not among `samples`); ranks get equal numbers of whole pairs and of singles.
+    The FFCV replay (PairedOrder) and the map-style dataset's PairBatchSampler share it."""
+    samples = np.asarray(samples)
+    partner = partner_of(samples)
+    inside = np.isin(partner, samples)
+    lower = samples[(partner > samples) & inside]
+    singles = samples[(partner == samples) | ~inside]
+    if shuffle:
+        rng = np.random.default_rng([seed, epoch, 0x0DE7])
+        lower = rng.permutation(lower)
+        singles = rng.permutation(singles)
+    pairs = np.stack([lower, partner_of(lower)], 1)             # (P, 2)
+    per_rank_pairs = len(pairs) // world_size
+    per_rank_singles = len(singles) // world_size
+    return np.concatenate([pairs[rank * per_rank_pairs:(rank + 1) * per_rank_pairs].reshape(-1),
+                           singles[rank * per_rank_singles:(rank + 1) * per_rank_singles]])
 
 
 class ReplayLoader:

@@ -379,23 +379,11 @@ def collate_views(items: List[ReplayItem]) -> ReplayBatch:
 
 def paired_order(partners: np.ndarray, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True) -> np.ndarray:
-    """The samples of one epoch on one rank, pairs side by side: partners at positions 2k, 2k+1, the pairs in an
-    order drawn from (seed, epoch), the unpaired samples last; ranks get equal numbers of whole pairs and of
-    singles. The same order as the FFCV replay's (kdcache.augment.loader.PairedOrder, all samples active), so
-    with the same seed and batch size the batches are train-student's."""
-    samples = np.arange(len(partners))
+    """The samples of one epoch on one rank, pairs side by side (kdcache.augment.loader.pair_order over all
+    samples): the FFCV replay's order, so with the same seed and batch size the batches are train-student's."""
+    from kdcache.augment.loader import pair_order
     partners = np.asarray(partners, np.int64)
-    lower = samples[partners > samples]
-    singles = samples[partners == samples]
-    if shuffle:
-        rng = np.random.default_rng([seed, epoch, 0x0DE7])
-        lower = rng.permutation(lower)
-        singles = rng.permutation(singles)
-    pairs = np.stack([lower, partners[lower]], 1)
-    per_rank_pairs = len(pairs) // world_size
-    per_rank_singles = len(singles) // world_size
-    return np.concatenate([pairs[rank * per_rank_pairs:(rank + 1) * per_rank_pairs].reshape(-1),
-                           singles[rank * per_rank_singles:(rank + 1) * per_rank_singles]])
+    return pair_order(np.arange(len(partners)), partners.__getitem__, seed, epoch, rank, world_size, shuffle)
 
 
 ReplayDataset.collate = staticmethod(collate_views)   # DataLoader(..., collate_fn=ReplayDataset.collate)
