@@ -5,7 +5,9 @@ PyTorch loop on these names) takes the very steps `kdcache train-student` takes.
 import contextlib
 import io
 import json
+import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -145,6 +147,70 @@ def test_replay_loader_online_teacher_scores_the_cached_views(fmnist_small, rand
         assert torch.allclose(torch.log_softmax(b.targets, 1), stored, atol=1e-4)
     with pytest.raises(KdcacheError, match="a cache or an online teacher, not both"):
         ReplayLoader(data=fmnist_small.root, cache=exact_cache, teacher=model, batch_size=100)
+
+
+DDP_REPLAY = r"""
+import json, sys
+import torch
+import torch.distributed as dist
+import kdcache
+
+dist.init_process_group("gloo")
+data, caches, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+rank = dist.get_rank()
+record = {"rank": rank, "world_size": dist.get_world_size()}
+for name, (cache, epoch) in caches.items():
+    loader = kdcache.ReplayLoader(data=data, cache=cache, batch_size=40, workers=1, order_seed=3)  # distributed=None
+    loader.set_epoch(epoch)
+    record[name] = {"len": len(loader), "batches": [
+        {"indices": b.indices, "labels": b.labels, "seed": b.seed, "partner": b.partner,
+         "targets": (b.targets.indices, b.targets.logp, b.targets.log_tail)} for b in loader]}
+torch.save(record, f"{out}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_replay_loader_shards_an_epoch_over_two_ranks(fmnist_small, exact_cache, a2_cache, tmp_path):
+    """Two processes with a gloo process group, each a ReplayLoader with the default distributed=None: the process
+    group is detected and each rank replays its own half of the epoch (400 samples, 200 per rank, 5 batches of 40:
+    with drop_last nothing is dropped, so the two halves are the 400 samples one process sees), each batch with the
+    cached targets of the epoch's seed; with the A2 cache (mixup/cutmix pairs) every partner is in its batch."""
+    script = tmp_path / "ddp_replay.py"
+    script.write_text(DDP_REPLAY)
+    caches = {"exact": (str(exact_cache), 1), "a2": (str(a2_cache), 0)}   # epoch 1 of the exact cache: seed 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script),
+           str(fmnist_small.root), json.dumps(caches), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
+    labels = torch.from_numpy(fmnist_small.split("train").labels)
+    for name, (path, epoch) in caches.items():
+        cache = open_cache(path)
+        seen = []
+        for r in ranks:
+            share = r[name]
+            assert share["len"] == len(share["batches"]) == 200 // 40
+            indices = torch.cat([b["indices"] for b in share["batches"]])
+            assert len(indices) == 200 and len(set(indices.tolist())) == 200, name
+            seen.append(set(indices.tolist()))
+            for b in share["batches"]:
+                assert b["seed"] == epoch and len(b["indices"]) == 40 and (b["partner"] is None) == (name == "exact")
+                assert torch.equal(b["labels"], labels[b["indices"]])
+                want = cache.targets(epoch, b["indices"])
+                got = b["targets"]
+                assert torch.equal(got[0], want.indices) and torch.equal(got[1], want.logp)
+                assert torch.equal(got[2], want.log_tail)
+                if name == "a2":   # the partner of each view (itself when unmixed) is in this rank's batch
+                    o = ParamLayout.of(cache.recipe).mix_offset
+                    params = cache.view_params(epoch, b["indices"])
+                    mixed = params[:, o + 2] < 1
+                    partner = b["indices"][b["partner"]].numpy()
+                    want_partner = b["indices"].numpy() + params[:, o + 1].astype(np.int64)
+                    assert np.array_equal(partner[mixed], want_partner[mixed])
+                    assert np.array_equal(partner[~mixed], b["indices"].numpy()[~mixed])
+        assert not seen[0] & seen[1], f"{name}: the ranks share samples"
+        assert seen[0] | seen[1] == set(range(400)), name
 
 
 def test_public_losses_are_student_loss(fmnist_small, a2_cache):
