@@ -31,18 +31,19 @@ A failed step says which and why; the next `kdcache run` starts there.
 
 import hashlib
 import json
-import sys
+import logging
 import time
 import tomllib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from kdcache import options
+from kdcache import TrainConfig, options
 from kdcache.errors import KdcacheError
 from kdcache.files import write_text_atomic
 from kdcache.seeds import seed_ranges
-from kdcache import TrainConfig
+
+log = logging.getLogger(__name__)
 
 MODES = ("none", "online", "cache")
 TOP_LEVEL = ("name", "seed", "teacher_seed", "students", "out", "prepare", "teacher", "dump", "student", "full")
@@ -249,10 +250,10 @@ class Pipeline:
         self.keys[name] = key
         record = self.state.get(name)
         if record and record["key"] == key and done():
-            print(f"[kdcache run] {name}: up to date, skipped", file=sys.stderr)
+            log.info(f"[kdcache run] {name}: up to date, skipped")
             self.log.append({"step": name, "skipped": True})
             return
-        print(f"[kdcache run] {name}: running", file=sys.stderr)
+        log.info(f"[kdcache run] {name}: running")
         t = time.time()
         try:
             status = run()
@@ -350,8 +351,8 @@ class Pipeline:
             if missing:
                 raise KdcacheError(f"{self.cache}: seeds {seed_ranges(missing)} are not complete "
                                    "(units held by another writer?)")
-            print(f"[kdcache run] dump: {s['views_written']} views written, seeds complete "
-                  f"{seed_ranges(s['seeds_complete'])}", file=sys.stderr)
+            log.info(f"[kdcache run] dump: {s['views_written']} views written, seeds complete "
+                     f"{seed_ranges(s['seeds_complete'])}")
         self._step("dump", _key("dump", identity), complete, run)
 
     def student_runs(self) -> Dict[str, List[tuple]]:
@@ -450,11 +451,11 @@ class Pipeline:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / SETTINGS, json.dumps({"settings": settings}, indent=1))
         if all(p.is_file() for p in outputs):
-            print(f"[kdcache run] {name}: {run_dir} is complete, made with the same settings; skipped", file=sys.stderr)
+            log.info(f"[kdcache run] {name}: {run_dir} is complete, made with the same settings; skipped")
             return "complete"
         resume = (run_dir / "last.pt").is_file()
         if resume:
-            print(f"[kdcache run] {name}: resuming {run_dir} from its last checkpoint", file=sys.stderr)
+            log.info(f"[kdcache run] {name}: resuming {run_dir} from its last checkpoint")
         train_student(cfg, resume=resume)
         return None
 
