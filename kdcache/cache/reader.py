@@ -196,13 +196,7 @@ class Cache:
     def check_made_for(self, dataset: PreparedDataset, split: str = "train") -> None:
         """Refuse (KdcacheError) a dataset other than the one this cache was dumped over: another split
         fingerprint (another dataset, or another prepare of it) or another class count."""
-        fingerprint = dataset.split(split).fingerprint
-        made_for = str(self.dataset.get("split_fingerprint"))
-        if made_for != fingerprint:
-            raise KdcacheError(f"{self.path}: made for dataset split {made_for[:16]}, but {dataset.root} {split} is "
-                               f"{fingerprint[:16]} (another dataset or another prepare)")
-        if self.num_classes != dataset.num_classes:
-            raise KdcacheError(f"{self.path}: {self.num_classes} teacher classes, the dataset has {dataset.num_classes}")
+        self._cache.check_made_for(dataset, split)
 
     def summary(self) -> dict:
         """What `kdcache info CACHE --json` prints."""

@@ -355,6 +355,19 @@ class TeacherCache:
         done = self.ledger.done_blocks(seed) if done is None else done
         return [b for b in range(self.spec.num_blocks) if b not in done]
 
+    def check_made_for(self, dataset, split: str = "train") -> None:
+        """Refuse (KdcacheError) a prepared dataset other than the one this cache was dumped over: another split
+        fingerprint (another dataset, or another prepare of it) or another class count. The one check of
+        train-student, the public Cache and ReplayDataset."""
+        fingerprint = dataset.split(split).fingerprint
+        made_for = str(self.spec.dataset.get("split_fingerprint"))
+        if made_for != fingerprint:
+            raise KdcacheError(f"{self.path}: made for dataset split {made_for[:16]}, but {dataset.root} {split} is "
+                               f"{fingerprint[:16]} (another dataset or another prepare)")
+        if self.spec.num_classes != dataset.num_classes:
+            raise KdcacheError(f"{self.path}: {self.spec.num_classes} teacher classes, the dataset {dataset.root} "
+                               f"has {dataset.num_classes}")
+
     def complete_seeds(self, seeds: Optional[List[int]] = None, done=None) -> List[int]:
         """Seeds (default: all) whose every unit has its marker; `done`: a ledger.done_units() already read."""
         done = self.ledger.done_units() if done is None else done

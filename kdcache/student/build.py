@@ -30,11 +30,7 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
 def _cached_source(cfg: TrainConfig, ds, train_split, device: torch.device) -> CachedTeacher:
     """The cache's views and soft labels, once the cache is shown to be of this dataset."""
     cache = TeacherCache.open(cfg.cache)
-    if cache.spec.dataset["split_fingerprint"] != train_split.fingerprint:
-        raise KdcacheError(f"{cfg.cache}: made for dataset split {cache.spec.dataset['split_fingerprint'][:16]}, "
-                           f"but {cfg.data} train is {train_split.fingerprint[:16]} (another dataset or another prepare)")
-    if cache.spec.num_classes != ds.num_classes:
-        raise KdcacheError(f"{cfg.cache}: {cache.spec.num_classes} teacher classes, the dataset has {ds.num_classes}")
+    cache.check_made_for(ds, train_split.name)
     if cfg.view_global_seed is not None and cfg.view_global_seed != cache.spec.global_seed:
         raise KdcacheError(f"--view-global-seed {cfg.view_global_seed} contradicts the cache's global seed "
                            f"{cache.spec.global_seed}: cached views come from the cache")

@@ -221,12 +221,7 @@ class ReplayDataset(Dataset):
         if recipe is not None:
             raise KdcacheError(f"ReplayDataset: recipe given with cache {self._cache_where}: a cache's views come "
                                "from its own recipe")
-        if spec.dataset["split_fingerprint"] != self.split.fingerprint:
-            raise KdcacheError(f"{self._cache_where}: made for dataset split {spec.dataset['split_fingerprint'][:16]}, "
-                               f"but {self.dataset.root} {self.split.name} is {self.split.fingerprint[:16]}")
-        if spec.num_classes != self.dataset.num_classes:
-            raise KdcacheError(f"{self._cache_where}: {spec.num_classes} teacher classes, dataset {self.dataset.root} "
-                               f"has {self.dataset.num_classes}")
+        self._cache.check_made_for(self.dataset, self.split.name)
         if view_global_seed is not None and int(view_global_seed) != spec.global_seed:
             raise KdcacheError(f"ReplayDataset: view_global_seed {view_global_seed} contradicts the global seed "
                                f"{spec.global_seed} of cache {self._cache_where}")
