@@ -127,10 +127,8 @@ def resolve_cache(ns: argparse.Namespace) -> Optional[str]:
         return str(ns.cache) if ns.cache else None
     if ns.cache:
         raise KdcacheError("--cache and --cache-root are exclusive")
-    from kdcache.cache.catalog import find_cache
-    from kdcache.data.dataset import PreparedDataset
-    split = PreparedDataset.open(ns.data).split("train")
-    return str(find_cache(ns.cache_root, split.fingerprint, ns.cache_id, ns.teacher_sha256).path)
+    from kdcache.cache.reader import open_cache
+    return str(open_cache(ns.data, root=ns.cache_root, cache_id=ns.cache_id, teacher_sha256=ns.teacher_sha256).path)
 
 
 MIXING_FLAGS = ("mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mix_block")
