@@ -22,13 +22,15 @@ _PUBLIC = {
     "ViewRecipe": "kdcache.augment.recipe",
     # caches
     "open_cache": "kdcache.cache.reader", "Cache": "kdcache.cache.reader", "list_caches": "kdcache.cache.reader",
-    "SparseTargets": "kdcache.cache.targets", "IncompatibleCache": "kdcache.cache.schema",
+    "SparseTargets": "kdcache.cache.targets", "MixedTargets": "kdcache.cache.targets",
+    "IncompatibleCache": "kdcache.cache.schema",
     # the teacher side
     "ModelSpec": "kdcache.models", "build_model": "kdcache.models",
     "DumpConfig": "kdcache.teacher.config", "dump_teacher": "kdcache.teacher.dump",
     "VerifyConfig": "kdcache.teacher.config", "verify_cache": "kdcache.teacher.verify",
     "verify_report_text": ("kdcache.teacher.verify", "render_report"),
     "CopyConfig": "kdcache.teacher.config", "copy_cache": ("kdcache.cache.copy", "copy_cache_with"),
+    "DeriveConfig": "kdcache.teacher.config", "derive_cache": ("kdcache.cache.derive", "derive_cache_with"),
     # training: loaders, losses, the train-student loop
     "ReplayLoader": "kdcache.student.replay", "Batch": "kdcache.student.replay",
     "ReplayDataset": "kdcache.student.dataset", "ReplayBatch": "kdcache.student.dataset",

@@ -21,6 +21,7 @@ HELP = {
     "run": "run a pipeline recipe (prepare, teacher, dump, students, report); resumes",
     "ls": "list the caches under a cache root (directory or s3:// URL)",
     "copy": "copy a cache between stores (finished units only, checksummed, resumable)",
+    "derive": "write a smaller cache from a cache: a smaller k (exact), some seeds, some teachers",
     "info": "describe a prepared dataset or a teacher cache",
     "preview": "teacher-side and FFCV-side views of the same (i, s), side by side",
 }
@@ -204,17 +205,29 @@ def _cmd_copy(args) -> int:
     return 1 if s["damaged"] else 0
 
 
+def _cmd_derive(args) -> int:
+    from kdcache import DeriveConfig, derive_cache
+    s = derive_cache(DeriveConfig.from_options(args))
+    print(f"derive: {s['units_written']} units written, {s['units_already_there']} already there, in "
+          f"{s['seconds']:.1f} s; teachers {', '.join(s['teachers'])}, top-{s['topk']}, seeds complete "
+          f"{_ranges(s['seeds_complete'])} -> {s['destination']}")
+    for line in s["damaged"]:
+        print(f"kdcache: error: {s['source']}: {line}: not derived", file=sys.stderr)
+    return 1 if s["damaged"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The kdcache command's parser, every subcommand's arguments made from kdcache.options' declarations."""
     parser = argparse.ArgumentParser(prog="kdcache", description="kdcache: the teacher once over augmented views; students replay them with cached soft labels.")
     parser.add_argument("--version", action="version", version=f"kdcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in ("prepare", "dump-teacher", "verify", "train-student", "run", "ls", "copy", "info", "preview"):
+    for command in ("prepare", "dump-teacher", "verify", "train-student", "run", "ls", "copy", "derive", "info",
+                    "preview"):
         _add_command(sub, command)
     return parser
 
 
-COMMANDS = {"ls": _cmd_ls, "copy": _cmd_copy, "prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview, "dump-teacher": _cmd_dump,
+COMMANDS = {"ls": _cmd_ls, "copy": _cmd_copy, "derive": _cmd_derive, "prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview, "dump-teacher": _cmd_dump,
             "verify": _cmd_verify, "train-student": _cmd_train, "run": _cmd_run}
 
 

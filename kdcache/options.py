@@ -21,7 +21,7 @@ from kdcache.augment.recipe import RECIPE_FLAGS, TRAIN_RENAMED, ViewRecipe, flag
 from kdcache.errors import KdcacheError
 from kdcache.option import (CORES, FRACTION, NON_NEGATIVE, NOT_A_FIELD, POSITIVE, PROBABILITY, SEED, Option,
                             Range, check_range, deprecated, usable_cores)
-from kdcache.seeds import parse_seeds, seed_ranges
+from kdcache.seeds import parse_labels, parse_seeds, parse_weights, seed_ranges
 from kdcache.student.resolution import parse_size   # (numpy only: cheap to import with the parser)
 
 __all__ = ["Option", "Range", "SEED", "options", "check_values", "table_options", "table_values", "config_values",
@@ -30,6 +30,8 @@ __all__ = ["Option", "Range", "SEED", "options", "check_values", "table_options"
 
 AMP = ("auto", "bf16", "fp16", "off")
 HARMLESS = dict(changes_results=False)      # how a step runs, not what it makes: not in kdcache run's keys
+# options of format 4's targets: at their defaults they leave kdcache run's keys as they were before them
+_NEW_TARGETS = dict(group="targets (format 4)", key_omits_default=True)
 
 # ---- prepare SOURCE --------------------------------------------------------------------------------
 _PREPARE_COMMON = [
@@ -90,6 +92,18 @@ _DUMP = [
     # more seeds extend the same cache: kdcache run checks the seeds against the cache's complete ones
     Option("--seeds", parse_seeds, required=True, help="augmentation seeds A:B (B excluded)", **HARMLESS),
     Option("--topk", int, 10, valid=POSITIVE, help="teacher outputs kept per view"),
+    Option("--targets", default="topk", choices=("topk", "sampled"), **_NEW_TARGETS,
+           help="topk: the k most probable classes and the tail mass; sampled: those plus --samples classes drawn "
+                "from the tail, an unbiased target at --sample-temperature (docs/cache-format.md)"),
+    Option("--samples", int, 0, valid=Range(0, 4096), **_NEW_TARGETS, default_text="0; sampled: 8",
+           help="draws from the tail per view (--targets sampled)"),
+    Option("--sample-temperature", float, 1.0, valid=Range(0, 1e4, lo_open=True), **_NEW_TARGETS,
+           help="--targets sampled: draw with probability ~ p^(1/T); the target is unbiased at this KD temperature"),
+    Option("--add-teacher", bool, **_NEW_TARGETS,
+           help="score the views of the existing cache --out (or the one for --data under --cache-root) with this "
+                "teacher, stored beside the cache's own (train-student --teachers)"),
+    Option("--teacher-label", **_NEW_TARGETS, default_text="the teacher's name",
+           help="--add-teacher: the teacher's name in the cache"),
     *_teacher("--view-global-seed"),
     Option("--view-global-seed", int, 0, valid=SEED, field="global_seed", old=("--seed",),
            help="global seed of the views: their parameters (and a random teacher's weights, unless "
@@ -163,6 +177,14 @@ _TRAIN = [
                 "target is the lambda-mix of the two cached distributions (FKD/ReLabel)"),
     Option("--seed-choice", default="cycle", choices=("cycle", "per-sample"),
            help="cache: epoch e uses seed e mod S (cycle), or each sample draws a stored seed (per-sample)"),
+    Option("--teachers", parse_labels, metavar="NAME,NAME", default_text="the cache's own teacher", **_NEW_TARGETS,
+           help="cache: the teachers to distil from, by label (kdcache info CACHE lists them)"),
+    Option("--ensemble", default="mean", choices=("mean", "weighted", "random"), **_NEW_TARGETS,
+           help="several --teachers: the mean of their probabilities, a weighted mean (--teacher-weights), or one "
+                "teacher drawn at random (--ensemble-draw)"),
+    Option("--teacher-weights", parse_weights, metavar="W,W", **_NEW_TARGETS, help="--ensemble weighted: one weight per teacher"),
+    Option("--ensemble-draw", default="sample", choices=("sample", "step"), **_NEW_TARGETS,
+           help="--ensemble random: a teacher per sample, or one per step (batch)"),
     Option("--kd-loss", default="kd", choices=("kd", "dkd"), help="vanilla KD (KL) or DKD", field="loss.kd_loss", **_LOSS),
     Option("--kd-weight", float, 1.0, valid=NON_NEGATIVE, field="loss.kd_weight", **_LOSS),
     Option("--temperature", float, 1.0, valid=Range(0, lo_open=True), field="loss.temperature", **_LOSS),
@@ -238,7 +260,18 @@ _OTHERS = {
     "info": [Option("path", help="dataset or cache directory (or a cache's s3:// URL)"),
              Option("--json", bool, help="machine-readable output")],
 }
-COMMANDS = ("prepare", "dump-teacher", "verify", "train-student", "run", "ls", "copy", "info", "preview")
+_OTHERS["derive"] = [
+    Option("src", help="source cache (directory or s3:// URL)"),
+    Option("dst", help="the derived cache to write (created, or resumed)"),
+    Option("--topk", int, valid=POSITIVE, help="keep the K most probable classes (the others join the tail mass: exact)",
+           default_text="the source's"),
+    Option("--seeds", parse_seeds, help="keep these seeds A:B", default_text="all complete"),
+    Option("--teachers", parse_labels, metavar="NAME,NAME", help="keep these teachers, by label (the first becomes "
+           "the derived cache's own)", default_text="all"),
+    Option("--workers", int, 4, valid=Range(1, 256), help="units written at once"),
+    Option("--no-progress", bool, field="progress", inverted=True, help="no progress bar or lines"),
+]
+COMMANDS = ("prepare", "dump-teacher", "verify", "train-student", "run", "ls", "copy", "derive", "info", "preview")
 
 
 def _by_dest(*lists) -> Dict[str, Option]:

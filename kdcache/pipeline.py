@@ -204,6 +204,9 @@ def dump_identity(cfg, dataset_fingerprint: str, teacher: dict) -> dict:
     split's fingerprint, the recipe, and the teacher by identity (name, weights sha256, normalisation)."""
     skip = set(options.harmless_fields("dump-teacher")) | set(PATHS) | {"teacher", "recipe"}
     identity = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    for name, default in options.key_defaults("dump-teacher").items():   # dumps recorded before keep their key
+        if identity.get(name) == default:
+            identity.pop(name)
     identity.update(dataset=dataset_fingerprint, recipe=cfg.recipe.to_dict(), teacher=teacher)
     return identity
 

@@ -39,3 +39,22 @@ def seed_ranges(seeds: Iterable[int]) -> str:
         if s is not None:
             start = prev = s
     return ",".join(out)
+
+
+def parse_labels(text: str) -> List[str]:
+    """'resnet18,vit_tiny' -> ['resnet18', 'vit_tiny'] (teacher labels: no empty or repeated name)."""
+    labels = [t.strip() for t in str(text).split(",")]
+    if not all(labels) or len(set(labels)) != len(labels):
+        raise KdcacheError(f"teacher list {text!r}: expected NAME,NAME with distinct non-empty names")
+    return labels
+
+
+def parse_weights(text: str) -> List[float]:
+    """'0.7,0.3' -> [0.7, 0.3]: non-negative, not all zero."""
+    try:
+        weights = [float(t) for t in str(text).split(",")]
+    except ValueError:
+        weights = []
+    if not weights or any(not 0 <= w < float("inf") for w in weights) or not sum(weights) > 0:
+        raise KdcacheError(f"teacher weights {text!r}: expected non-negative numbers W,W, not all 0")
+    return weights

@@ -160,7 +160,7 @@ def test_format_1_is_read_the_same_as_before_and_never_extended(tmp_path):
     old = torch.softmax(torch.from_numpy(z), 1)
     new = torch.softmax(dense_logits(*(torch.from_numpy(a) for a in (slab.logp, slab.indices, slab.log_tail)), 10).double(), 1)
     assert torch.allclose(old, new, atol=1e-6)
-    with pytest.raises(KdcacheError, match="format version 1 is read by this kdcache but not written"):
+    with pytest.raises(KdcacheError, match="format version 1 is read by this kdcache but not extended"):
         TeacherCache.create_or_open(path, _spec("uint16", 4, 64, 10), [1])
     zarr.open_group(str(path), mode="r+").update_attributes({"format_version": 4})
     with pytest.raises(KdcacheError, match="format version 4 is newer than this kdcache reads"):

@@ -24,6 +24,8 @@ def cache_id(spec: CacheSpec) -> str:
              "teacher.std": spec.teacher["std"], "dataset.split_fingerprint": spec.dataset["split_fingerprint"],
              "recipe": spec.recipe, "global_seed": spec.global_seed, "topk": spec.topk,
              "values_dtype": spec.values_dtype}
+    if spec.targets != "topk":   # only then: the ids of top-k caches stay what they were before format 4
+        ident.update(targets=spec.targets, samples=spec.samples, sample_temperature=spec.sample_temperature)
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     return f"{_id_part(spec.teacher.get('name'), 'teacher')}-{_id_part(spec.dataset.get('split'), 'train')}-{digest}"
 

@@ -180,7 +180,8 @@ class Cache:
         """
         slab, picked = self._read(seed), self._rows(rows)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a[picked]))   # noqa: E731
-        return SparseTargets(t(slab.indices).long(), t(slab.logp), t(slab.log_tail), self.num_classes)
+        return SparseTargets(t(slab.indices).long(), t(slab.logp), t(slab.log_tail), self.num_classes,
+                             **self._cache.spec.target_rule())
 
     def probs(self, seed: int, rows: Rows = None, temperature: float = 1.0) -> torch.Tensor:
         """(B, C) float32 teacher probabilities of views (rows, seed), softened at `temperature`

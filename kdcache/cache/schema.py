@@ -1,13 +1,17 @@
 """Cache schema: identity (what a cache was made from), layout, create-or-open with compatibility checks.
 
-One Zarr v3 group (format version 3). Per augmentation seed s, a group seeds/<s:06d> of four arrays over
-the N samples:
+One Zarr v3 group (format version 4). Per augmentation seed s, a group seeds/<s:06d> of four arrays over
+the N samples (n = k stored columns for top-k targets, k + m for sampled ones: docs/cache-format.md):
 
-    logp      (N, K)  uint16 (or float32)  top-k teacher log-probabilities, descending  fill 65535 (NaN)
+    logp      (N, n)  uint16 (or float32)  teacher log-probabilities of the stored classes  fill 65535 (NaN)
                       uint16: fixed point q = round(-logp * LOGP_SCALE), clamped to 65535
-    indices   (N, K)  int16 (int32 if C > 32767)  their class indices        fill -1
-    log_tail  (N,)    float32  log of the mass of the C - K other classes    fill NaN  (-inf when K = C)
+    indices   (N, n)  int16 (int32 if C > 32767)  their class indices        fill -1
+    log_tail  (N,)    float32  log of the mass of the C - k other classes    fill NaN  (-inf when k = C)
     params    (N, P)  float32  view parameters [top, left, height, width, flip, ...]  fill NaN
+
+More teachers over the same views (dump-teacher --add-teacher) are caches of their own under
+teachers/<label>/: the same layout without `params` (the views are the main cache's), their own identity
+(with `views_of`, the main cache's identity hash), markers and claims.
 
 Inner chunks of `chunk_rows` samples, shards of `unit_size` samples: a work unit (seed, block) is
 exactly one shard of each of the four arrays, written whole, once, by one writer. Arrays are created
@@ -20,6 +24,7 @@ import getpass
 import json
 import math
 import os
+import re
 import socket
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
@@ -40,11 +45,16 @@ FORMAT = "kdcache-teacher-cache"
 # markers), markers carry their shards' CRC32C, claims have generations. The arrays are as in version 2,
 # so 2 is read as it is; it is not extended, because a kdcache that reads version 2 would trust the seed
 # list in its root attributes and miss the seeds added since.
-FORMAT_VERSION = 3                  # what this kdcache writes
-READ_VERSIONS = (1, 2, 3)           # what it reads
+# 4: sampled targets (spec.targets, samples, sample_temperature), more teachers under teachers/, derived
+# caches (derived_from). Version 3 caches are extended as version 3 (their targets are top-k).
+FORMAT_VERSION = 4                  # what this kdcache writes
+READ_VERSIONS = (1, 2, 3, 4)        # what it reads
+EXTEND_VERSIONS = (3, 4)            # what it extends
 ARRAYS = ("logp", "indices", "log_tail", "params")
+TARGET_ARRAYS = ("logp", "indices", "log_tail")   # an added teacher's (its views are the main cache's)
 V1_ARRAYS = ("values", "indices", "lse", "params")
-TAIL_RULE = "uniform-tail-v2"
+TARGET_KINDS = ("topk", "sampled")
+TEACHERS = "teachers"               # the folder of added teachers
 # uint16 log-probabilities: a step of 1/2048 in log space is a relative error <= 2.5e-4 on every stored
 # probability (half a step, rounded); 65535 steps reach down to p = exp(-32) = 1.3e-14 (smaller ones clamp there)
 LOGP_SCALE = 2048
@@ -71,6 +81,28 @@ class CacheSpec:
     values_dtype: str = "uint16"        # stored log-probabilities: uint16 fixed point or float32 (v1: float16/32 logits)
     unit_size: int = 32768
     chunk_rows: int = 32768             # one inner chunk per shard: students read whole slabs (BENCHMARKS.md)
+    targets: str = "topk"               # topk | sampled (format 4: docs/cache-format.md, "Targets")
+    samples: int = 0                    # sampled: m draws from the tail per view
+    sample_temperature: float = 1.0     # sampled: Td, the draws' q ~ p^(1/Td); the target is unbiased at T = Td
+
+    @property
+    def stored_columns(self) -> int:
+        """Columns of `logp` and `indices`: k, plus the m draws of sampled targets."""
+        return self.topk + self.samples
+
+    @property
+    def exact_columns(self) -> Optional[int]:
+        """For kdcache.cache.targets.SparseTargets: k for sampled targets, None for top-k ones."""
+        return self.topk if self.targets == "sampled" else None
+
+    def target_rule(self) -> dict:
+        """The keyword arguments that make kdcache.cache.targets.SparseTargets read this cache's rows right."""
+        return {"exact": self.exact_columns, "sample_temperature": float(self.sample_temperature)}
+
+    @property
+    def tail_rule(self) -> str:
+        from kdcache.cache.targets import SAMPLED_RULE, TOPK_RULE
+        return SAMPLED_RULE if self.targets == "sampled" else TOPK_RULE
 
     @property
     def num_samples(self) -> int:
@@ -98,6 +130,18 @@ class CacheSpec:
     def validate(self) -> None:
         if not 1 <= self.topk <= self.num_classes:
             raise KdcacheError(f"--topk {self.topk} must be between 1 and the class count {self.num_classes}")
+        if self.targets not in TARGET_KINDS:
+            raise KdcacheError(f"--targets must be one of {', '.join(TARGET_KINDS)}, got {self.targets!r}")
+        if self.targets == "sampled":
+            if self.topk >= self.num_classes:
+                raise KdcacheError(f"--targets sampled draws from the classes beyond the top {self.topk}, but the "
+                                   f"teacher has only {self.num_classes}: lower --topk (or use --targets topk)")
+            if not 1 <= self.samples <= 4096:
+                raise KdcacheError(f"--samples {self.samples}: --targets sampled needs 1 to 4096 draws per view")
+            if not 0 < self.sample_temperature < 1e4:
+                raise KdcacheError(f"--sample-temperature {self.sample_temperature} must be positive")
+        elif self.samples or self.sample_temperature != 1.0:
+            raise KdcacheError("--samples and --sample-temperature are settings of --targets sampled")
         if self.values_dtype not in ("uint16", "float32"):
             raise KdcacheError(f"--values-dtype must be uint16 (fixed-point log-probabilities) or float32, "
                                f"got {self.values_dtype!r}")
@@ -119,7 +163,8 @@ class CacheSpec:
                 "dataset.split_fingerprint": self.dataset["split_fingerprint"],
                 "dataset.num_samples": self.dataset["num_samples"], "dataset.num_classes": self.dataset["num_classes"],
                 "recipe": self.recipe, "global_seed": self.global_seed, "topk": self.topk,
-                "values_dtype": self.values_dtype, "unit_size": self.unit_size, "chunk_rows": self.chunk_rows}
+                "values_dtype": self.values_dtype, "unit_size": self.unit_size, "chunk_rows": self.chunk_rows,
+                "targets": self.targets, "samples": self.samples, "sample_temperature": self.sample_temperature}
 
     def block_bounds(self, block: int):
         a = block * self.unit_size
@@ -133,8 +178,10 @@ def _codecs(dtype: str):
     return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
 
 
-def _array_layout(spec: CacheSpec) -> Dict[str, dict]:
-    n, k, rows, unit = spec.num_samples, spec.topk, spec.chunk_rows, spec.unit_size
+def _array_layout(spec: CacheSpec, with_params: bool = True) -> Dict[str, dict]:
+    n, k, rows, unit = spec.num_samples, spec.stored_columns, spec.chunk_rows, spec.unit_size
+    if not with_params:
+        return {a: kw for a, kw in _array_layout(spec).items() if a in TARGET_ARRAYS}
     p = spec.param_columns
     return {
         "logp": dict(shape=(n, k), dtype=spec.values_dtype, chunks=(rows, k), shards=(unit, k),
@@ -204,6 +251,8 @@ class TeacherCache:
         self.version = int(attrs["format_version"])
         self.identity_hash = attrs.get(IDENTITY_HASH)   # None: made before caches were sealed
         self.ledger = Ledger(location, identity=self.identity_hash)
+        self.views_of: Optional[str] = attrs.get("views_of")   # an added teacher: the main cache's identity hash
+        self.label: str = str(attrs.get("teacher_label") or self.spec.teacher.get("name") or "teacher")
 
     @property
     def path(self) -> str:
@@ -236,17 +285,18 @@ class TeacherCache:
         return cls(loc, group, read_only=(mode == "r"))
 
     @classmethod
-    def create_or_open(cls, where, spec: CacheSpec, seeds: List[int]) -> "TeacherCache":
+    def create_or_open(cls, where, spec: CacheSpec, seeds: List[int], extra: Optional[dict] = None) -> "TeacherCache":
         """Create the cache (or check that the existing one has the same identity) and allocate the arrays
         of `seeds` at full shape. Any number of processes may call it at once, and again after a crash at
-        any point: the identity is created exclusively, array creation is idempotent."""
+        any point: the identity is created exclusively, array creation is idempotent. `extra`: more root
+        attributes, sealed with the identity (views_of and teacher_label of an added teacher, derived_from)."""
         spec.validate()
         loc = Location.of(where)
         identity = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": asdict(spec),
-                    "tail_rule": TAIL_RULE, "logp_encoding": logp_encoding(spec.values_dtype),
+                    "tail_rule": spec.tail_rule, "logp_encoding": logp_encoding(spec.values_dtype),
                     "kdcache_version": __version__, "renderer": renderer_record(spec),
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "created_by": _who()}
+                    "created_by": _who(), **(extra or {})}
         identity[IDENTITY_HASH] = identity_hash(identity)
         if not loc.exists("zarr.json"):
             refuse_foreign_directory(loc)
@@ -255,17 +305,70 @@ class TeacherCache:
             doc = {"zarr_format": 3, "node_type": "group", "attributes": identity}
             loc.create("zarr.json", json.dumps(doc, indent=2).encode())
         cache = cls.open(loc, mode="r+")
-        if cache.version != FORMAT_VERSION:  # v1 and v2 are read, never extended (see FORMAT_VERSION)
+        if cache.version not in EXTEND_VERSIONS:  # v1 and v2 are read, never extended (see FORMAT_VERSION)
             raise IncompatibleCache(f"{loc}: cache format version {cache.version} is read by this kdcache but not "
-                                    f"written (it writes version {FORMAT_VERSION}); dump into a new --out")
+                                    f"extended (it extends versions {', '.join(map(str, EXTEND_VERSIONS))}); dump "
+                                    "into a new --out")
         check_compatible(loc, cache.spec, spec)
+        for key, value in (extra or {}).items():
+            if cache.attrs.get(key) != value:
+                raise IncompatibleCache(f"{loc}: cache was made with {key}={_short(cache.attrs.get(key))}, this run "
+                                        f"has {key}={_short(value)}; write to another --out")
         cache.allocate(seeds)
         return cache
+
+    # ---- more teachers over the same views ----------------------------------------------------------
+    def teacher_location(self, label: str) -> Location:
+        from kdcache.cache.location import check_name
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", label or ""):
+            raise KdcacheError(f"teacher label {label!r}: use 1-64 letters, digits, '_', '.' or '-' (starting with a "
+                               "letter or digit)")
+        return self.location.child(TEACHERS).child(check_name(label, "teacher label"))
+
+    def added_teachers(self) -> Dict[str, "TeacherCache"]:
+        """The teachers added over this cache's views (label -> their cache), each checked to belong here."""
+        out = {}
+        for label in sorted(self.location.children(TEACHERS)):
+            try:
+                loc = self.teacher_location(label)
+            except KdcacheError:
+                continue   # not a name kdcache gives a teacher: not one of ours
+            if not loc.exists("zarr.json"):
+                continue
+            teacher = TeacherCache.open(loc, mode="r" if self.read_only else "r+")
+            if teacher.views_of != self.identity_hash:
+                raise KdcacheError(f"{loc}: an added teacher whose views_of ({str(teacher.views_of)[:16]}) is not "
+                                   f"this cache's identity ({str(self.identity_hash)[:16]}): it was made over other "
+                                   "views; remove it or restore the cache from a copy")
+            out[label] = teacher
+        return out
+
+    def teachers(self) -> Dict[str, "TeacherCache"]:
+        """Every teacher of the cache by label: this cache's own first (its label: the teacher's name), then
+        the added ones."""
+        return {self.label: self, **self.added_teachers()}
+
+    def add_teacher(self, label: str, spec: CacheSpec, seeds: List[int]) -> "TeacherCache":
+        """Create (or open, checked) the cache of another teacher over this cache's views, with the arrays
+        of `seeds`. Its spec must share this cache's dataset, recipe, global seed and units."""
+        if self.views_of:
+            raise KdcacheError(f"{self.path}: is an added teacher; add teachers to the main cache")
+        if label == self.label:
+            raise KdcacheError(f"{self.path}: the cache's own teacher is labelled {label!r}; give the added teacher "
+                               "another --teacher-label")
+        for field in ("dataset.split_fingerprint", "dataset.num_samples", "recipe", "global_seed", "unit_size",
+                      "chunk_rows"):
+            if self.spec.identity()[field] != spec.identity()[field]:
+                raise IncompatibleCache(f"{self.path}: an added teacher must score this cache's views, but its "
+                                        f"{field} differs ({_short(spec.identity()[field])} against the cache's "
+                                        f"{_short(self.spec.identity()[field])})")
+        return TeacherCache.create_or_open(self.teacher_location(label), spec, seeds,
+                                           extra={"views_of": self.identity_hash, "teacher_label": label})
 
     def allocate(self, seeds: List[int]) -> None:
         """Create the arrays of `seeds` that do not exist yet (idempotent under races: two processes
         creating one array write the same metadata, and the loser's ContainsArrayError is expected)."""
-        layout = _array_layout(self.spec)
+        layout = _array_layout(self.spec, with_params=not self.views_of)
         for s in seeds:
             name = seed_group_name(s)
             for array, kw in layout.items():
@@ -291,7 +394,7 @@ class TeacherCache:
     def arrays(self, seed: int) -> Dict[str, zarr.Array]:
         """The seed's arrays, each metadata document checked against the identity (shape, dtype)."""
         name = seed_group_name(seed)
-        layout = _array_layout(self.spec) if self.version >= 2 else {}
+        layout = _array_layout(self.spec, with_params=not self.views_of) if self.version >= 2 else {}
         out = {}
         for a in self.array_names:
             key = f"{name}/{a}/zarr.json"
@@ -349,6 +452,8 @@ class TeacherCache:
 
     @property
     def array_names(self):
+        if self.views_of:
+            return TARGET_ARRAYS
         return ARRAYS if self.version >= 2 else V1_ARRAYS
 
     def missing_blocks(self, seed: int, done=None) -> List[int]:
@@ -389,7 +494,7 @@ class TeacherCache:
         if seeds:
             shapes = [(a.shape, a.dtype) for a in self.arrays(seeds[0]).values()]
         else:
-            shapes = [(kw["shape"], kw["dtype"]) for kw in _array_layout(self.spec).values()]
+            shapes = [(kw["shape"], kw["dtype"]) for kw in _array_layout(self.spec, not self.views_of).values()]
         return sum(int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype in shapes)
 
     def summary(self) -> dict:
@@ -401,6 +506,8 @@ class TeacherCache:
         return {
             "kind": "cache", "path": self.path, "format_version": self.version,
             "num_samples": self.spec.num_samples, "num_classes": self.spec.num_classes, "topk": self.spec.topk,
+            "targets": self.spec.targets, "samples": self.spec.samples,
+            "sample_temperature": self.spec.sample_temperature,
             "seeds": seeds, "seeds_complete": complete,
             "seeds_in_progress": {str(s): len(done.get(s, ())) for s in seeds if s not in complete},
             "num_blocks_per_seed": self.spec.num_blocks,
@@ -430,9 +537,13 @@ def _spec_from(loc: Location, attrs: dict) -> CacheSpec:
         for name in ("teacher", "dataset", "recipe"):
             if not isinstance(getattr(spec, name), dict):
                 raise TypeError(f"spec.{name} is not a table")
-        for name in ("global_seed", "topk", "unit_size", "chunk_rows"):
+        for name in ("global_seed", "topk", "unit_size", "chunk_rows", "samples"):
             if not isinstance(getattr(spec, name), int) or isinstance(getattr(spec, name), bool):
                 raise TypeError(f"spec.{name} is not an integer")
+        if spec.targets not in TARGET_KINDS or (spec.targets == "topk") != (spec.samples == 0) \
+                or not isinstance(spec.sample_temperature, (int, float)) or not spec.sample_temperature > 0:
+            raise ValueError(f"targets {spec.targets!r} with samples {spec.samples} at sample_temperature "
+                             f"{spec.sample_temperature!r} is not a target kind this kdcache knows")
         spec.num_samples, spec.num_classes  # noqa: B018 (they must be integers)
         if spec.num_samples < 1 or not 1 <= spec.topk <= spec.num_classes or spec.unit_size < 1:
             raise ValueError(f"num_samples {spec.num_samples}, topk {spec.topk}, num_classes {spec.num_classes}, "

@@ -18,7 +18,7 @@ class Slab(NamedTuple):
     logp: np.ndarray      # (N, k) float32 top-k log-probabilities, descending
     indices: np.ndarray   # (N, k) int16/int32 their classes
     log_tail: np.ndarray  # (N,) float32 log of the mass of the other C - k classes (-inf when k = C)
-    params: np.ndarray    # (N, P) float32 view parameters
+    params: Optional[np.ndarray]   # (N, P) float32 view parameters; None for an added teacher (the main cache's)
 
 
 def v1_to_logp(values: np.ndarray, lse: np.ndarray, num_classes: int):
@@ -44,7 +44,7 @@ def read_slab(cache: TeacherCache, seed: int, require_complete: bool = True, exc
                                f"{cache.spec.num_blocks} units missing, e.g. block {missing[0]}); "
                                "finish it with dump-teacher first")
     arrays = read_units(cache, seed, markers)
-    indices, params = arrays["indices"], arrays["params"]
+    indices, params = arrays["indices"], arrays.get("params")
     if cache.version == 1:
         logp, log_tail = v1_to_logp(arrays["values"], arrays["lse"], cache.spec.num_classes)
     else:

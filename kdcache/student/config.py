@@ -47,6 +47,10 @@ class TrainConfig:
     view_global_seed: Optional[int] = None     # views: cache mode takes the cache's; none/online default 0 (the dump's default)
     view_seeds: Optional[List[int]] = None     # augmentation seeds cycled over passes (none/online default: one per pass)
     seed_choice: str = "cycle"                 # cache: cycle | per-sample
+    teachers: Optional[List[str]] = None       # cache: the teachers by label (None: the cache's own)
+    ensemble: str = "mean"                     # several teachers: mean | weighted | random
+    teacher_weights: Optional[List[float]] = None   # ensemble weighted: one per teacher
+    ensemble_draw: str = "sample"              # ensemble random: a teacher per sample | per step
     recipe: Optional[dict] = None              # none/online: ViewRecipe fields (default: dataset view size);
                                                # cache + mix_labels: the mixing settings to add
     mix_labels: bool = False                   # cache: mix the views in the loader and the cached targets by lambda

@@ -24,9 +24,11 @@ from kdcache.errors import KdcacheError
 Targets = Union[SparseTargets, torch.Tensor]
 
 
-def as_teacher_logits(targets: Targets) -> torch.Tensor:
-    """(B, C) teacher logits of a batch: a SparseTargets' dense rebuild, or dense logits as they are."""
-    return targets.dense_logits() if isinstance(targets, SparseTargets) else targets
+def as_teacher_logits(targets: Targets, temperature: float = 1.0) -> torch.Tensor:
+    """(B, C) teacher logits z of a batch, softmax(z / T) the target at T: dense logits as they are, or
+    the stored targets' logits_at(T) (top-k: their dense rebuild at every T; sampled and mixed targets
+    depend on T, docs/training.md)."""
+    return targets if isinstance(targets, torch.Tensor) else targets.logits_at(temperature)
 
 
 def vanilla_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -52,7 +54,7 @@ def kd_loss(student_logits: torch.Tensor, targets: Targets, temperature: float =
     torch.Tensor
         A scalar: the loss `kdcache train-student --kd-loss kd` optimises.
     """
-    return vanilla_kd(student_logits, as_teacher_logits(targets), temperature)
+    return vanilla_kd(student_logits, as_teacher_logits(targets, temperature), temperature)
 
 
 def dkd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -89,7 +91,7 @@ def dkd_loss(student_logits: torch.Tensor, targets: Targets, labels: torch.Tenso
     temperature : float
         T > 0.
     """
-    return dkd(student_logits, as_teacher_logits(targets), labels, alpha, beta, temperature)
+    return dkd(student_logits, as_teacher_logits(targets, temperature), labels, alpha, beta, temperature)
 
 
 def mixed_one_hot(labels: torch.Tensor, partner_labels: torch.Tensor, num_classes: int, smoothing: float,

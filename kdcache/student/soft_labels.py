@@ -254,15 +254,15 @@ class CachedTeacher:
         """The stored answers of the pass's views of these samples, on the device."""
         logp, idx, log_tail = self._labels
         rows = indices.to(self.device, non_blocking=True)
-        return SparseTargets(idx[rows], logp[rows], log_tail[rows], self.num_classes)
+        return SparseTargets(idx[rows], logp[rows], log_tail[rows], self.num_classes, **self.cache.spec.target_rule())
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         logp, idx, log_tail = self._labels
         rows = indices.to(self.device, non_blocking=True)
-        own = self.targets(rows).dense_logits()
         if not self.mix_labels:
-            return own
+            return self.targets(rows)   # the loss takes them at its temperature (kdcache.student.losses)
+        own = self.targets(rows).dense_logits()
         # FKD/ReLabel: the lambda-mix of the two cached distributions, as log-probabilities
         j = self._mix.partner[rows]
         other = dense_logits(logp[j], idx[j], log_tail[j], self.num_classes)

@@ -17,6 +17,9 @@ from kdcache.errors import KdcacheError
 from kdcache.models import ModelSpec
 
 
+DEFAULT_SAMPLES = 8   # --targets sampled: with the default k = 10, 18 columns
+
+
 @dataclass
 class DumpConfig:
     data: Path
@@ -38,6 +41,11 @@ class DumpConfig:
     split: str = "train"
     cache_root: Optional[str] = None        # find or create the cache of this identity under a cache root
     seeds_per_pass: int = 32                # seeds rendered per decode of a block (and claimed together)
+    targets: str = "topk"                   # topk | sampled (kdcache.cache.schema.CacheSpec)
+    samples: int = 0                        # sampled: draws from the tail per view (0 given: DEFAULT_SAMPLES)
+    sample_temperature: float = 1.0         # sampled: the temperature the target is unbiased at
+    add_teacher: bool = False               # score the views of the existing cache with this teacher
+    teacher_label: Optional[str] = None     # add_teacher: its label (default: the teacher's name)
 
     @classmethod
     def from_options(cls, ns: argparse.Namespace) -> "DumpConfig":
@@ -50,6 +58,8 @@ class DumpConfig:
         if teacher["seed"] is None:
             teacher["seed"] = values["global_seed"]
         values["teacher"] = ModelSpec(**teacher)
+        if values["targets"] == "sampled" and not values["samples"]:
+            values["samples"] = DEFAULT_SAMPLES
         given = values.pop("recipe")
         values["recipe"] = recipe_from_given(given, given.get("size") or view_size(ns.data))
         return options.make_config(cls, values)
@@ -108,3 +118,20 @@ class CopyConfig:
     @classmethod
     def from_options(cls, ns: argparse.Namespace) -> "CopyConfig":
         return options.make_config(cls, options.config_values("copy", ns))
+
+
+@dataclass
+class DeriveConfig:
+    """What `kdcache derive` writes: a smaller cache dst from src (kdcache.cache.derive): top-`topk` (None: the
+    source's), the seeds `seeds` (None: the complete ones), the teachers `teachers` by label (None: all)."""
+    src: str
+    dst: str
+    topk: Optional[int] = None
+    seeds: Optional[List[int]] = None
+    teachers: Optional[List[str]] = None
+    workers: int = 4
+    progress: bool = True
+
+    @classmethod
+    def from_options(cls, ns: argparse.Namespace) -> "DeriveConfig":
+        return options.make_config(cls, options.config_values("derive", ns))
