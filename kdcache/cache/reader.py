@@ -197,7 +197,7 @@ class Cache:
             raise KdcacheError(f"{self.path}: sample index {int(bad.flat[0])} is outside the cache's {n} samples")
         return picked.astype(np.int64)
 
-    def targets(self, seed: int, rows: Rows = None, teacher: Optional[str] = None) -> SparseTargets:
+    def targets(self, seed: int, rows: Rows = None, *, teacher: Optional[str] = None) -> SparseTargets:
         """The stored teacher answers of views (rows, seed).
 
         Parameters
@@ -221,11 +221,12 @@ class Cache:
         return SparseTargets(t(slab.indices).long(), t(slab.logp), t(slab.log_tail), self.num_classes,
                              **self._teacher_cache(teacher).spec.target_rule())
 
-    def probs(self, seed: int, rows: Rows = None, temperature: float = 1.0, teacher: Optional[str] = None) -> torch.Tensor:
+    def probs(self, seed: int, rows: Rows = None, temperature: float = 1.0, *,
+              teacher: Optional[str] = None) -> torch.Tensor:
         """(B, C) float32 teacher probabilities of views (rows, seed), softened at `temperature` (top-k: the
         uniform-tail rebuild, exact for k = C; sampled: the importance-weighted target, docs/cache-format.md);
         `teacher`: a label of `teachers` (default: the cache's own)."""
-        return self.targets(seed, rows, teacher).probs(temperature)
+        return self.targets(seed, rows, teacher=teacher).probs(temperature)
 
     def view_params(self, seed: int, rows: Rows = None) -> np.ndarray:
         """(B, P) float32 parameter rows of views (rows, seed): crop box, flip, RandAugment, erasing, mixing

@@ -1,7 +1,9 @@
 """Where each pass's views and teacher targets come from, for the three training modes.
 
     CachedTeacher   views and soft labels read from a dump-teacher cache: one slab per seed, read whole,
-                    the next pass's slab prefetched in the background; per batch only an index gather
+                    the next pass's slab prefetched in the background; per batch only an index gather.
+                    With several teachers (--teachers), one slab per chosen teacher and seed, combined per
+                    batch (kdcache.student.ensemble)
     OnlineTeacher   the teacher runs in the loop on the very views the student sees (the baseline)
     NoTeacher       plain supervised training on the same views
 
