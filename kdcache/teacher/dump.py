@@ -1,4 +1,6 @@
-"""`kdcache dump-teacher`: run the teacher once over views (i, s) of the train split, store top-k.
+"""`kdcache dump-teacher`: run the teacher once over views (i, s) of the train split, store its top-k (with
+--targets sampled also draws from the tail, kdcache.teacher.runner). With --add-teacher the views are an
+existing cache's and the targets go into that cache's teachers/<label>/ (kdcache.teacher.target).
 
 Work is split into units (seed, block of `unit_size` samples) = one Zarr shard per array. A process
 takes whole blocks (block b goes to rank b mod world size) and renders each block in passes of up to
@@ -22,10 +24,10 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -36,13 +38,14 @@ from kdcache.augment.render import SampleBuffers, render_range
 from kdcache.cache.schema import CacheSpec, TeacherCache
 from kdcache.data.dataset import PreparedDataset
 from kdcache.dist import init_from_env, resolve_device
+from kdcache.errors import KdcacheError
 from kdcache.models import build_model
 from kdcache.teacher.config import DumpConfig  # noqa: F401 (re-exported)
 from kdcache.teacher.consumer import Consumer, DumpProgress
 from kdcache.teacher.messages import Chunk, Done, PassEnded, PassStarted, ProducerFailed, Waiting
 from kdcache.teacher.runner import OutputRing, TeacherRunner, TopkResult  # noqa: F401 (re-exported)
 from kdcache.teacher.target import DEFAULT_UNIT_SIZE, resolve_target  # noqa: F401 (re-exported)
-from kdcache.teacher.target import disk_full, is_disk_full, open_target
+from kdcache.teacher.target import MainViews, disk_full, is_disk_full, main_cache, open_target
 from kdcache.teacher.units import UnitWriter, write_pass
 from kdcache.teacher.units import write_unit as _write_unit  # noqa: F401 (tests/test_cache_format.py)
 
@@ -97,6 +100,15 @@ def samples_per_batch(batch_size: int, views_per_sample: int, recipe: ViewRecipe
     return max(1, n // recipe.mix_block) * recipe.mix_block if recipe.mixing else n
 
 
+def pass_params(recipe: ViewRecipe, global_seed: int, split, spec: CacheSpec, block: int,
+                seeds: List[int]) -> np.ndarray:
+    """(samples, seeds, P) view parameters of a pass: `seeds` over the samples of `block`."""
+    a, b = spec.block_bounds(block)
+    idx = np.arange(a, b)
+    heights, widths = split.sizes[a:b, 0], split.sizes[a:b, 1]
+    return np.stack([view_params(recipe, global_seed, s, idx, heights, widths, spec.num_samples) for s in seeds], 1)
+
+
 def render_chunks(reader, read_ahead, split, recipe: ViewRecipe, params: np.ndarray, a: int, b: int, per_batch: int,
                   workers: int, ring: OutputRing, buffers: SampleBuffers):
     """The views of samples a..b-1 (params: their rows, (b - a, V, P)) in chunks of whole teacher batches,
@@ -120,11 +132,12 @@ def render_chunks(reader, read_ahead, split, recipe: ViewRecipe, params: np.ndar
 class Producer:
     """The render thread: claims a pass's units, computes their view parameters, reads and renders their
     chunks, and sends each step to the consumer as a message; `stop` ends it early (set by the consumer's
-    thread on an error). Its last message is always Done, after a ProducerFailed if it raised."""
+    thread on an error). Its last message is always Done, after a ProducerFailed if it raised. `views`
+    (--add-teacher): each pass's parameters are checked against the main cache's before it is rendered."""
 
     def __init__(self, cache: TeacherCache, split, recipe: ViewRecipe, cfg: DumpConfig, blocks: List[int],
-                 run: str, messages: queue.Queue, workers: int, pinned: bool):
-        self.cache, self.split, self.recipe, self.cfg = cache, split, recipe, cfg
+                 run: str, messages: queue.Queue, workers: int, pinned: bool, views: Optional[MainViews] = None):
+        self.cache, self.split, self.recipe, self.cfg, self.views = cache, split, recipe, cfg, views
         self.blocks, self.run_id, self.messages = blocks, run, messages
         self.workers, self.pinned = workers, pinned
         self.stop = threading.Event()
@@ -191,12 +204,11 @@ class Producer:
 
     def _render_pass(self, render, pass_id: int, block: int, seeds: List[int]) -> bool:
         """Send one pass: its start, its rendered chunks, its end. False: stopped midway."""
-        spec, split, recipe, cfg = self.cache.spec, self.split, self.recipe, self.cfg
+        spec, recipe, cfg = self.cache.spec, self.recipe, self.cfg
         a, b = spec.block_bounds(block)
-        idx = np.arange(a, b)
-        heights, widths = split.sizes[a:b, 0], split.sizes[a:b, 1]
-        params = np.stack([view_params(recipe, cfg.global_seed, s, idx, heights, widths, spec.num_samples)
-                           for s in seeds], 1)
+        params = pass_params(recipe, cfg.global_seed, self.split, spec, block, seeds)
+        if self.views is not None:
+            self.views.check(block, seeds, params)
         self.messages.put(PassStarted(pass_id, block, seeds, params))
         per_batch = samples_per_batch(cfg.batch_size, len(seeds), recipe)
         for c0, c1, images in render(params, a, b, per_batch):
@@ -219,20 +231,37 @@ def _views_todo(cache: TeacherCache, spec: CacheSpec, blocks: List[int], seeds: 
     return sum(len(range(*spec.block_bounds(b))) for b in blocks for s in seeds if b not in done.get(s, ()))
 
 
+def _views_of(cfg: DumpConfig, ds: PreparedDataset, split):
+    """(cfg, the main cache's MainViews or None): with --add-teacher the views are the main cache's (its recipe
+    and global seed replace the run's), checked on the first unit before anything is created."""
+    if not cfg.add_teacher:
+        if cfg.teacher_label is not None:
+            raise KdcacheError("--teacher-label names a teacher added with --add-teacher")
+        return cfg, None
+    main = main_cache(cfg, ds)
+    cfg = replace(cfg, recipe=ViewRecipe.from_dict(main.spec.recipe), global_seed=main.spec.global_seed)
+    views = MainViews(main, cfg.seeds)
+    first = cfg.seeds[:1]   # another renderer shows on the first unit: refused with nothing written
+    views.check(0, first, pass_params(cfg.recipe, cfg.global_seed, split, main.spec, 0, first))
+    return cfg, views
+
+
 def dump_teacher(cfg: DumpConfig) -> dict:
-    """Dump the teacher's top-k answers for views (i, s) of cfg.split, s in cfg.seeds, into the cache (see
-    the module's docstring); under torchrun each rank takes its blocks. Returns the summary (totals over the
-    ranks)."""
+    """Dump the teacher's answers (top-k, or top-k plus draws from the tail) for views (i, s) of cfg.split,
+    s in cfg.seeds, into the cache, or with cfg.add_teacher into the cache of a teacher added over an existing
+    cache's views (see the module's docstring); under torchrun each rank takes its blocks. Returns the
+    summary (totals over the ranks)."""
     t_start = time.time()
     cfg.validate()
     ctx = init_from_env(cfg.device)
     device = resolve_device(cfg.device, ctx)
     ds = PreparedDataset.open(cfg.data)
     split = ds.split(cfg.split)
+    cfg, views = _views_of(cfg, ds, split)
     recipe = cfg.recipe or ViewRecipe(size=ds.view_size)
     model, tinfo = build_model(cfg.teacher, ds.num_classes, what="teacher")
     tinfo["input_size"] = recipe.size
-    cache, spec = open_target(cfg, ctx, ds, recipe, tinfo)
+    cache, spec = open_target(cfg, ctx, ds, recipe, tinfo, main=views.main if views else None)
 
     run = os.environ.get("TORCHELASTIC_RUN_ID", "") + f"-{uuid.uuid4().hex[:8]}"
     blocks = [b for b in range(spec.num_blocks) if b % ctx.world_size == ctx.rank]
@@ -240,13 +269,13 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     runner = TeacherRunner(model, tinfo, device, cfg.amp, cfg.compile, cfg.topk)
     workers = cfg.workers or default_render_threads(device)
     producer = Producer(cache, split, recipe, cfg, blocks, run, _message_queue(cfg, recipe, workers), workers,
-                        pinned=device.type == "cuda")
+                        pinned=device.type == "cuda", views=views)
     progress = DumpProgress(cfg.progress, ctx.rank, views_todo)
     log = {"run": run, "rank": ctx.rank, "world_size": ctx.world_size, "device": str(device), "amp": runner.amp,
            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "teacher"},
            "teacher": tinfo, "units": [], "lost": []}
     provenance = {"run": run, "rank": ctx.rank, "device": device.type, "amp": runner.amp}
-    consumer = Consumer(runner, spec.block_bounds, cfg.topk, split.labels, UnitWriter(),
+    consumer = Consumer(runner, spec.block_bounds, spec.stored_columns, split.labels, UnitWriter(),
                         partial(write_pass, cache, log=log, provenance=provenance), progress)
     _produce_and_consume(cache, producer, consumer)
 
@@ -291,7 +320,8 @@ def _summary(cfg: DumpConfig, ctx, cache: TeacherCache, consumer: Consumer, t_st
             "views_per_s": total_views / elapsed if elapsed > 0 and total_views else None,
             "img_per_s": total_samples / elapsed if elapsed > 0 and total_samples else None,
             "forward_seconds": round(consumer.forward_seconds, 2), "world_size": ctx.world_size,
-            "bytes_on_disk": cache.bytes_on_disk()}
+            "bytes_on_disk": cache.bytes_on_disk(),
+            "teacher_label": cache.label if cache.views_of else None, "targets": cache.spec.targets}
 
 
 def _write_log(cache: TeacherCache, log: dict, run: str, rank: int) -> None:

@@ -16,13 +16,13 @@ from kdcache.teacher.messages import PassStarted
 class PassResults:
     """The teacher outputs of one pass (its seeds of one block), stored batch by batch as they arrive."""
 
-    def __init__(self, started: PassStarted, bounds, topk: int):
+    def __init__(self, started: PassStarted, bounds, columns: int):
         self.block, self.seeds, self.params = started.block, started.seeds, started.params
         self.first = bounds[0]
         self.t0 = time.time()
         views, n = len(self.seeds), bounds[1] - bounds[0]
-        self.logp = np.empty((views, n, topk), np.float32)
-        self.indices = np.empty((views, n, topk), np.int64)
+        self.logp = np.empty((views, n, columns), np.float32)     # columns: k, or k + m for sampled targets
+        self.indices = np.empty((views, n, columns), np.int64)
         self.log_tail = np.empty((views, n), np.float32)
         self.correct = np.zeros(views, np.int64)   # per seed: views whose top-1 class is the label
 
@@ -37,13 +37,15 @@ class PassResults:
 
 
 def write_unit(cache: TeacherCache, seed: int, block: int, logp, indices, log_tail, params) -> dict:
-    """Write one unit's four shards (each one whole object) and return their records for the marker."""
+    """Write one unit's shards (each one whole object: four, or an added teacher's three, whose views are the
+    main cache's) and return their records for the marker."""
     a, b = cache.spec.block_bounds(block)
     arrays = cache.arrays(seed)
     arrays["logp"][a:b] = encode_logp(logp, cache.spec.values_dtype)
     arrays["indices"][a:b] = indices.astype(cache.spec.indices_dtype)
     arrays["log_tail"][a:b] = log_tail.astype(np.float32)
-    arrays["params"][a:b] = params.astype(np.float32)
+    if not cache.views_of:
+        arrays["params"][a:b] = params.astype(np.float32)
     return unit_records(cache, seed, block)
 
 
