@@ -10,8 +10,7 @@ import pytest
 
 from conftest import kdcache
 from kdcache.cache import derive as derive_module
-from kdcache.cache.integrity import unit_records
-from kdcache.cache.schema import LOGP_SCALE, TARGET_ARRAYS, TeacherCache
+from kdcache.cache.schema import LOGP_SCALE, TeacherCache, encode_logp, logp_encoding
 from kdcache.cache.slabs import read_slab
 
 TEACHER = ("--teacher", "test_resnet", "--random-teacher", "--unit-size", 128, "--no-progress")
@@ -46,6 +45,25 @@ def shards(path):
     root = Path(path)
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "seeds").rglob("*"))
             if p.is_file() and "c" in p.relative_to(root).parts}
+
+
+@pytest.mark.parametrize("k, classes", [(10, 1000), (100, 21841)])
+def test_fewer_columns_moves_the_dropped_mass_into_the_tail(k, classes):
+    """Synthetic rows with a finite tail (k < C): the merged tail is the exact tail beyond the top 5 within
+    2.44e-4 relative (each dropped value stored within half a step of 1/2048) plus float32 (1e-6)."""
+    rng = np.random.default_rng(k)
+    z = rng.normal(0, 3, (300, classes))
+    logp = z - np.logaddexp.reduce(z, 1, keepdims=True)
+    order = np.argsort(-logp, 1)
+    top = np.take_along_axis(logp, order[:, :k], 1)
+    tail = np.logaddexp.reduce(np.take_along_axis(logp, order[:, k:], 1), 1).astype(np.float32)
+    stored = encode_logp(top, "uint16")
+    lp, ix, lt = derive_module.fewer_columns(stored, order[:, :k], tail, 5, logp_encoding("uint16"))
+    np.testing.assert_array_equal(lp, stored[:, :5])
+    np.testing.assert_array_equal(ix, order[:, :5])
+    exact = np.logaddexp.reduce(np.take_along_axis(logp, order[:, 5:], 1), 1)
+    err = np.abs(np.expm1(lt.astype(np.float64) - exact))
+    assert err.max() <= 2.44e-4 + 1e-6 and err.max() > 1e-6   # the rounding shows, within its bound
 
 
 def test_derive_topk_equals_a_dump_at_that_k(fmnist_small, k10, tmp_path):
@@ -115,46 +133,36 @@ def test_an_interrupted_derive_resumes_to_the_same_bytes(k10, tmp_path, monkeypa
         assert proc.returncode != 0 and says in proc.stderr, proc.stderr
 
 
-def _add_teacher(main_path, other_path, label):
-    """Add the teacher of cache `other` (same views) to cache `main` under teachers/<label>, as
-    dump-teacher --add-teacher stores it: its target arrays' shard objects, its own markers."""
-    main, other = TeacherCache.open(main_path, mode="r+"), TeacherCache.open(other_path)
-    added = main.add_teacher(label, other.spec, other.seeds)
-    for s in other.seeds:
-        arrays = other.arrays(s)
-        for b, marker in other.markers(s).items():
-            for name in TARGET_ARRAYS:
-                key = other.chunk_key(s, arrays[name], name, b)
-                added.location.write(key, other.location.read(key))
-            added.ledger.mark_done(s, b, dict(views=marker["views"], correct=marker["correct"],
-                                              objects=unit_records(added, s, b)))
-    return main
-
-
 def test_derive_teachers_an_added_teacher_leads_with_the_views_of_the_main_cache(fmnist_small, k10, tmp_path):
-    other = dump(fmnist_small.root, tmp_path / "other", 10, "0:2", "--teacher-init-seed", 7)
     shutil.copytree(k10, tmp_path / "main")
-    main = _add_teacher(tmp_path / "main", other, "second")
+    dump(fmnist_small.root, tmp_path / "main", 10, "0:2", "--teacher-init-seed", 7, "--add-teacher",
+         "--teacher-label", "second")
+    main = TeacherCache.open(tmp_path / "main")
+    second = main.teachers()["second"]
     assert list(main.teachers()) == ["test_resnet", "second"]
     out = derive(tmp_path / "main", tmp_path / "derived", "--teachers", "second,test_resnet", "--topk", 5).stdout
     assert "teachers second, test_resnet" in out and "16 units written" in out
     derived = TeacherCache.open(tmp_path / "derived")
     assert derived.label == "second" and list(derived.teachers()) == ["second", "test_resnet"]
-    assert derived.spec.teacher["sha256"] == TeacherCache.open(other).spec.teacher["sha256"]
+    assert derived.spec.teacher["sha256"] == second.spec.teacher["sha256"] != main.spec.teacher["sha256"]
     own, added = slabs(derived), slabs(derived.teachers()["test_resnet"])
-    for s, theirs, mine in ((s, read_slab(TeacherCache.open(other), s), read_slab(TeacherCache.open(k10), s))
-                            for s in (0, 1)):
+    for s in (0, 1):
+        theirs, mine = read_slab(second, s), read_slab(main, s)
         np.testing.assert_array_equal(own[s].indices, theirs.indices[:, :5])
         np.testing.assert_array_equal(own[s].logp, theirs.logp[:, :5])
         np.testing.assert_array_equal(own[s].params, mine.params)   # the main cache's views
         np.testing.assert_array_equal(added[s].indices, mine.indices[:, :5])
         assert added[s].params is None
     verify_ok(tmp_path / "derived")
-    # only the added teacher: it is the derived cache's own, no teachers/ left
+    # only the added teacher: it is the derived cache's own, with the main cache's views, and no teachers/
     derive(tmp_path / "main", tmp_path / "only", "--teachers", "second")
     only = TeacherCache.open(tmp_path / "only")
-    assert list(only.teachers()) == ["second"]
-    np.testing.assert_array_equal(read_slab(only, 1).logp, read_slab(TeacherCache.open(other), 1).logp)
+    assert list(only.teachers()) == ["second"] and only.attrs["derived_from"]["teachers"] == ["second"]
+    for s in (0, 1):
+        got, theirs = read_slab(only, s), read_slab(second, s)
+        for name in ("logp", "indices", "log_tail"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(theirs, name))
+        np.testing.assert_array_equal(got.params, read_slab(main, s).params)
     verify_ok(tmp_path / "only")
 
 

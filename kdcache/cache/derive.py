@@ -50,8 +50,10 @@ def fewer_columns(logp: np.ndarray, indices: np.ndarray, log_tail: np.ndarray, k
     the others' probability added to the tail mass (float64, from the decoded stored values)."""
     if k >= logp.shape[1]:
         return logp, indices, log_tail
-    dropped = decode_logp(logp[:, k:], encoding).astype(np.float64)
-    tail = np.logaddexp(log_tail.astype(np.float64), np.logaddexp.reduce(dropped, axis=1))
+    both = np.concatenate([decode_logp(logp[:, k:], encoding), log_tail[:, None]], 1).astype(np.float64)
+    top = both.max(1, keepdims=True)   # the log-sum-exp of the dropped values and the tail (-inf: all -inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = top[:, 0] + np.log(np.exp(both - np.where(np.isfinite(top), top, 0)).sum(1))
     return logp[:, :k], indices[:, :k], tail.astype(np.float32)
 
 
@@ -172,6 +174,8 @@ def _open_destination(dst_where, src: TeacherCache, parts: List[_Teacher], seeds
         "identity_sha256": src.identity_hash, "path": _place(src.location), "topk": lead.src.spec.topk,
         "seeds": seeds, "teachers": [p.label for p in parts]}, lead)
     extra = {"derived_from": derived_from}
+    if isinstance(src.attrs.get("renderer"), dict):   # what made the views: the source's renderer, not ours
+        extra["renderer"] = src.attrs["renderer"]
     if lead.label != lead.spec.teacher.get("name"):   # an added teacher leads: its label stays its label
         extra["teacher_label"] = lead.label
     lead.dst = TeacherCache.create_or_open(dst, lead.spec, seeds, extra=extra)
