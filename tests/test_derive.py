@@ -101,6 +101,11 @@ def test_derive_seeds_from_s3_to_local_disk(k10, tmp_path, s3_root):
     derive(k10, tmp_path / "from_local", "--seeds", "1:2", "--topk", 3)
     assert shards(tmp_path / "local") == shards(tmp_path / "from_local")
     verify_ok(tmp_path / "local")
+    # and from local disk to a bucket: the same rows
+    derive(k10, f"{s3_root}/derived", "--seeds", "1:2", "--topk", 3)
+    verify_ok(f"{s3_root}/derived")
+    [(s, got)], [(_, want)] = slabs(TeacherCache.open(f"{s3_root}/derived")).items(), slabs(local).items()
+    assert s == 1 and all(np.array_equal(x, y) for x, y in zip(got, want))
 
 
 def test_an_interrupted_derive_resumes_to_the_same_bytes(k10, tmp_path, monkeypatch):
