@@ -177,3 +177,31 @@ def test_added_teacher_under_a_cache_root_and_its_label(fmnist_small, tmp_path):
     proc = kdcache("dump-teacher", "--data", fmnist_small.root, "--out", tmp_path / "x", "--seeds", "0:1", *TINY,
                    "--teacher-label", "t2", check=False)
     assert proc.returncode == 2 and "--teacher-label names a teacher added with --add-teacher" in proc.stderr
+
+
+def test_verify_checks_and_replays_every_teacher(fmnist_small, main_copy):
+    """`kdcache verify CACHE` verifies the added teacher too: its own units, markers and checksums, and with
+    --replay its own teacher on the main cache's views (fp32 on the CPU: the fp32 thresholds)."""
+    add(fmnist_small.root, main_copy, "0:2")
+    report = json.loads(kdcache("verify", main_copy, "--replay", 24, "--json", "--teacher-module",
+                                "tiny_models:tiny_cnn").stdout)
+    assert report["ok"] and not report["problems"], report["problems"]
+    assert report["replay"]["precision"] == "fp32" and report["replay"]["top1_agreement"] == 1.0   # resnet10t, by name
+    tiny = report["teachers"]["tiny"]
+    assert tiny["ok"] and tiny["seeds_complete"] == [0, 1] and tiny["cache"].endswith("teachers/tiny")
+    r = tiny["replay"]
+    assert r["views"] == 24 and r["precision"] == "fp32" and r["top1_agreement"] == 1.0
+    assert r["replay_kl_mean"] <= 1e-8 and r["tail_mass_error_max"] < 1e-5
+    assert "teacher tiny" in kdcache("verify", main_copy).stdout
+    # without the factory's module the added teacher cannot be rebuilt: named as its problem, the main one replays
+    report = json.loads(kdcache("verify", main_copy, "--replay", 8, "--json", check=False).stdout)
+    assert report["replay"]["top1_agreement"] == 1.0 and not report["ok"]
+    assert report["problems"] == ["teacher tiny: replay: " + report["teachers"]["tiny"]["problems"][0][len("replay: "):]]
+    assert "pass --teacher-module tiny_models:tiny_cnn" in report["problems"][0]
+    # a damaged shard of the added teacher: named by verify of the main cache
+    shard = next(p for p in sorted((main_copy / "teachers/tiny/seeds/000001/logp").rglob("*")) if p.is_file()
+                 and p.name != "zarr.json")
+    shard.write_bytes(shard.read_bytes()[:-3] + b"xyz")
+    report = json.loads(kdcache("verify", main_copy, "--json", check=False).stdout)
+    assert not report["ok"] and not report["teachers"]["tiny"]["ok"]
+    assert any(p.startswith("teacher tiny: ") and "seed 1, unit" in p and "array logp" in p for p in report["problems"])

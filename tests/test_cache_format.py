@@ -162,8 +162,8 @@ def test_format_1_is_read_the_same_as_before_and_never_extended(tmp_path):
     assert torch.allclose(old, new, atol=1e-6)
     with pytest.raises(KdcacheError, match="format version 1 is read by this kdcache but not extended"):
         TeacherCache.create_or_open(path, _spec("uint16", 4, 64, 10), [1])
-    zarr.open_group(str(path), mode="r+").update_attributes({"format_version": 4})
-    with pytest.raises(KdcacheError, match="format version 4 is newer than this kdcache reads"):
+    zarr.open_group(str(path), mode="r+").update_attributes({"format_version": 5})
+    with pytest.raises(KdcacheError, match="format version 5 is newer than this kdcache reads"):
         TeacherCache.open(path)
 
 

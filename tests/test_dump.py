@@ -233,7 +233,7 @@ PLAIN_READER = r'''
 import json, pathlib, sys, numpy as np, zarr
 path, s, i = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 root = zarr.open_group(path, mode="r")
-assert root.attrs["format_version"] == 3 and root.attrs["tail_rule"] == "uniform-tail-v2"
+assert root.attrs["format_version"] == 4 and root.attrs["tail_rule"] == "uniform-tail-v2"
 spec, enc = root.attrs["spec"], root.attrs["logp_encoding"]
 N, C, k = spec["dataset"]["num_samples"], spec["dataset"]["num_classes"], spec["topk"]
 assert len(list(pathlib.Path(path, "units", f"{s:06d}").glob("*.json"))) == -(-N // spec["unit_size"])

@@ -395,3 +395,82 @@ def test_plain_reader_checks_the_seals(strong_caches, tmp_path):
     marker = cache / "units/000004/000002.json"
     marker.write_text(marker.read_text().replace('"views": 128', '"views": 129'))
     assert _run(script, cache)["bad"] == ["units/000004/000002.json"]
+
+
+SAMPLED_READER = r'''
+"""Every teacher's target of a view from docs/cache-format.md ("Targets", "More teachers over the same views"):
+top-k or sampled rows, at any temperature; numpy + zarr only."""
+import json, pathlib, sys
+import numpy as np, zarr
+
+def target(group, s, i, T):
+    a = group.attrs
+    spec, enc = a["spec"], a["logp_encoding"]
+    C, k = spec["dataset"]["num_classes"], spec["topk"]
+    g = group[f"seeds/{s:06d}"]
+    lp, ix, lt = g["logp"][i], g["indices"][i], float(g["log_tail"][i])
+    lp = -lp.astype(np.float64) / enc["scale"] if enc["dtype"] == "uint16" else lp.astype(np.float64)
+    if a["tail_rule"] == "uniform-tail-v2":
+        z = np.full(C, lt - np.log(C - k)); z[ix] = lp
+        q = np.exp((z - z.max()) / T)
+        return q / q.sum()
+    assert a["tail_rule"] == "importance-tail-v1" and len(lp) == k + spec["samples"]
+    m, Td = spec["samples"], spec["sample_temperature"]
+    slots = np.concatenate([lp[:k] / T, lt - np.log(m) + (1 / T - 1 / Td) * lp[k:]])
+    w = np.exp(slots - slots.max()); w /= w.sum()
+    q = np.zeros(C); np.add.at(q, ix, w)
+    return q
+
+path, s = sys.argv[1], int(sys.argv[2])
+rows, temps = json.loads(sys.argv[3]), json.loads(sys.argv[4])
+root = zarr.open_group(path, mode="r")
+assert root.attrs["format_version"] == 4
+groups = {root.attrs["spec"]["teacher"]["name"]: root}
+for d in sorted(pathlib.Path(path, "teachers").iterdir()):
+    t = zarr.open_group(str(d), mode="r")
+    assert t.attrs["views_of"] == root.attrs["identity_sha256"] and t.attrs["teacher_label"] == d.name
+    assert "params" not in t[f"seeds/{s:06d}"]      # its views are the main cache's
+    groups[d.name] = t
+out = {}
+for label, g in groups.items():
+    Td = g.attrs["spec"]["sample_temperature"]
+    for T in temps + [Td]:
+        out[f"{label}@{T}"] = [target(g, s, i, T).tolist() for i in rows]
+print(json.dumps({"targets": out, "kdcache_imported": "kdcache" in sys.modules}))
+'''
+
+
+def test_plain_reader_rebuilds_sampled_targets_of_every_teacher(fmnist_small, tmp_path):
+    """A sampled cache (Td = 1) with a sampled teacher added at Td = 2 and a top-k one: the documented target of
+    each at T = Td and at T = 3, from zarr + numpy, is kdcache's SparseTargets.probs(T)."""
+    from kdcache.cache.slabs import read_slab
+    from kdcache.cache.targets import SparseTargets
+    import torch
+    cache = tmp_path / "cache"
+    common = ["--data", fmnist_small.root, "--seeds", "2:3", "--unit-size", 128, "--no-progress", "--out", cache]
+    kdcache("dump-teacher", *common, "--teacher", "resnet10t", "--random-teacher", "--topk", 3, "--targets",
+            "sampled", "--samples", 5)
+    kdcache("dump-teacher", *common, "--teacher", "resnet10t", "--random-teacher", "--teacher-init-seed", 9,
+            "--topk", 2, "--targets", "sampled", "--samples", 4, "--sample-temperature", 2.0, "--add-teacher",
+            "--teacher-label", "r10-td2")
+    kdcache("dump-teacher", *common, "--teacher", "resnet10t", "--random-teacher", "--teacher-init-seed", 8,
+            "--topk", 4, "--add-teacher", "--teacher-label", "r10-top4")
+    script = tmp_path / "sampled.py"
+    script.write_text(SAMPLED_READER)
+    rows = [0, 17, 255, 399]
+    got = _run(script, cache, 2, json.dumps(rows), json.dumps([3.0]))
+    assert not got["kdcache_imported"]
+    teachers = TeacherCache.open(cache).teachers()
+    assert sorted(teachers) == ["r10-td2", "r10-top4", "resnet10t"]
+    checked = 0
+    for label, teacher in teachers.items():
+        slab = read_slab(teacher, 2)
+        t = SparseTargets(torch.from_numpy(slab.indices[rows]).long(), torch.from_numpy(slab.logp[rows]),
+                          torch.from_numpy(slab.log_tail[rows]), 10, **teacher.spec.target_rule())
+        for T in (3.0, teacher.spec.sample_temperature):
+            ours = t.probs(T).double().numpy()
+            docs = np.array(got["targets"][f"{label}@{T}"])
+            # kdcache works in float32: slots of magnitude < 40 rounded to 2^-24 relative, then a softmax
+            np.testing.assert_allclose(ours, docs, rtol=2e-5, atol=1e-7, err_msg=f"{label} at T = {T}")
+            checked += 1
+    assert checked == 6

@@ -5,8 +5,8 @@ shard split or processing order. The hash is splitmix64 (Steele et al. 2014), ve
 arrays; numpy wraps uint64 arithmetic modulo 2**64, which is exactly what the hash needs.
 
 Streams in use: the table in docs/views.md ("Random numbers") lists every one with its role (crop 0..39,
-flip 64, RandAugment 128..191, mixing 200..205, erasing 300..302 and 320..639); new augmentations take new streams, so
-adding one never changes the draws of another.
+flip 64, RandAugment 128..191, mixing 200..205, erasing 300..302 and 320..639, the dump's draws from the teacher's
+tail 700); new augmentations take new streams, so adding one never changes the draws of another.
 """
 
 import numpy as np
@@ -18,6 +18,7 @@ _TO_UNIT = 2.0 ** -53
 
 STREAM_RRC = 0
 STREAM_FLIP = 64
+STREAM_TAIL_DRAWS = 700   # dump-teacher --targets sampled: the systematic draws' offset u (kdcache.teacher.runner)
 
 
 def splitmix64(x) -> np.ndarray:

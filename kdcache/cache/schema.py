@@ -54,6 +54,7 @@ ARRAYS = ("logp", "indices", "log_tail", "params")
 TARGET_ARRAYS = ("logp", "indices", "log_tail")   # an added teacher's (its views are the main cache's)
 V1_ARRAYS = ("values", "indices", "lse", "params")
 TARGET_KINDS = ("topk", "sampled")
+TOPK_RULE, SAMPLED_RULE = "uniform-tail-v2", "importance-tail-v1"   # docs/cache-format.md (kdcache.cache.targets)
 TEACHERS = "teachers"               # the folder of added teachers
 # uint16 log-probabilities: a step of 1/2048 in log space is a relative error <= 2.5e-4 on every stored
 # probability (half a step, rounded); 65535 steps reach down to p = exp(-32) = 1.3e-14 (smaller ones clamp there)
@@ -101,7 +102,6 @@ class CacheSpec:
 
     @property
     def tail_rule(self) -> str:
-        from kdcache.cache.targets import SAMPLED_RULE, TOPK_RULE
         return SAMPLED_RULE if self.targets == "sampled" else TOPK_RULE
 
     @property

@@ -29,8 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-TOPK_RULE = "uniform-tail-v2"
-SAMPLED_RULE = "importance-tail-v1"
+from kdcache.cache.schema import SAMPLED_RULE, TOPK_RULE  # noqa: F401 (the rules' names, with their code here)
 LOG_ZERO = -1.0e4   # a probability of 0 as a finite log (exp underflows to 0 in float32; no inf - inf = NaN)
 
 

@@ -97,12 +97,22 @@ class Consumer:
         per_batch = chunk.samples_per_batch
         for s0 in range(0, chunk.stop - chunk.start, per_batch):
             batch = chunk.images[s0:s0 + per_batch]
+            start = chunk.start + s0
             t = time.perf_counter()
-            launched = _InFlight(self.runner.launch(batch.reshape(-1, *batch.shape[2:])), chunk.pass_id,
-                                 chunk.start + s0, chunk.start + s0 + len(batch))
+            launched = _InFlight(self.runner.launch(batch.reshape(-1, *batch.shape[2:]),
+                                                    *self._views(chunk.pass_id, start, len(batch))),
+                                 chunk.pass_id, start, start + len(batch))
             self.forward_seconds += time.perf_counter() - t
             self._finish_batch()
             self.in_flight = launched
+
+    def _views(self, pass_id: int, start: int, count: int):
+        """(seeds, samples) of a batch's rows, for the runner's draws: rows are sample-major, the pass's views of
+        each sample side by side (PassResults.store); () for top-k targets, which need none."""
+        if not self.runner.samples:
+            return ()
+        seeds = self.passes[pass_id].seeds
+        return np.tile(np.asarray(seeds, np.int64), count), np.repeat(np.arange(start, start + count), len(seeds))
 
     def _finish_batch(self) -> None:
         """Store the results of the batch in flight into its pass's arrays."""

@@ -1,18 +1,36 @@
 """The teacher's side of the dump: a batch of uint8 views in, its top-k answers out (TeacherRunner), and the
-buffers the views are rendered into (OutputRing)."""
+buffers the views are rendered into (OutputRing).
+
+Sampled targets (--targets sampled, docs/cache-format.md "Targets"): the top k as for top-k targets, then m
+systematic draws from the other classes with q ~ p^(1/Td) (kdcache.cache.targets.draw_tail), their offset u
+one uniform per view from the counter-based RNG, u(key(g, s, i), 700): a view's draws depend on the view
+and the teacher's logits only, never on the batch or the order, so a resumed dump writes the same rows."""
+
+from typing import Optional
 
 import numpy as np
 import torch
 
+from kdcache.augment.rng import STREAM_TAIL_DRAWS, uniform, view_keys
+from kdcache.cache.targets import draw_tail
 from kdcache.dist import resolve_amp
 from kdcache.models import Normalize, forward_u8
 
 
-class TeacherRunner:
-    """uint8 NHWC views -> (top-k log-probabilities, top-k indices, log tail mass), on the chosen device."""
+def draw_uniforms(global_seed: int, seeds, samples) -> np.ndarray:
+    """(B,) float64 in [0, 1): the draws' offset of each view (samples[b], seeds[b])."""
+    return uniform(view_keys(global_seed, np.asarray(seeds, np.uint64), np.asarray(samples, np.uint64)),
+                   STREAM_TAIL_DRAWS)
 
-    def __init__(self, model, info: dict, device: torch.device, amp: str, compile_model: bool, topk: int):
+
+class TeacherRunner:
+    """uint8 NHWC views -> (log-probabilities, class indices, log_tail), on the chosen device: the top k and
+    the log tail mass; with `samples` = m > 0 the top k then m draws from the tail, and log S (module doc)."""
+
+    def __init__(self, model, info: dict, device: torch.device, amp: str, compile_model: bool, topk: int,
+                 samples: int = 0, sample_temperature: float = 1.0, global_seed: int = 0):
         self.device, self.topk = device, topk
+        self.samples, self.sample_temperature, self.global_seed = samples, sample_temperature, global_seed
         self.amp_dtype, self.amp = resolve_amp(amp, device)
         self.normalize = Normalize(info["mean"], info["std"]).to(device)
         model = model.to(device, memory_format=torch.channels_last).eval()
@@ -24,9 +42,10 @@ class TeacherRunner:
         return forward_u8(self.model, self.normalize, x, self.amp_dtype)
 
     @torch.inference_mode()
-    def launch(self, views_nhwc: np.ndarray) -> "TopkResult":
+    def launch(self, views_nhwc: np.ndarray, seeds=None, samples=None) -> "TopkResult":
         """Start the forward of one batch; on CUDA it returns before the GPU is done, so the caller can
-        queue the next batch first (the GPU never waits for the host between batches)."""
+        queue the next batch first (the GPU never waits for the host between batches). seeds, samples: each
+        row's view (s, i), which keys its draws (sampled targets only)."""
         logits = self.logits(views_nhwc)
         values, indices = logits.topk(self.topk, dim=1, sorted=True)
         # float64 from the full fp32 logits: the tail mass is summed over its own classes, never taken as
@@ -38,7 +57,10 @@ class TeacherRunner:
             log_tail = torch.logsumexp(full.scatter(1, indices, -torch.inf), dim=1) - lse[:, 0]
         else:  # no other classes: tail mass 0
             log_tail = torch.full_like(lse[:, 0], -torch.inf)
-        outputs = (logp.float(), indices, log_tail.float())
+        if self.samples:
+            outputs = self._with_draws(logits, logp, indices, seeds, samples)
+        else:
+            outputs = (logp.float(), indices, log_tail.float())
         if self.device.type != "cuda":
             return TopkResult(outputs, None)
         # pinned host copies, asynchronous; the event says when they have landed
@@ -47,9 +69,17 @@ class TeacherRunner:
         done.record()
         return TopkResult(host, done)
 
-    def topk_outputs(self, views_nhwc: np.ndarray):
-        """(top-k log-probabilities, top-k indices, log tail mass) of one batch, as numpy arrays."""
-        return self.launch(views_nhwc).get()
+    def _with_draws(self, logits: torch.Tensor, logp: torch.Tensor, indices: torch.Tensor, seeds, samples):
+        """(k + m log-probabilities, k + m classes, log S): the top k, then the m draws (ascending class)."""
+        if seeds is None or samples is None or len(seeds) != len(logits):
+            raise ValueError("sampled targets need each row's (seed, sample): the draws are keyed by the view")
+        u = torch.from_numpy(draw_uniforms(self.global_seed, seeds, samples))
+        classes, draw_logp, log_s = draw_tail(logits, indices, self.samples, self.sample_temperature, u)
+        return (torch.cat([logp, draw_logp], 1).float(), torch.cat([indices, classes], 1), log_s.float())
+
+    def topk_outputs(self, views_nhwc: np.ndarray, seeds=None, samples=None):
+        """(log-probabilities, class indices, log_tail) of one batch, as numpy arrays (module doc)."""
+        return self.launch(views_nhwc, seeds, samples).get()
 
 
 class TopkResult:
