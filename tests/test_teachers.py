@@ -4,7 +4,6 @@ them, `ls`/`info`/`copy` of a cache with teachers, and training from sampled tar
 The cache: teacher A (a random resnet10t) dumped over seeds 0:2 of the 400-sample Fashion-MNIST at k = C = 10,
 uint16; teacher B (another random resnet10t) added with `dump-teacher --add-teacher --teacher-label tb`."""
 
-import dataclasses
 import json
 import math
 
@@ -17,10 +16,8 @@ from conftest import dump_random_teacher, kdcache
 from kdcache import MixedTargets, ReplayDataset, ReplayLoader, kd_loss, open_cache
 from kdcache.cache.schema import TeacherCache
 from kdcache.cache.slabs import read_slab
-from kdcache.cache.targets import draw_tail
 from kdcache.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Normalize, build_model, forward_u8
 from kdcache.student.soft_labels import CachedTeacher
-from kdcache.teacher.units import write_unit
 
 A, B = "resnet10t", "tb"
 B_SEED = 11
@@ -194,25 +191,10 @@ def test_several_teachers_with_per_sample_seeds_and_mixed_labels(two_teachers):
 
 
 def _add_sampled_teacher(cache_path, data, k=2, m=4, td=2.0) -> str:
-    """Teacher B's sampled targets (top-k exact + m draws at Td, kdcache.cache.targets.draw_tail) written as an
-    added teacher "ts" by the unit writer (the dump's own sampled path is another part of issue 20)."""
-    cache = TeacherCache.open(cache_path, mode="r+")
-    model, info = teacher_b()
-    spec = dataclasses.replace(cache.spec, teacher=cache.added_teachers()[B].spec.teacher, topk=k,
-                               targets="sampled", samples=m, sample_temperature=td)
-    ts = cache.add_teacher("ts", spec, [0, 1])
-    for seed in (0, 1):
-        z = online_logits(data, cache_path, seed, model, info).double()
-        top = torch.topk(z, k, dim=1).indices
-        u = torch.from_numpy(np.random.default_rng(seed).random(len(z)))
-        classes, logp_draws, log_s = draw_tail(z, top, m, td, u)
-        logp_top = torch.gather(torch.log_softmax(z, 1), 1, top)
-        logp = torch.cat([logp_top, logp_draws], 1).numpy()
-        indices = torch.cat([top, classes], 1).numpy()
-        for block in range(spec.num_blocks):
-            a, b = spec.block_bounds(block)
-            objects = write_unit(ts, seed, block, logp[a:b], indices[a:b], log_s.numpy()[a:b], None)
-            ts.ledger.mark_done(seed, block, {"views": b - a, "correct": 0, "objects": objects})
+    """Teacher B again, added as "ts" with sampled targets: the top k exactly + m draws at Td."""
+    kdcache("dump-teacher", "--data", data, "--out", cache_path, "--seeds", "0:2", "--teacher", "resnet10t",
+            "--random-teacher", "--teacher-init-seed", B_SEED, "--topk", k, "--targets", "sampled", "--samples", m,
+            "--sample-temperature", td, "--add-teacher", "--teacher-label", "ts", "--no-progress")
     return "ts"
 
 
