@@ -1,4 +1,4 @@
-"""`kdcache info`: what a path holds (a prepared dataset; later also a teacher cache), as JSON or text."""
+"""`kdcache info`: what a path holds (a prepared dataset, or a teacher cache with its teachers), as JSON or text."""
 
 from pathlib import Path
 
@@ -26,6 +26,7 @@ def _logp_text(encoding: dict) -> str:
 
 
 def render_text(info: dict) -> str:
+    from kdcache.cache.catalog import targets_text, teacher_lines
     if info["kind"] == "dataset":
         lines = [f"dataset   {info['path']}",
                  f"classes   {info['num_classes']}" + (f" ({', '.join(info['class_names'][:6])}"
@@ -46,10 +47,11 @@ def render_text(info: dict) -> str:
                                                                        f"  from {t.get('checkpoint')}"),
                  f"dataset   fingerprint {info['dataset_fingerprint'][:16]}, {info['num_samples']} samples, "
                  f"{info['num_classes']} classes",
-                 f"views     format {info['format_version']}: top-{info['topk']} "
+                 f"views     format {info['format_version']}: {targets_text(info)} "
                  + (f"({info['values_dtype']} logits, {info['indices_dtype']} indices) + log-sum-exp"
                     if info["format_version"] == 1 else
-                    f"log-probabilities ({_logp_text(info['logp_encoding'])}, {info['indices_dtype']} indices) + tail mass")
+                    f"log-probabilities ({_logp_text(info['logp_encoding'])}, {info['indices_dtype']} indices) + "
+                    + ("tail sum of p^(1/Td)" if info.get("targets") == "sampled" else "tail mass"))
                  + f" + {info['param_columns']} view parameters; global seed {info['global_seed']}",
                  f"recipe    {info['recipe_summary']}"
                  + (f"; renderer {info['renderer']['version']} ({', '.join(f'{k} {v}' for k, v in info['renderer']['libraries'].items())})"
@@ -59,6 +61,7 @@ def render_text(info: dict) -> str:
                     if info["seeds_in_progress"] else ""),
                  f"size      {info['bytes_on_disk'] / 2**20:.1f} MiB on disk"
                  + (f", {info['bytes_per_view']:.1f} bytes/view (raw {info['raw_bytes_per_view']})" if info["bytes_per_view"] else "")]
+        lines += teacher_lines(info.get("teachers", ()), "teachers  ", "          ")
         for s, summ in sorted(info["seed_summary"].items(), key=lambda kv: int(kv[0])):
             lines.append(f"  seed {s:>4}: teacher top-1 on its own views {100 * summ['teacher_top1']:.2f} %")
         return "\n".join(lines)

@@ -82,7 +82,13 @@ def describe(cache: TeacherCache) -> dict:
     complete = cache.complete_seeds(seeds, done)
     live = cache.ledger.live_claims()
     writing = sorted({s for s, _ in live})
-    from kdcache.cache.schema import _recipe_summary
+    from kdcache.cache.schema import _recipe_summary, _teacher_entry
+    added = cache.added_teachers()
+    teachers = [dict(_teacher_entry(cache), seeds_complete=complete)]
+    teachers += [dict(_teacher_entry(t), seeds_complete=t.complete_seeds()) for t in added.values()]
+    problems = metadata_problems(cache)
+    for label, t in added.items():
+        problems += [f"teacher {label}: {p}" for p in metadata_problems(t)]
     return {
         "id": cache.location.name, "path": cache.path,
         "teacher": {"name": spec.teacher.get("name"), "sha256": spec.teacher.get("sha256")},
@@ -90,7 +96,9 @@ def describe(cache: TeacherCache) -> dict:
                     "num_classes": spec.num_classes, "fingerprint": spec.dataset.get("fingerprint"),
                     "split_fingerprint": spec.dataset.get("split_fingerprint"), "path": spec.dataset.get("path")},
         "recipe": _recipe_summary(spec.recipe), "global_seed": spec.global_seed, "topk": spec.topk,
-        "values_dtype": spec.values_dtype,
+        "values_dtype": spec.values_dtype, "targets": spec.targets, "samples": spec.samples,
+        "sample_temperature": spec.sample_temperature,
+        "teachers": teachers,
         "seeds_complete": complete,
         "seeds_in_progress": {str(s): {"units_done": len(done.get(s, ())), "units": spec.num_blocks,
                                        "units_being_written": sum(1 for t, _ in live if t == s)}
@@ -98,7 +106,7 @@ def describe(cache: TeacherCache) -> dict:
         "bytes": cache.bytes_on_disk(),
         "created": cache.attrs.get("created"), "created_by": cache.attrs.get("created_by"),
         "format_version": cache.version,
-        "problems": metadata_problems(cache),
+        "problems": problems,
     }
 
 
@@ -142,9 +150,24 @@ def render_ls(entries: List[dict], unreadable: Optional[List[dict]] = None) -> s
                   f"  teacher   {e['teacher']['name']}  sha256 {str(e['teacher']['sha256'])[:16]}",
                   f"  dataset   {e['dataset']['split']} {e['dataset']['num_samples']} samples, {e['dataset']['num_classes']} "
                   f"classes, fingerprint {str(e['dataset']['split_fingerprint'])[:16]}",
-                  f"  recipe    {e['recipe']}, global seed {e['global_seed']}, top-{e['topk']} {e['values_dtype']}",
+                  f"  recipe    {e['recipe']}, global seed {e['global_seed']}, {targets_text(e)} {e['values_dtype']}",
                   f"  seeds     {len(seeds)} complete {seed_ranges(seeds)}" + (f"; in progress {progress}" if progress else ""),
+                  *teacher_lines(e.get("teachers", ()), "  teachers  ", "            "),
                   f"  size      {e['bytes'] / 2**20:.1f} MiB, created {e['created']} by {e['created_by']}",
                   f"  path      {e['path']}"]
         lines += [f"  PROBLEM   {p}" for p in e.get("problems", ())]
     return "\n".join(lines)
+
+
+def targets_text(entry: dict) -> str:
+    """A cache's (or teacher's) targets in words: "top-10", or "sampled 10+8 at Td 4" (k exact + m draws at
+    the sampling temperature; docs/cache-format.md)."""
+    if entry.get("targets", "topk") == "sampled":
+        return f"sampled {entry['topk']}+{entry['samples']} at Td {entry['sample_temperature']:g}"
+    return f"top-{entry['topk']}"
+
+
+def teacher_lines(teachers, first: str, more: str) -> List[str]:
+    """One line per teacher of a cache: label, name, weights' sha256, targets, complete seeds."""
+    return [f"{first if n == 0 else more}{t['label']}: {t['name']} sha256 {str(t['sha256'])[:12]}, {targets_text(t)}, "
+            f"seeds complete {seed_ranges(t['seeds_complete']) or 'none'}" for n, t in enumerate(teachers)]

@@ -6,6 +6,10 @@ destination get the unit's marker: a destination unit with a marker is complete 
 interrupted copy resumes by running the same command (units already marked there are skipped), and a
 reader of the destination never sees a half-copied unit. Copying into a cache that a dump is extending
 at the same time is safe too: both sides use the same exclusive markers.
+
+The teachers added over a cache's views (CACHE/teachers/<label>/, dump-teacher --add-teacher) are copied
+with it, each the same way: its identity byte for byte (so its views_of still names the destination's
+identity, which is the source's), its units checked.
 """
 
 import sys
@@ -36,9 +40,29 @@ def _open_destination(src: TeacherCache, dst: Location) -> TeacherCache:
 
 def copy_cache(src_where, dst_where, seeds: Optional[List[int]] = None, workers: int = 8,
                progress: bool = True) -> dict:
+    """Copy a cache and the teachers added over its views (each into DST/teachers/<label>/, its identity byte
+    for byte, its units checked as the main cache's); `seeds`: only these seeds, of every teacher."""
     t0 = time.time()
     src = TeacherCache.open(src_where)
     dst = _open_destination(src, Location.of(dst_where))
+    pairs = [("", src, dst)]
+    for label, teacher in src.added_teachers().items():   # each checked to be made over src's views
+        pairs.append((label, teacher, _open_destination(teacher, dst.teacher_location(label))))
+    results = [_copy_units(s, d, seeds, workers, progress, label) for label, s, d in pairs]
+    damaged = [f"teacher {label}: {line}" if label else line
+               for (label, _, _), r in zip(pairs, results) for line in r["damaged"]]
+    return {"source": src.path, "destination": dst.path,
+            "units_copied": sum(r["units_copied"] for r in results),
+            "units_already_there": sum(r["units_already_there"] for r in results),
+            "bytes_copied": sum(r["bytes_copied"] for r in results), "damaged": damaged,
+            "seeds_complete": dst.complete_seeds(),
+            "teachers": {d.label: d.complete_seeds() for _, _, d in pairs},
+            "seconds": round(time.time() - t0, 2)}
+
+
+def _copy_units(src: TeacherCache, dst: TeacherCache, seeds: Optional[List[int]], workers: int, progress: bool,
+                label: str = "") -> dict:
+    """Copy the finished units of one cache (a main cache or an added teacher) into its opened destination."""
     wanted = [s for s in src.seeds if seeds is None or s in seeds]
     # the seeds' group and array metadata (identical documents; created exclusively, so repeatable)
     for key in src.location.list("seeds"):
@@ -60,40 +84,43 @@ def copy_cache(src_where, dst_where, seeds: Optional[List[int]] = None, workers:
     copied_bytes = 0
 
     def copy_unit(unit) -> int:
-        seed, block = unit
-        marker = markers[seed][block]
-        keys = {name: src.chunk_key(seed, arr, name, block) for name, arr in src_arrays[seed].items()}
-        data = src.location.read_many(keys.values())
-        records: Dict[str, dict] = {}
-        for name, key in keys.items():
-            why = check_object(data[key], recorded(marker, name))
-            if why:
-                a, b = src.spec.block_bounds(block)
-                damaged.append(f"seed {seed}, unit {block} (samples {a}:{b}), array {name}: {why}")
-                return 0
-            records[name] = dict(object_record(data[key]), key=key)
-        for key in keys.values():
-            dst.location.write(key, data[key])
-        dst.location.sync(keys.values())
-        back = dst.location.read_many(keys.values())
-        for name, key in keys.items():
-            why = check_object(back[key], records[name])
-            if why:
-                raise KdcacheError(f"{dst.path}: {key} does not read back as written ({why})")
-        payload = dict(marker, objects=records, copied_from=src.path, copied_at=time.time())
-        dst.location.create(Ledger.marker_key(seed, block), seal(payload, dst.identity_hash))
-        return sum(len(d) for d in data.values())
+        return _copy_unit(src, dst, unit, src_arrays[unit[0]], markers[unit[0]][unit[1]], damaged)
 
-    bar = tqdm(total=len(todo), unit="unit", desc="copy", file=sys.stderr, disable=not progress or None, mininterval=1.0)
+    bar = tqdm(total=len(todo), unit="unit", desc=f"copy {label}".strip(), file=sys.stderr,
+               disable=not progress or None, mininterval=1.0)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for n in pool.map(copy_unit, todo):
             copied_bytes += n
             bar.update(1)
     bar.close()
-    summary = {"source": src.path, "destination": dst.path, "units_copied": len(todo) - len(damaged) + len(bad_markers),
-               "units_already_there": skipped, "bytes_copied": copied_bytes, "damaged": damaged,
-               "seeds_complete": dst.complete_seeds(), "seconds": round(time.time() - t0, 2)}
-    return summary
+    return {"units_copied": len(todo) - len(damaged) + len(bad_markers), "units_already_there": skipped,
+            "bytes_copied": copied_bytes, "damaged": damaged}
+
+
+def _copy_unit(src: TeacherCache, dst: TeacherCache, unit, src_arrays: dict, marker: dict, damaged: List[str]) -> int:
+    """One unit: its objects checked against the source marker, written, read back and checked, then marked."""
+    seed, block = unit
+    keys = {name: src.chunk_key(seed, arr, name, block) for name, arr in src_arrays.items()}
+    data = src.location.read_many(keys.values())
+    records: Dict[str, dict] = {}
+    for name, key in keys.items():
+        why = check_object(data[key], recorded(marker, name))
+        if why:
+            a, b = src.spec.block_bounds(block)
+            damaged.append(f"seed {seed}, unit {block} (samples {a}:{b}), array {name}: {why}")
+            return 0
+        records[name] = dict(object_record(data[key]), key=key)
+    for key in keys.values():
+        dst.location.write(key, data[key])
+    dst.location.sync(keys.values())
+    back = dst.location.read_many(keys.values())
+    for name, key in keys.items():
+        why = check_object(back[key], records[name])
+        if why:
+            raise KdcacheError(f"{dst.path}: {key} does not read back as written ({why})")
+    payload = dict(marker, objects=records, copied_from=src.path, copied_at=time.time())
+    dst.location.create(Ledger.marker_key(seed, block), seal(payload, dst.identity_hash))
+    return sum(len(d) for d in data.values())
 
 
 def copy_cache_with(cfg) -> dict:

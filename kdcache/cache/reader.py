@@ -4,7 +4,7 @@ checked against its marker's size and CRC32C, only complete seeds), so a damaged
 """
 
 import logging
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -75,13 +75,16 @@ class Cache:
     """A teacher cache opened for reading (made by `open_cache`).
 
     Identity: `path`, `recipe`, `teacher`, `dataset`, `global_seed`, `topk`, `num_classes`, `num_samples`;
-    `seeds`: the complete augmentation seeds. Readers of a seed's rows: `targets`, `probs`, `view_params`.
-    A seed's rows are read whole once (one slab, every unit checked) and kept until another seed is read.
+    `seeds`: the complete augmentation seeds; `teachers`: the labels of the teachers over its views (its own
+    first, then those added with `dump-teacher --add-teacher`). Readers of a seed's rows: `targets`, `probs`
+    (of any of its teachers), `view_params`. A seed's rows are read whole once (one slab, every unit checked)
+    and kept until another seed is read.
     """
 
     def __init__(self, cache):
         self._cache = cache          # kdcache.cache.schema.TeacherCache
         self._slab: Optional[Slab] = None
+        self._teacher_slabs: Dict[str, Slab] = {}   # an added teacher's slab of one seed, by label
 
     def __repr__(self) -> str:
         return f"Cache({self.path!r}, teacher={self.teacher.get('name')!r}, top-{self.topk} of {self.num_classes})"
@@ -139,6 +142,37 @@ class Cache:
     def num_samples(self) -> int:
         return self._cache.spec.num_samples
 
+    @property
+    def teachers(self) -> List[str]:
+        """The labels of the cache's teachers: its own teacher's first (the teacher's name), then the added ones
+        (`kdcache info CACHE` lists them with their seeds). Read from the store at each call."""
+        return list(self._cache.teachers())
+
+    def _teacher_cache(self, teacher: Optional[str]):
+        """The TeacherCache of teacher label `teacher` (None: the cache's own)."""
+        if teacher is None or teacher == self._cache.label:
+            return self._cache
+        added = self._cache.added_teachers()
+        if teacher not in added:
+            raise KdcacheError(f"{self.path}: no teacher labelled {teacher!r} in this cache; its teachers: "
+                               f"{', '.join([self._cache.label, *added])}")
+        return added[teacher]
+
+    def _read_teacher(self, seed: int, teacher: Optional[str]) -> Slab:
+        """The slab of `seed` of one teacher: the cache's own (with the view rows), or an added one's."""
+        cache = self._teacher_cache(teacher)
+        if cache is self._cache:
+            return self._read(seed)
+        slab = self._teacher_slabs.get(teacher)
+        if slab is None or slab.seed != seed:
+            complete = cache.complete_seeds()
+            if seed not in complete:
+                raise KdcacheError(f"{cache.path}: seed {seed} is not a complete seed of teacher {teacher!r} "
+                                   f"(complete: {complete})")
+            self._teacher_slabs.pop(teacher, None)
+            slab = self._teacher_slabs[teacher] = read_slab(cache, seed)
+        return slab
+
     def _read(self, seed: int) -> Slab:
         if self._slab is None or self._slab.seed != seed:
             complete = self.seeds
@@ -163,30 +197,36 @@ class Cache:
             raise KdcacheError(f"{self.path}: sample index {int(bad.flat[0])} is outside the cache's {n} samples")
         return picked.astype(np.int64)
 
-    def targets(self, seed: int, rows: Rows = None) -> SparseTargets:
+    def targets(self, seed: int, rows: Rows = None, *, teacher: Optional[str] = None) -> SparseTargets:
         """The stored teacher answers of views (rows, seed).
 
         Parameters
         ----------
         seed : int
-            A complete augmentation seed (`seeds`).
+            A complete augmentation seed (`seeds`; an added teacher must have it complete too).
         rows : int, slice, sequence or tensor of int, optional
             Global sample indices (default: every sample, in order); an int is a batch of one.
+        teacher : str, optional
+            A label of `teachers` (default: the cache's own teacher).
 
         Returns
         -------
         SparseTargets
-            indices (B, k) int64, logp (B, k) float32 (descending), log_tail (B,) float32, on the CPU.
+            indices (B, n) int64, logp (B, n) float32, log_tail (B,) float32, on the CPU, with the teacher's
+            target rule (top-k: n = k, descending; sampled: k exact columns then m draws, docs/cache-format.md).
+            Several teachers' targets combine with ``MixedTargets([...], weights=...)``.
         """
-        slab, picked = self._read(seed), self._rows(rows)
+        slab, picked = self._read_teacher(seed, teacher), self._rows(rows)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a[picked]))   # noqa: E731
         return SparseTargets(t(slab.indices).long(), t(slab.logp), t(slab.log_tail), self.num_classes,
-                             **self._cache.spec.target_rule())
+                             **self._teacher_cache(teacher).spec.target_rule())
 
-    def probs(self, seed: int, rows: Rows = None, temperature: float = 1.0) -> torch.Tensor:
-        """(B, C) float32 teacher probabilities of views (rows, seed), softened at `temperature`
-        (the top-k rebuild of docs/cache-format.md: exact for k = C)."""
-        return self.targets(seed, rows).probs(temperature)
+    def probs(self, seed: int, rows: Rows = None, temperature: float = 1.0, *,
+              teacher: Optional[str] = None) -> torch.Tensor:
+        """(B, C) float32 teacher probabilities of views (rows, seed), softened at `temperature` (top-k: the
+        uniform-tail rebuild, exact for k = C; sampled: the importance-weighted target, docs/cache-format.md);
+        `teacher`: a label of `teachers` (default: the cache's own)."""
+        return self.targets(seed, rows, teacher=teacher).probs(temperature)
 
     def view_params(self, seed: int, rows: Rows = None) -> np.ndarray:
         """(B, P) float32 parameter rows of views (rows, seed): crop box, flip, RandAugment, erasing, mixing

@@ -526,7 +526,19 @@ class TeacherCache:
             "seed_summary": {str(s): self.seed_summary(s) for s in complete},
             "kdcache_version": self.attrs.get("kdcache_version"), "created": self.attrs.get("created"),
             "created_by": self.attrs.get("created_by"),
+            "label": self.label, "views_of": self.views_of,
+            # every teacher over these views, its own first (train-student --teachers takes these labels)
+            "teachers": [dict(_teacher_entry(t), seeds_complete=complete if t is self else t.complete_seeds())
+                         for t in self.teachers().values()],
         }
+
+
+def _teacher_entry(cache: "TeacherCache") -> dict:
+    """A teacher of a cache, as `kdcache info` and `ls` list it (its seeds_complete added by the caller)."""
+    spec = cache.spec
+    return {"label": cache.label, "name": spec.teacher.get("name"), "sha256": spec.teacher.get("sha256"),
+            "topk": spec.topk, "targets": spec.targets, "samples": spec.samples,
+            "sample_temperature": spec.sample_temperature, "values_dtype": spec.values_dtype}
 
 
 def _spec_from(loc: Location, attrs: dict) -> CacheSpec:

@@ -38,7 +38,8 @@ def _cached_source(cfg: TrainConfig, ds, train_split, device: torch.device) -> C
     if cfg.mix_labels:
         mix_recipe = mix_labels_recipe(ViewRecipe.from_dict(cache.spec.recipe), cfg.recipe or {})
     return CachedTeacher(cache, device, cfg.seed, cfg.seed_choice, seeds=cfg.view_seeds, epochs=cfg.epochs,
-                         mix_recipe=mix_recipe)
+                         mix_recipe=mix_recipe, teachers=cfg.teachers, ensemble=cfg.ensemble,
+                         teacher_weights=cfg.teacher_weights, ensemble_draw=cfg.ensemble_draw)
 
 
 def build_source(cfg: TrainConfig, ds, train_split, device: torch.device, amp_dtype):
@@ -46,7 +47,8 @@ def build_source(cfg: TrainConfig, ds, train_split, device: torch.device, amp_dt
     run in the loop (online), or views alone (none)."""
     if cfg.mode == "cache":
         source = _cached_source(cfg, ds, train_split, device)
-        return source, source.recipe, source.cache.spec.teacher
+        first = next(iter(source.members.values()))   # the cache's own teacher unless --teachers says otherwise
+        return source, source.recipe, first.spec.teacher
     recipe = ViewRecipe.from_dict(cfg.recipe) if cfg.recipe else ViewRecipe(size=ds.view_size)
     view_seeds = cfg.view_seeds or list(range(cfg.epochs * recipe.repeats))
     common = dict(recipe=recipe, global_seed=cfg.view_global_seed or 0, view_seeds=view_seeds,

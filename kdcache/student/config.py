@@ -111,12 +111,25 @@ class TrainConfig:
             if bad or not self.view_seeds:
                 raise KdcacheError(f"--view-seeds: seeds are integers from 0 to {MAX_SEED}, got "
                                    + (str(bad[0]) if bad else "none"))
+        self._check_teachers()
         if self.mix_labels and self.mode != "cache":
             raise KdcacheError("--mix-labels mixes cached soft labels: it needs --cache (online/none mix through the recipe)")
         if self.size is not None or self.ramp_start is not None or self.ramp_end is not None:
             self.schedule(self.size[0] if self.size else 1)   # a bad schedule is named before anything is written
         if self.val_res is not None and self.val_res < 1:
             raise KdcacheError(f"--val-res must be positive, got {self.val_res}")
+
+    def _check_teachers(self) -> None:
+        """--teachers and the ensemble settings agree (the labels themselves are checked against the cache)."""
+        from kdcache.student.ensemble import ensemble_weights
+        given = self.teachers is not None or self.teacher_weights is not None or self.ensemble != "mean" \
+            or self.ensemble_draw != "sample"
+        if given and self.mode != "cache":
+            raise KdcacheError("--teachers, --ensemble, --teacher-weights and --ensemble-draw choose among a cache's "
+                               "teachers: they need --cache")
+        if self.teachers is not None and not self.teachers:
+            raise KdcacheError("--teachers: give at least one teacher label")
+        ensemble_weights(len(self.teachers or [None]), self.ensemble, self.teacher_weights, self.ensemble_draw)
 
     def schedule(self, view_size: int) -> SizeSchedule:
         """The training size of every epoch (default: the views' size throughout)."""

@@ -24,9 +24,10 @@ partner's rendered views (kdcache.augment.mixing). Two ways, both exact:
                            (DistributedSampler, timm's), at the cost of a second decode and render per mixed view.
 
 Items are ReplayItem; a batch (collate_views) is a ReplayBatch: images uint8 (B, 3, S, S) as the FFCV replay
-yields them (before normalisation; channels-last memory), labels, global indices, the targets (SparseTargets)
-with a cache, and each view's partner, partner label and own weight lambda (the hard-label target of a
-mixed view: lambda·y_i + (1 - lambda)·y_partner).
+yields them (before normalisation; channels-last memory), labels, global indices, the targets with a cache
+(SparseTargets of one teacher; MixedTargets of several `teachers` combined by `ensemble`, as train-student's
+--teachers and --ensemble), and each view's partner, partner label and own weight lambda (the hard-label
+target of a mixed view: lambda·y_i + (1 - lambda)·y_partner).
 
 `CentreCropDataset` is the evaluation side: FFCV's CenterCropRGBImageDecoder (resize + centre crop), the
 pixels of kdcache.augment.loader.eval_loader.
@@ -48,9 +49,10 @@ from kdcache.augment.recipe import ViewRecipe
 from kdcache.augment import render
 from kdcache.augment.render import mix_views
 from kdcache.augment.rescale import rescale_params
-from kdcache.cache.targets import SparseTargets
+from kdcache.cache.targets import MixedTargets, SparseTargets, teacher_choice
 from kdcache.data.dataset import PreparedDataset, PreparedSplit
 from kdcache.errors import KdcacheError
+from kdcache.student.ensemble import cat_targets, choose_teachers, combine, ensemble_weights, shared_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +63,15 @@ _MIX_ONLY_LAYOUT = np.array([0, 0, -1, 0, 0, 0], np.int64)
 
 @dataclass(frozen=True)
 class ReplayItem:
-    """One view (i, s). image: uint8 (3, S, S); targets: the view's cached teacher answer (one row) or None;
+    """One view (i, s). image: uint8 (3, S, S); targets: the view's cached teacher answer (one row: SparseTargets,
+    or MixedTargets of several teachers) or None;
     partner, partner_label, lam: the mixing partner's global index and label and this view's own weight
     (partner = index, lam = 1 when the view is not mixed); pending_mix: the pair's 7 mixing columns when the
     mixing is left to collate_views (mix="batch"), else None."""
     image: torch.Tensor
     label: int
     index: int
-    targets: Optional[SparseTargets]
+    targets: Union[SparseTargets, MixedTargets, None]
     partner: int
     partner_label: int
     lam: float
@@ -78,11 +81,11 @@ class ReplayItem:
 @dataclass
 class ReplayBatch:
     """A batch of views (collate_views). images: uint8 (B, 3, S, S); labels, indices, partner, partner_labels:
-    int64 (B,); lam: float32 (B,); targets: SparseTargets (B rows) or None (no cache)."""
+    int64 (B,); lam: float32 (B,); targets: SparseTargets or MixedTargets (B rows) or None (no cache)."""
     images: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor
-    targets: Optional[SparseTargets]
+    targets: Union[SparseTargets, MixedTargets, None]
     partner: torch.Tensor
     partner_labels: torch.Tensor
     lam: torch.Tensor
@@ -90,11 +93,20 @@ class ReplayBatch:
     def to(self, device, non_blocking: bool = False) -> "ReplayBatch":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return ReplayBatch(move(self.images), move(self.labels), move(self.indices),
-                           None if self.targets is None else self.targets.to(device, non_blocking),
+                           None if self.targets is None else _targets_to(self.targets, device, non_blocking),
                            move(self.partner), move(self.partner_labels), move(self.lam))
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def _targets_to(targets, device, non_blocking: bool):
+    if isinstance(targets, MixedTargets):
+        members = [_targets_to(m, device, non_blocking) for m in targets.members]
+        if targets.choice is not None:
+            return MixedTargets(members, choice=targets.choice.to(device, non_blocking=non_blocking))
+        return MixedTargets(members, weights=targets.weights)
+    return targets.to(device, non_blocking=non_blocking)
 
 
 def _open_split(data, split: str):
@@ -139,12 +151,18 @@ class _ViewRenderer:
         self._local = threading.local()
 
 
+def _target_arrays(slab) -> tuple:
+    return (np.ascontiguousarray(slab.indices, dtype=np.int64), np.ascontiguousarray(slab.logp),
+            np.ascontiguousarray(slab.log_tail))
+
+
 class _ViewRows(NamedTuple):
-    """One seed's view rows (scaled to the size rendered) and, from a cache, its teacher answers
-    (indices, logp, log_tail arrays of all samples)."""
+    """One seed's view rows (scaled to the size rendered) and, from a cache, its chosen teachers' answers
+    (label -> indices, logp, log_tail arrays of all samples) and, for a random ensemble, each view's teacher."""
     seed: int
     params: np.ndarray
-    targets: Optional[tuple]
+    targets: Optional[dict]
+    choice: Optional[np.ndarray] = None
 
 
 def _warm_renderer(renderer: _ViewRenderer, row: np.ndarray) -> None:
@@ -179,19 +197,34 @@ class ReplayDataset(Dataset):
         them (kdcache.augment.rescale).
     mix : "batch" or "item"
         Where a mixed view's pair is mixed (module docstring): in collate_views (default) or in __getitem__.
+    teachers : sequence of str, optional
+        With a cache: the labels of the teachers whose targets items carry (``Cache.teachers``; default the
+        cache's own), as train-student's --teachers; the default seeds are those complete in all of them.
+    ensemble : {"mean", "weighted", "random"}
+        Several teachers: the mean of their probabilities, the weighted mean (`teacher_weights`), or one
+        teacher per view (i, s), drawn from (the cache's global seed, s): the same each time the view is shown
+        (train-student's "random" draws again each pass; a per-batch draw is not offered: items know no batch).
+    teacher_weights : sequence of float, optional
+        ensemble="weighted": one weight per teacher (normalised to sum 1).
     """
 
     def __init__(self, data, cache=None, *, split: str = "train", recipe: Union[ViewRecipe, dict, None] = None,
                  view_global_seed: Optional[int] = None, view_seeds: Optional[Sequence[int]] = None,
-                 size: Optional[int] = None, mix: str = "batch"):
+                 size: Optional[int] = None, mix: str = "batch", teachers: Optional[Sequence[str]] = None,
+                 ensemble: str = "mean", teacher_weights: Optional[Sequence[float]] = None):
         if mix not in MIX_MODES:
             raise KdcacheError(f"ReplayDataset: mix must be one of {MIX_MODES}, got {mix!r}")
         self.dataset, self.split = _open_split(data, split)
         self.mix = mix
         self._cache, self._cache_where = None, None
+        self._teacher_where, self._teachers, self._rules, self._weights = {}, None, {}, None
         if cache is not None:
             self._use_cache(cache, recipe, view_global_seed, view_seeds)
+            self._choose_teachers(teachers, ensemble, teacher_weights, view_seeds)
         else:
+            if teachers is not None or teacher_weights is not None or ensemble != "mean":
+                raise KdcacheError("ReplayDataset: teachers, ensemble and teacher_weights choose among a cache's "
+                                   "teachers: they need a cache")
             self.recipe = (recipe if isinstance(recipe, ViewRecipe) else
                            ViewRecipe.from_dict(recipe) if recipe else ViewRecipe(size=self.dataset.view_size))
             self.global_seed = 0 if view_global_seed is None else int(view_global_seed)
@@ -237,6 +270,21 @@ class ReplayDataset(Dataset):
         self.global_seed, self.seeds, self.num_classes = spec.global_seed, complete, spec.num_classes
         self._complete = set(self._cache.complete_seeds())
 
+    def _choose_teachers(self, teachers, ensemble: str, teacher_weights, view_seeds) -> None:
+        """The teachers whose targets items carry (their caches, reopened by path in spawned workers), how they
+        combine, and the seeds complete in all of them."""
+        members = choose_teachers(self._cache, None if teachers is None else list(teachers))
+        self._weights = ensemble_weights(len(members), ensemble, teacher_weights)
+        self._teacher_where = {label: c.path for label, c in members.items()}
+        self._teachers = dict(members)
+        self._rules = {label: c.spec.target_rule() for label, c in members.items()}
+        if len(members) > 1 or self._cache.label not in members:
+            self.seeds = shared_seeds(self._cache, members, None if view_seeds is None else [int(s) for s in view_seeds])
+            if not self.seeds:
+                raise KdcacheError(f"{self._cache_where}: no seed is complete in teachers {', '.join(members)}")
+            for c in members.values():
+                self._complete &= set(c.complete_seeds())
+
     def _load(self, seed: int) -> _ViewRows:
         if self._cache_where is None:
             n = self.split.num_samples
@@ -250,12 +298,34 @@ class ReplayDataset(Dataset):
                 self._cache = TeacherCache.open(self._cache_where)
             slab = read_slab(self._cache, seed)
             params = slab.params
-            targets = (np.ascontiguousarray(slab.indices, dtype=np.int64), np.ascontiguousarray(slab.logp),
-                       np.ascontiguousarray(slab.log_tail))
+            targets = {label: _target_arrays(slab if label == self._cache.label else
+                                             read_slab(self._teacher(label), seed)) for label in self._teacher_where}
         if self.size != self.recipe.size:
             params = rescale_params(params, self.layout, self.recipe.size, self.size)
+        choice = None
+        if targets and len(targets) > 1 and self._weights is None:   # random: a teacher per view (i, s)
+            choice = teacher_choice(len(params), len(targets), (self.global_seed, seed), False).numpy()
         logger.debug("views of seed %d loaded (%d samples)", seed, len(params))
-        return _ViewRows(seed, np.ascontiguousarray(params, dtype=np.float32), targets)
+        return _ViewRows(seed, np.ascontiguousarray(params, dtype=np.float32), targets, choice)
+
+    def _teacher(self, label: str):
+        """An added teacher's cache (opened again by path in a worker started by pickling)."""
+        from kdcache.cache.schema import TeacherCache
+        if self._teachers is None:
+            self._teachers = {}
+        if label not in self._teachers:
+            self._teachers[label] = TeacherCache.open(self._teacher_where[label])
+        return self._teachers[label]
+
+    def _item_targets(self, rows: _ViewRows, i: int):
+        """View i's targets: one row of each chosen teacher, combined as the ensemble says."""
+        members = []
+        for label, (indices, logp, log_tail) in rows.targets.items():
+            members.append(SparseTargets(torch.from_numpy(indices[i:i + 1].copy()), torch.from_numpy(logp[i:i + 1].copy()),
+                                         torch.from_numpy(log_tail[i:i + 1].copy()), self.num_classes,
+                                         **self._rules[label]))
+        choice = None if rows.choice is None else torch.from_numpy(rows.choice[i:i + 1].copy())
+        return combine(members, self._weights, choice)
 
     def seed_for_epoch(self, epoch: int) -> int:
         """The view seed of an epoch: seeds[epoch mod S] ("cycle"), or the epoch itself without seeds."""
@@ -311,11 +381,7 @@ class ReplayDataset(Dataset):
                 self._mix_here(view, i, j, rows)
             elif int(mixing[0]) != MODE_NONE:
                 pending = self._pair_columns(i, j, rows)
-        targets = None
-        if rows.targets is not None:
-            indices, logp, log_tail = rows.targets
-            targets = SparseTargets(torch.from_numpy(indices[i:i + 1].copy()), torch.from_numpy(logp[i:i + 1].copy()),
-                                    torch.from_numpy(log_tail[i:i + 1].copy()), self.num_classes)
+        targets = None if rows.targets is None else self._item_targets(rows, i)
         image = torch.from_numpy(view).permute(2, 0, 1)
         return ReplayItem(image, int(self.labels[i]), i, targets, j, int(self.labels[j]), lam, pending)
 
@@ -333,6 +399,7 @@ class ReplayDataset(Dataset):
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_cache"] = None          # reopened by path where needed (zarr handles do not travel)
+        state["_teachers"] = None
         del state["_chosen_view"]
         return state
 
@@ -361,11 +428,7 @@ def collate_views(items: List[ReplayItem]) -> ReplayBatch:
                                "with PairBatchSampler (pairs stay together), or make the dataset with mix='item'")
         if item.index < item.partner:
             mix_views(images[b], images[at], item.pending_mix, _MIX_ONLY_LAYOUT)
-    targets = None
-    if items[0].targets is not None:
-        targets = SparseTargets(torch.cat([it.targets.indices for it in items]),
-                                torch.cat([it.targets.logp for it in items]),
-                                torch.cat([it.targets.log_tail for it in items]), items[0].targets.num_classes)
+    targets = None if items[0].targets is None else cat_targets([it.targets for it in items])
     column = lambda name, dtype: torch.tensor([getattr(it, name) for it in items], dtype=dtype)  # noqa: E731
     return ReplayBatch(torch.from_numpy(images).permute(0, 3, 1, 2), column("label", torch.int64),
                        column("index", torch.int64), targets, column("partner", torch.int64),

@@ -17,7 +17,7 @@ from kdcache.augment.params import ParamLayout
 from kdcache.augment.recipe import ViewRecipe
 from kdcache.cache.reader import Cache, open_cache
 from kdcache.cache.schema import MAX_SEED, TeacherCache
-from kdcache.cache.targets import SparseTargets
+from kdcache.cache.targets import MixedTargets, SparseTargets
 from kdcache.data.dataset import PreparedDataset
 from kdcache.errors import KdcacheError
 from kdcache.models import IMAGENET_MEAN, IMAGENET_STD, Normalize
@@ -32,9 +32,11 @@ class Batch:
     images : (B, 3, H, W) uint8 (channels_last memory), or float32 normalised with the loader's mean/std.
     labels : (B,) int64 ground-truth classes.
     indices : (B,) int64 global sample indices (rows of the dataset and of the cache).
-    targets : the teacher's answers to exactly these views: SparseTargets (cache), (B, C) float32 dense
-        log-probabilities (cache with mix_labels: the lambda-mix of the two stored distributions), (B, C)
-        float32 logits (online teacher), or None (no teacher).
+    targets : the teacher's answers to exactly these views: SparseTargets (cache, one teacher), MixedTargets
+        (cache, several `teachers` combined by `ensemble`), with mix_labels the lambda-mix of the two views'
+        targets ((B, C) float32 dense log-probabilities for one top-k teacher, else an object with the same
+        methods as MixedTargets), (B, C) float32 logits (online teacher), or None (no teacher). The losses
+        (kd_loss, dkd_loss) take any of them.
     partner : (B,) int64 row in this batch of each sample's mixing partner (itself when its view is not mixed,
         lam = 1); None when the recipe does not mix.
     lam : (B,) float32 each sample's own weight in its mixed view (1 when unmixed); None when the recipe does
@@ -44,7 +46,7 @@ class Batch:
     images: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor
-    targets: Union[SparseTargets, torch.Tensor, None]
+    targets: Union[SparseTargets, MixedTargets, torch.Tensor, None]
     partner: Optional[torch.Tensor]
     lam: Optional[torch.Tensor]
     seed: Union[int, torch.Tensor]
@@ -118,6 +120,17 @@ class ReplayLoader:
     mix_labels : dict, optional
         Cache without mixing: mixup/cutmix settings (e.g. ``{"mixup": 0.8, "cutmix": 1.0}``); the loader mixes
         the views and the targets are the lambda-mix of the two cached distributions (FKD/ReLabel).
+    teachers : sequence of str, optional
+        Cache: the labels of the teachers to distil from (``Cache.teachers``; default: the cache's own), as
+        train-student's --teachers. Several are combined by `ensemble`.
+    ensemble : {"mean", "weighted", "random"}
+        Several teachers: the mean of their probabilities (at the loss's temperature), the weighted mean
+        (`teacher_weights`), or one teacher drawn per sample and pass (`ensemble_draw` "sample") or per batch
+        ("step"), as train-student's --ensemble (docs/training.md, "Several teachers").
+    teacher_weights : sequence of float, optional
+        ensemble="weighted": one weight per teacher (normalised to sum 1).
+    ensemble_draw : {"sample", "step"}
+        ensemble="random": a teacher per sample, or one per batch.
     size : int, optional
         Output size of the images (default: the recipe's); change it per epoch with `set_epoch`.
     order_seed : int
@@ -144,7 +157,10 @@ class ReplayLoader:
                  teacher_std: Optional[Sequence[float]] = None, teacher_amp: Optional[torch.dtype] = None,
                  teacher_size: Optional[int] = None, recipe: Union[ViewRecipe, dict, None] = None,
                  view_global_seed: Optional[int] = None, view_seeds: Optional[Sequence[int]] = None,
-                 seed_choice: str = "cycle", mix_labels: Optional[dict] = None, size: Optional[int] = None,
+                 seed_choice: str = "cycle", mix_labels: Optional[dict] = None,
+                 teachers: Optional[Sequence[str]] = None, ensemble: str = "mean",
+                 teacher_weights: Optional[Sequence[float]] = None, ensemble_draw: str = "sample",
+                 size: Optional[int] = None,
                  order_seed: int = 0, epochs: Optional[int] = None, workers: Optional[int] = None,
                  distributed: Optional[bool] = None, drop_last: bool = True,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
@@ -157,12 +173,19 @@ class ReplayLoader:
         if (mean is None) != (std is None):
             raise KdcacheError("ReplayLoader: give both mean and std (normalised images) or neither (uint8)")
         source_kw = dict(view_global_seed=view_global_seed, view_seeds=view_seeds, order_seed=order_seed, epochs=epochs)
+        ensemble_kw = dict(teachers=None if teachers is None else list(teachers), ensemble=ensemble,
+                           teacher_weights=None if teacher_weights is None else list(teacher_weights),
+                           ensemble_draw=ensemble_draw)
         if cache is not None:
-            self.source = self._cached(_as_cache(cache), split, recipe, seed_choice, mix_labels, **source_kw)
+            self.source = self._cached(_as_cache(cache), split, recipe, seed_choice, mix_labels, ensemble_kw,
+                                       **source_kw)
         else:
             if mix_labels:
                 raise KdcacheError("ReplayLoader: mix_labels mixes cached soft labels: it needs a cache "
                                    "(without one, put the mixing in the recipe)")
+            if teachers is not None or teacher_weights is not None or ensemble != "mean" or ensemble_draw != "sample":
+                raise KdcacheError("ReplayLoader: teachers, ensemble, teacher_weights and ensemble_draw choose among "
+                                   "a cache's teachers: they need a cache")
             self.source = self._uncached(_recipe(recipe, self.dataset), teacher, teacher_mean, teacher_std,
                                          teacher_amp, **source_kw)
         self.recipe: ViewRecipe = self.source.recipe
@@ -179,8 +202,8 @@ class ReplayLoader:
         self._channels_last = channels_last
         self._epoch = 0
 
-    def _cached(self, cache: Cache, split, recipe, seed_choice, mix_labels, view_global_seed, view_seeds,
-                order_seed, epochs) -> CachedTeacher:
+    def _cached(self, cache: Cache, split, recipe, seed_choice, mix_labels, ensemble_kw, view_global_seed,
+                view_seeds, order_seed, epochs) -> CachedTeacher:
         cache.check_made_for(self.dataset, split)
         if view_global_seed is not None and view_global_seed != cache.global_seed:
             raise KdcacheError(f"view_global_seed {view_global_seed} contradicts the cache's global seed "
@@ -191,7 +214,7 @@ class ReplayLoader:
         mix_recipe = mix_labels_recipe(cache.recipe, mix_labels) if mix_labels else None
         return CachedTeacher(cache.teacher_cache, self.device, order_seed, seed_choice,
                              seeds=None if view_seeds is None else list(view_seeds), epochs=epochs,
-                             mix_recipe=mix_recipe)
+                             mix_recipe=mix_recipe, **ensemble_kw)
 
     def _uncached(self, recipe: ViewRecipe, teacher, teacher_mean, teacher_std, teacher_amp, view_global_seed,
                   view_seeds, order_seed, epochs) -> NoTeacher:

@@ -1,7 +1,9 @@
 """Where each pass's views and teacher targets come from, for the three training modes.
 
     CachedTeacher   views and soft labels read from a dump-teacher cache: one slab per seed, read whole,
-                    the next pass's slab prefetched in the background; per batch only an index gather
+                    the next pass's slab prefetched in the background; per batch only an index gather.
+                    With several teachers (--teachers), one slab per chosen teacher and seed, combined per
+                    batch (kdcache.student.ensemble)
     OnlineTeacher   the teacher runs in the loop on the very views the student sees (the baseline)
     NoTeacher       plain supervised training on the same views
 
@@ -35,9 +37,10 @@ from kdcache.augment.recipe import ViewRecipe
 from kdcache.cache.schema import TeacherCache
 from kdcache.cache.integrity import check_sizes
 from kdcache.cache.slabs import SlabPrefetcher, read_slab
-from kdcache.cache.targets import SparseTargets, dense_logits
+from kdcache.cache.targets import SparseTargets, teacher_choice
 from kdcache.errors import KdcacheError
 from kdcache.models import Normalize, forward_u8
+from kdcache.student.ensemble import LambdaMix, choose_teachers, combine, ensemble_weights, shared_seeds
 from kdcache.student.losses import mixed_one_hot
 
 
@@ -161,22 +164,24 @@ def mix_labels_recipe(cache_recipe: ViewRecipe, mix: dict) -> ViewRecipe:
 
 
 class CachedTeacher:
+    """Views and soft labels from a cache: the main cache's view rows, and the targets of its chosen teachers
+    (`teachers`: labels, default the cache's own; several are combined by `ensemble`, kdcache.student.ensemble)."""
     uses_teacher = True
 
     def __init__(self, cache: TeacherCache, device: torch.device, order_seed: int, seed_choice: str = "cycle",
                  seeds: Optional[List[int]] = None, epochs: Optional[int] = None,
-                 mix_recipe: Optional[ViewRecipe] = None):
+                 mix_recipe: Optional[ViewRecipe] = None, teachers: Optional[List[str]] = None,
+                 ensemble: str = "mean", teacher_weights: Optional[List[float]] = None,
+                 ensemble_draw: str = "sample"):
         self.cache, self.device, self.order_seed = cache, device, order_seed
         self.cache_recipe = ViewRecipe.from_dict(cache.spec.recipe)
         self.recipe = mix_recipe or self.cache_recipe        # the views the student sees
         self.mix_labels = mix_recipe is not None
         self.layout = ParamLayout.of(self.recipe)
-        complete = cache.complete_seeds()
-        if seeds is not None:
-            missing = sorted(set(seeds) - set(complete))
-            if missing:
-                raise KdcacheError(f"{cache.path}: seeds {missing} are not complete in this cache (complete: {complete})")
-            complete = sorted(seeds)
+        self.members = choose_teachers(cache, teachers)      # label -> TeacherCache, in the order given
+        self.weights = ensemble_weights(len(self.members), ensemble, teacher_weights, ensemble_draw)
+        self.per_step = ensemble_draw == "step"
+        complete = shared_seeds(cache, self.members, seeds)
         if not complete:
             raise KdcacheError(f"{cache.path}: no complete seed; run dump-teacher first")
         if seed_choice not in ("cycle", "per-sample"):
@@ -184,20 +189,31 @@ class CachedTeacher:
         if seed_choice == "per-sample" and self.recipe.mixing:
             raise KdcacheError("--seed-choice per-sample cannot be used with a mixing recipe: partners are drawn per "
                                "seed, so a pair must come from one seed (use cycle)")
-        check_sizes(cache, complete)  # a deleted or truncated shard stops training before it starts
+        # the views' cache first: its slab holds the view rows (and its teacher's targets when chosen)
+        self._caches = {cache.label: cache, **self.members}
+        for c in self._caches.values():
+            check_sizes(c, complete)  # a deleted or truncated shard stops training before it starts
         self.seeds, self.seed_choice, self.epochs = complete, seed_choice, epochs
         self.num_classes = cache.spec.num_classes
+        self._rules = {label: c.spec.target_rule() for label, c in self.members.items()}
         passes = (epochs or 0) * self.recipe.repeats
         # a pass shows 1/R of the samples, so a stored view is shown epochs / S times on average
         if epochs and seed_choice == "cycle" and epochs > len(complete):
             warnings.warn(f"{passes} passes over {len(complete)} cached seeds: each stored view is shown "
                           f"{epochs / len(complete):.1f} times on average (dump more seeds to see new views)")
-        self.prefetcher = SlabPrefetcher(cache)
+        self.prefetchers = {label: SlabPrefetcher(c) for label, c in self._caches.items()}
+        self.prefetcher = self.prefetchers[cache.label]
         self.teacher_seconds = 0.0
-        self._labels = None
+        self._labels = None   # label -> (logp, indices, log_tail) of the pass's views, on the device
         self._mix = None
-        self._slab = None   # the slab in use (cycle): kept while the next pass replays the same seed
-        self._all = None    # per-sample: every seed's rows stacked, {name: (S, N, ...)}
+        self._slab = None     # the views' slab in use (cycle): kept while the next pass replays the same seed
+        self._all = None      # per-sample: every seed's rows stacked, {label: {name: (S, N, ...)}}
+        self._t = 0           # the pass (random ensembles draw from it)
+        self._choice_all = None
+
+    @property
+    def teacher_labels(self) -> List[str]:
+        return list(self.members)
 
     def seed_for_pass(self, t: int) -> int:
         return self.seeds[t % len(self.seeds)]
@@ -219,55 +235,90 @@ class CachedTeacher:
         out[:, self.layout.mix_offset:self.layout.mix_offset + MIX_COLUMNS] = mix
         return out
 
+    def _read_seed(self, seed: int, next_seed: Optional[int]) -> None:
+        """One slab per cache (the views' and each chosen teacher's), read at once in the background; the next
+        seed's prefetched after."""
+        for p in self.prefetchers.values():
+            p.prefetch(seed)
+        slabs = {label: p.get(seed, next_seed=next_seed) for label, p in self.prefetchers.items()}
+        self._slab = slabs[self.cache.label]
+        self._labels = {label: self._to_device(slabs[label].logp, slabs[label].indices, slabs[label].log_tail)
+                        for label in self.members}
+
     def begin_pass(self, epoch: int, r: int) -> PassViews:
         t = epoch * self.recipe.repeats + r
         n = self.cache.spec.num_samples
         active = repeat_subset(n, self.recipe.repeats, self.recipe.mix_block if self.recipe.mixing else 1,
                                self.order_seed, epoch)
+        self._t = t
+        if self.weights is None and not self.per_step and len(self.members) > 1:   # random, a teacher per sample
+            self._choice_all = teacher_choice(n, len(self.members), (self.order_seed, t), False).to(self.device)
         if self.seed_choice == "cycle":
             s = self.seed_for_pass(t)
             if self._slab is None or self._slab.seed != s:
                 following = self.seed_for_pass(t + 1)
                 last = self.epochs is not None and t + 1 >= self.epochs * self.recipe.repeats
-                self._slab = self.prefetcher.get(s, next_seed=None if last or following == s else following)
-                self._labels = self._to_device(self._slab.logp, self._slab.indices, self._slab.log_tail)
+                self._read_seed(s, None if last or following == s else following)
             params = self._with_mixing(self._slab.params, s) if self.mix_labels else self._slab.params
             self._mix = MixTargets(params, self.layout, self.device) if self.layout.mixing else None
             return PassViews(params, s, active)
-        if self._all is None:  # every seed's slab in memory, stacked once: S x N rows
-            slabs = [read_slab(self.cache, s) for s in self.seeds]
-            self._all = {name: np.stack([getattr(sl, name) for sl in slabs])
-                         for name in ("logp", "indices", "log_tail", "params")}
+        return self._per_sample_pass(t, n, active)
+
+    def _per_sample_pass(self, t: int, n: int, active) -> PassViews:
+        """--seed-choice per-sample: each sample's view and targets from a seed drawn for it (every chosen
+        teacher's from the same seed)."""
+        if self._all is None:  # every seed's slab of every cache in memory, stacked once: S x N rows each
+            self._all = {}
+            for label, c in self._caches.items():
+                slabs = [read_slab(c, s) for s in self.seeds]
+                self._all[label] = {name: np.stack([getattr(sl, name) for sl in slabs])
+                                    for name in ("logp", "indices", "log_tail", "params")
+                                    if getattr(slabs[0], name) is not None}
         rng = np.random.default_rng([self.order_seed, t, 0x5EED])
         pick = rng.integers(0, len(self.seeds), n)
         rows = np.arange(n)
-        picked = {name: stacked[pick, rows] for name, stacked in self._all.items()}
-        self._labels = self._to_device(picked["logp"], picked["indices"], picked["log_tail"])
+        picked = {label: {name: stacked[pick, rows] for name, stacked in arrays.items()}
+                  for label, arrays in self._all.items()}
+        self._labels = {label: self._to_device(picked[label]["logp"], picked[label]["indices"],
+                                               picked[label]["log_tail"]) for label in self.members}
         self._mix = None
-        return PassViews(picked["params"], np.asarray(self.seeds)[pick], active)
+        return PassViews(picked[self.cache.label]["params"], np.asarray(self.seeds)[pick], active)
 
     @property
     def mix(self) -> Optional[MixTargets]:
         return self._mix
 
-    def targets(self, indices: torch.Tensor) -> SparseTargets:
-        """The stored answers of the pass's views of these samples, on the device."""
-        logp, idx, log_tail = self._labels
-        rows = indices.to(self.device, non_blocking=True)
-        return SparseTargets(idx[rows], logp[rows], log_tail[rows], self.num_classes, **self.cache.spec.target_rule())
+    def _combined(self, rows: torch.Tensor, indices: torch.Tensor):
+        """The targets of the pass's views `rows` (on the device): one teacher's, or the chosen teachers' combined;
+        `indices`: the batch's samples (a per-step draw is keyed by its first)."""
+        members = [SparseTargets(idx[rows], logp[rows], log_tail[rows], self.num_classes, **self._rules[label])
+                   for label, (logp, idx, log_tail) in self._labels.items()]
+        choice = None
+        if self.weights is None and len(members) > 1:
+            if self.per_step:
+                first = int(indices[0]) if len(indices) else 0
+                choice = teacher_choice(len(rows), len(members), (self.order_seed, self._t, first), True).to(self.device)
+            else:
+                choice = self._choice_all[rows]
+        return combine(members, self.weights, choice)
+
+    def targets(self, indices: torch.Tensor):
+        """The stored answers of the pass's views of these samples, on the device: SparseTargets of one teacher,
+        MixedTargets of several."""
+        return self._combined(indices.to(self.device, non_blocking=True), indices)
 
     @torch.no_grad()
-    def logits(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        logp, idx, log_tail = self._labels
+    def logits(self, images: torch.Tensor, indices: torch.Tensor):
         rows = indices.to(self.device, non_blocking=True)
         if not self.mix_labels:
-            return self.targets(rows)   # the loss takes them at its temperature (kdcache.student.losses)
-        own = self.targets(rows).dense_logits()
-        # FKD/ReLabel: the lambda-mix of the two cached distributions, as log-probabilities
-        j = self._mix.partner[rows]
-        other = dense_logits(logp[j], idx[j], log_tail[j], self.num_classes)
+            return self._combined(rows, indices)   # the loss takes them at its temperature (kdcache.student.losses)
+        # FKD/ReLabel: the lambda-mix of the two views' cached targets
+        own, other = self._combined(rows, indices), self._combined(self._mix.partner[rows], indices)
+        if not isinstance(own, SparseTargets) or own.sampled:
+            return LambdaMix(own, other, self._mix.lam[rows])
+        # one top-k teacher: the mix of the two rebuilt distributions at T = 1, as log-probabilities (unchanged)
         lam = self._mix.lam[rows][:, None].clamp(1e-12, 1.0)
-        return torch.logaddexp(own + lam.log(), other + (1.0 - lam).clamp_min(1e-12).log())
+        return torch.logaddexp(own.dense_logits() + lam.log(), other.dense_logits() + (1.0 - lam).clamp_min(1e-12).log())
 
 
 class PassBatch(NamedTuple):

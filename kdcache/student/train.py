@@ -199,10 +199,20 @@ def summarize(run: Run, state: TrainState, t_run: float) -> dict:
         "img_per_s": statistics.median(h["img_per_s"] for h in history),
         "steps": state.step, "world_size": run.ctx.world_size, "seconds": time.time() - t_run,
         "teacher": {k: data.teacher_info.get(k) for k in ("name", "sha256")} if data.teacher_info else None,
+        **_teachers_record(cfg, data.source),
         "cache": str(Path(cfg.cache).resolve()) if cfg.cache else None,
         "recipe": data.recipe.to_dict(), "dataset_fingerprint": run.dataset.fingerprint,
         "size_schedule": data.schedule.to_dict(), "val_res": data.val_res, "final_size": run.final_size,
     }
+
+
+def _teachers_record(cfg, source) -> dict:
+    """Cached KD from several teachers (or another than the cache's own): which, and how they were combined."""
+    if cfg.mode != "cache" or cfg.teachers is None:
+        return {}
+    teachers = [{"label": label, "name": c.spec.teacher.get("name"), "sha256": c.spec.teacher.get("sha256")}
+                for label, c in source.members.items()]
+    return {"teachers": teachers, "ensemble": cfg.ensemble if len(teachers) > 1 else None}
 
 
 def write_outputs(run: Run, summary: dict) -> None:
