@@ -64,9 +64,10 @@ def sampled_log_probs(logp: torch.Tensor, indices: torch.Tensor, log_tail: torch
         slots[:, exact:] = (log_tail.float()[:, None] - math.log(draws)
                             + (1.0 / temperature - 1.0 / sample_temperature) * lp[:, exact:])
     slot_p = torch.softmax(slots, dim=1)
-    probs = torch.zeros(lp.shape[0], num_classes, dtype=torch.float32, device=lp.device)
-    probs.scatter_add_(1, indices.long(), slot_p)
-    return probs.log().clamp_min(LOG_ZERO)
+    idx = indices.long()
+    probs = torch.zeros(lp.shape[0], num_classes, dtype=torch.float32, device=lp.device).scatter_add_(1, idx, slot_p)
+    # the log of the stored classes only: a dense log of mostly zeros is the slow part at 21k classes
+    return torch.full_like(probs, LOG_ZERO).scatter_(1, idx, probs.gather(1, idx).log().clamp_min(LOG_ZERO))
 
 
 @dataclass(frozen=True)
