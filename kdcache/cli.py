@@ -22,6 +22,7 @@ HELP = {
     "ls": "list the caches under a cache root (directory or s3:// URL)",
     "copy": "copy a cache between stores (finished units only, checksummed, resumable)",
     "derive": "write a smaller cache from a cache: a smaller k (exact), some seeds, some teachers",
+    "publish": "write a cache root's index (sizes, CRC32C) so that it can be served read-only over HTTP(S)",
     "info": "describe a prepared dataset or a teacher cache",
     "preview": "teacher-side and FFCV-side views of the same (i, s), side by side",
 }
@@ -216,18 +217,32 @@ def _cmd_derive(args) -> int:
     return 1 if s["damaged"] else 0
 
 
+def _cmd_publish(args) -> int:
+    from kdcache import PublishConfig, publish_root
+    s = publish_root(PublishConfig.from_options(args))
+    if args.json:
+        print(json.dumps(s, indent=1))
+    else:
+        print(f"publish: generation {s['generation']}: {len(s['caches'])} caches, {s['units']} units, {s['objects']} "
+              f"objects ({s['bytes'] / 2**20:.1f} MiB); {s['hashed']} checksums computed ({s['hashed_bytes'] / 2**20:.1f} "
+              f"MiB read), {s['reused']} kept from the previous index, in {s['seconds']:.1f} s -> {s['index']}")
+    for line in s["damaged"] + s["unreadable"]:
+        print(f"kdcache: error: {line}", file=sys.stderr)
+    return 1 if s["damaged"] or s["unreadable"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The kdcache command's parser, every subcommand's arguments made from kdcache.options' declarations."""
     parser = argparse.ArgumentParser(prog="kdcache", description="kdcache: the teacher once over augmented views; students replay them with cached soft labels.")
     parser.add_argument("--version", action="version", version=f"kdcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in ("prepare", "dump-teacher", "verify", "train-student", "run", "ls", "copy", "derive", "info",
-                    "preview"):
+    for command in ("prepare", "dump-teacher", "verify", "train-student", "run", "ls", "copy", "derive", "publish",
+                    "info", "preview"):
         _add_command(sub, command)
     return parser
 
 
-COMMANDS = {"ls": _cmd_ls, "copy": _cmd_copy, "derive": _cmd_derive, "prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview, "dump-teacher": _cmd_dump,
+COMMANDS = {"ls": _cmd_ls, "copy": _cmd_copy, "derive": _cmd_derive, "publish": _cmd_publish, "prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview, "dump-teacher": _cmd_dump,
             "verify": _cmd_verify, "train-student": _cmd_train, "run": _cmd_run}
 
 
