@@ -197,12 +197,18 @@ def _cmd_ls(args) -> int:
 
 def _cmd_copy(args) -> int:
     from kdcache import CopyConfig, copy_cache
+    if args.publish and not args.root:
+        raise KdcacheError("copy --publish publishes the cache root DST: give --root too")
     s = copy_cache(CopyConfig.from_options(args))
     print(f"copy: {s['units_copied']} units ({s['bytes_copied'] / 2**20:.1f} MiB) copied, {s['units_already_there']} "
           f"already there, in {s['seconds']:.1f} s; seeds complete at the destination {_ranges(s['seeds_complete'])} "
           f"-> {s['destination']}")
     for line in s["damaged"]:
         print(f"kdcache: error: {s['source']}: {line}: not copied", file=sys.stderr)
+    if args.publish:
+        from kdcache import PublishConfig, publish_root
+        published = publish_root(PublishConfig(root=str(args.dst), progress=not args.no_progress))
+        return max(1 if s["damaged"] else 0, _report_publish(published, as_json=False))
     return 1 if s["damaged"] else 0
 
 
@@ -219,8 +225,11 @@ def _cmd_derive(args) -> int:
 
 def _cmd_publish(args) -> int:
     from kdcache import PublishConfig, publish_root
-    s = publish_root(PublishConfig.from_options(args))
-    if args.json:
+    return _report_publish(publish_root(PublishConfig.from_options(args)), args.json)
+
+
+def _report_publish(s: dict, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(s, indent=1))
     else:
         print(f"publish: generation {s['generation']}: {len(s['caches'])} caches, {s['units']} units, {s['objects']} "

@@ -254,6 +254,8 @@ _OTHERS = {
     "copy": [Option("src", help="source cache (directory or s3:// URL)"),
              Option("dst", help="destination cache, or with --root the cache root to put it under"),
              Option("--root", bool, help="DST is a cache root: the copy goes to DST/<cache id>"),
+             Option("--publish", bool, field=NOT_A_FIELD, help="with --root: then publish DST for readers over HTTP(S) "
+                                                              "(kdcache publish DST)"),
              Option("--seeds", parse_seeds, help="copy only these seeds A:B", default_text="all"),
              Option("--workers", int, 8, valid=Range(1, 256), help="units copied at once"),
              Option("--no-progress", bool, field="progress", inverted=True, help="no progress bar or lines")],

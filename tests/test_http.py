@@ -115,7 +115,7 @@ def _shard(cache_dir: Path, seed: int, array: str, block: int) -> Path:
     return base / "0" if (base / "0").is_file() else base
 
 
-def test_publish_indexes_what_readers_open_and_only_finished_units(published):
+def test_publish_indexes_what_readers_open_and_only_finished_units(published, tmp_path):
     index = json.loads((published.local / INDEX).read_text())
     assert index["format"] == "kdcache-published-root" and index["generation"] == 1 and index["caches"] == [published.id]
     keys = set(index["objects"])
@@ -141,6 +141,11 @@ def test_publish_indexes_what_readers_open_and_only_finished_units(published):
     assert f"{published.id}/units/000000/000001.json" not in json.loads((published.local / INDEX).read_text())["objects"]
     s = json.loads(kdcache("publish", published.local, "--json", "--rehash", "--no-progress", check=False).stdout)
     assert s["hashed"] == s["objects"] + 5 and s["generation"] == 4   # (+ the damaged unit's marker and shards)
+    # copy --root --publish: the copy lands in a root, which is then published (of the 7 finished units, the damaged one is not copied)
+    proc = kdcache("copy", published.cache, tmp_path / "root2", "--root", "--publish", "--no-progress", check=False)
+    assert proc.returncode == 1 and "seed 0, unit 1 (samples 128:256)" in proc.stderr
+    assert "generation 1: 1 caches, 6 units" in proc.stdout and (tmp_path / "root2" / INDEX).is_file()
+    assert kdcache("copy", published.cache, tmp_path / "c", "--publish", check=False).returncode == 2
 
 
 def test_ls_info_verify_train_from_a_published_root(published, server, fmnist_small, tmp_path):
