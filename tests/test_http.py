@@ -148,6 +148,21 @@ def test_publish_indexes_what_readers_open_and_only_finished_units(published, tm
     assert kdcache("copy", published.cache, tmp_path / "c", "--publish", check=False).returncode == 2
 
 
+def test_publish_a_root_on_s3_then_read_it_over_http(source_root, s3_root, server, tmp_path):
+    """publish writes the index with the Location's write (one PUT on S3) and keeps the records of unchanged objects
+    by their ETag; the root, fetched as files and served, reads as the source."""
+    import s3fs
+    [cache] = [p for p in source_root.iterdir() if p.is_dir()]
+    kdcache("copy", cache, f"{s3_root}/published", "--root", "--no-progress")
+    first = json.loads(kdcache("publish", f"{s3_root}/published", "--json", "--no-progress").stdout)
+    again = json.loads(kdcache("publish", f"{s3_root}/published", "--json", "--no-progress").stdout)
+    assert first["units"] == UNITS and first["hashed"] == first["objects"]
+    assert again["generation"] == 2 and again["hashed"] == 0 and again["reused"] == first["objects"]
+    served = server.root / "from_s3"
+    s3fs.S3FileSystem(skip_instance_cache=True).get(f"{s3_root}/published/", str(served), recursive=True)
+    assert_same_slabs(slabs(cache), slabs(f"{server.url}/from_s3/{cache.name}"))
+
+
 def test_ls_info_verify_train_from_a_published_root(published, server, fmnist_small, tmp_path):
     since = published.first_request
     [entry] = json.loads(kdcache("ls", published.url, "--json").stdout)["caches"]
