@@ -177,6 +177,13 @@ def test_ls_info_verify_train_from_a_published_root(published, server, fmnist_sm
     teachers = cache.teachers()
     assert list(teachers) == ["test_resnet", "second"] and teachers["second"].complete_seeds() == [0, 1]
     np.testing.assert_array_equal(read_slab(teachers["second"], 1).logp, read_slab(cache, 1).logp)
+    # zarr itself reads through the same checked reads (its sharding codec asks for byte ranges)
+    import zarr
+    remote = zarr.open_array(cache.location.zarr_store(read_only=True), path="seeds/000001/params", mode="r")
+    np.testing.assert_array_equal(remote[100:300], zarr.open_array(str(published.cache / "seeds/000001/params"),
+                                                                    mode="r")[100:300])
+    with pytest.raises(KdcacheError, match="read-only"):
+        cache.location.zarr_store(read_only=False)
     kdcache("train-student", "--data", fmnist_small.root, *STUDENT, "--cache-root", published.url, "--out", tmp_path / "s")
     config = json.loads((tmp_path / "s" / "config.json").read_text())
     assert config["cache"] == published.cache_url
