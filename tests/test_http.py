@@ -141,10 +141,11 @@ def test_publish_indexes_what_readers_open_and_only_finished_units(published, tm
     assert f"{published.id}/units/000000/000001.json" not in json.loads((published.local / INDEX).read_text())["objects"]
     s = json.loads(kdcache("publish", published.local, "--json", "--rehash", "--no-progress", check=False).stdout)
     assert s["hashed"] == s["objects"] + 5 and s["generation"] == 4   # (+ the damaged unit's marker and shards)
-    # copy --root --publish: the copy lands in a root, which is then published (of the 7 finished units, the damaged one is not copied)
+    # copy --root --publish: the copy (with its added teacher) lands in a root, which is then published; of the main
+    # cache's 7 finished units the damaged one is not copied
     proc = kdcache("copy", published.cache, tmp_path / "root2", "--root", "--publish", "--no-progress", check=False)
     assert proc.returncode == 1 and "seed 0, unit 1 (samples 128:256)" in proc.stderr
-    assert "generation 1: 1 caches, 6 units" in proc.stdout and (tmp_path / "root2" / INDEX).is_file()
+    assert "generation 1: 1 caches, 14 units" in proc.stdout and (tmp_path / "root2" / INDEX).is_file()
     assert kdcache("copy", published.cache, tmp_path / "c", "--publish", check=False).returncode == 2
 
 
@@ -156,7 +157,7 @@ def test_publish_a_root_on_s3_then_read_it_over_http(source_root, s3_root, serve
     kdcache("copy", cache, f"{s3_root}/published", "--root", "--no-progress")
     first = json.loads(kdcache("publish", f"{s3_root}/published", "--json", "--no-progress").stdout)
     again = json.loads(kdcache("publish", f"{s3_root}/published", "--json", "--no-progress").stdout)
-    assert first["units"] == UNITS and first["hashed"] == first["objects"]
+    assert first["units"] == 2 * UNITS and first["hashed"] == first["objects"]   # the added teacher's too
     assert again["generation"] == 2 and again["hashed"] == 0 and again["reused"] == first["objects"]
     served = server.root / "from_s3"
     s3fs.S3FileSystem(skip_instance_cache=True).get(f"{s3_root}/published/", str(served), recursive=True)
@@ -271,7 +272,7 @@ def test_copy_from_a_published_root_interrupted_then_resumed(published, server, 
     since = len(server.requests)
     out = kdcache("copy", published.cache_url, dst, "--no-progress").stdout
     copied, there = map(int, re.search(r"copy: (\d+) units .* (\d+) already there", out).groups())
-    assert there == sum(map(len, done.values())) and copied + there == UNITS
+    assert there == sum(map(len, done.values())) and copied + there == 2 * UNITS   # then the added teacher's 8
     resumed = [r for r in requests(server, since) if r.path == path]
     assert [(r.range, r.status) for r in resumed] == [(f"bytes={shard.stat().st_size // 2}-", 206)]
     assert_same_slabs(slabs(published.cache), slabs(dst))
