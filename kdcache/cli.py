@@ -19,7 +19,7 @@ HELP = {
     "verify": "check a cache: completeness, fill values, ranges; --replay re-runs the teacher",
     "train-student": "train a student: cached KD (--cache), online KD, or no KD",
     "run": "run a pipeline recipe (prepare, teacher, dump, students, report); resumes",
-    "ls": "list the caches under a cache root (directory or s3:// URL)",
+    "ls": "list the caches under a cache root (directory, s3:// URL, or a published http(s):// root)",
     "copy": "copy a cache between stores (finished units only, checksummed, resumable)",
     "derive": "write a smaller cache from a cache: a smaller k (exact), some seeds, some teachers",
     "publish": "write a cache root's index (sizes, CRC32C) so that it can be served read-only over HTTP(S)",
