@@ -19,9 +19,10 @@ HELP = {
     "verify": "check a cache: completeness, fill values, ranges; --replay re-runs the teacher",
     "train-student": "train a student: cached KD (--cache), online KD, or no KD",
     "run": "run a pipeline recipe (prepare, teacher, dump, students, report); resumes",
-    "ls": "list the caches under a cache root (directory or s3:// URL)",
+    "ls": "list the caches under a cache root (directory, s3:// URL, or a published http(s):// root)",
     "copy": "copy a cache between stores (finished units only, checksummed, resumable)",
     "derive": "write a smaller cache from a cache: a smaller k (exact), some seeds, some teachers",
+    "publish": "write a cache root's index (sizes, CRC32C) so that it can be served read-only over HTTP(S)",
     "info": "describe a prepared dataset or a teacher cache",
     "preview": "teacher-side and FFCV-side views of the same (i, s), side by side",
 }
@@ -196,12 +197,18 @@ def _cmd_ls(args) -> int:
 
 def _cmd_copy(args) -> int:
     from kdcache import CopyConfig, copy_cache
+    if args.publish and not args.root:
+        raise KdcacheError("copy --publish publishes the cache root DST: give --root too")
     s = copy_cache(CopyConfig.from_options(args))
     print(f"copy: {s['units_copied']} units ({s['bytes_copied'] / 2**20:.1f} MiB) copied, {s['units_already_there']} "
           f"already there, in {s['seconds']:.1f} s; seeds complete at the destination {_ranges(s['seeds_complete'])} "
           f"-> {s['destination']}")
     for line in s["damaged"]:
         print(f"kdcache: error: {s['source']}: {line}: not copied", file=sys.stderr)
+    if args.publish:
+        from kdcache import PublishConfig, publish_root
+        published = publish_root(PublishConfig(root=str(args.dst), progress=not args.no_progress))
+        return max(1 if s["damaged"] else 0, _report_publish(published, as_json=False))
     return 1 if s["damaged"] else 0
 
 
@@ -216,18 +223,35 @@ def _cmd_derive(args) -> int:
     return 1 if s["damaged"] else 0
 
 
+def _cmd_publish(args) -> int:
+    from kdcache import PublishConfig, publish_root
+    return _report_publish(publish_root(PublishConfig.from_options(args)), args.json)
+
+
+def _report_publish(s: dict, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(s, indent=1))
+    else:
+        print(f"publish: generation {s['generation']}: {len(s['caches'])} caches, {s['units']} units, {s['objects']} "
+              f"objects ({s['bytes'] / 2**20:.1f} MiB); {s['hashed']} checksums computed ({s['hashed_bytes'] / 2**20:.1f} "
+              f"MiB read), {s['reused']} kept from the previous index, in {s['seconds']:.1f} s -> {s['index']}")
+    for line in s["damaged"] + s["unreadable"]:
+        print(f"kdcache: error: {line}", file=sys.stderr)
+    return 1 if s["damaged"] or s["unreadable"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The kdcache command's parser, every subcommand's arguments made from kdcache.options' declarations."""
     parser = argparse.ArgumentParser(prog="kdcache", description="kdcache: the teacher once over augmented views; students replay them with cached soft labels.")
     parser.add_argument("--version", action="version", version=f"kdcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in ("prepare", "dump-teacher", "verify", "train-student", "run", "ls", "copy", "derive", "info",
-                    "preview"):
+    for command in ("prepare", "dump-teacher", "verify", "train-student", "run", "ls", "copy", "derive", "publish",
+                    "info", "preview"):
         _add_command(sub, command)
     return parser
 
 
-COMMANDS = {"ls": _cmd_ls, "copy": _cmd_copy, "derive": _cmd_derive, "prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview, "dump-teacher": _cmd_dump,
+COMMANDS = {"ls": _cmd_ls, "copy": _cmd_copy, "derive": _cmd_derive, "publish": _cmd_publish, "prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview, "dump-teacher": _cmd_dump,
             "verify": _cmd_verify, "train-student": _cmd_train, "run": _cmd_run}
 
 

@@ -254,10 +254,20 @@ _OTHERS = {
     "copy": [Option("src", help="source cache (directory or s3:// URL)"),
              Option("dst", help="destination cache, or with --root the cache root to put it under"),
              Option("--root", bool, help="DST is a cache root: the copy goes to DST/<cache id>"),
+             Option("--publish", bool, field=NOT_A_FIELD, help="with --root: then publish DST for readers over HTTP(S) "
+                                                              "(kdcache publish DST)"),
              Option("--seeds", parse_seeds, help="copy only these seeds A:B", default_text="all"),
              Option("--workers", int, 8, valid=Range(1, 256), help="units copied at once"),
              Option("--no-progress", bool, field="progress", inverted=True, help="no progress bar or lines")],
-    "info": [Option("path", help="dataset or cache directory (or a cache's s3:// URL)"),
+    "publish": [Option("root", help="the cache root to publish (directory or s3:// URL): its index "
+                                    "kdcache-index.json is written there"),
+                Option("--rehash", bool, help="checksum every object again; without it an object unchanged since "
+                                              "the last publish (same size and modification time or ETag) keeps its "
+                                              "checksum"),
+                Option("--workers", int, 8, valid=Range(1, 256), help="objects read at once"),
+                Option("--no-progress", bool, field="progress", inverted=True, help="no progress bar"),
+                Option("--json", bool, field=NOT_A_FIELD, help="machine-readable summary")],
+    "info": [Option("path", help="dataset or cache directory (or a cache's s3:// or published https:// URL)"),
              Option("--json", bool, help="machine-readable output")],
 }
 _OTHERS["derive"] = [
@@ -271,7 +281,8 @@ _OTHERS["derive"] = [
     Option("--workers", int, 4, valid=Range(1, 256), help="units written at once"),
     Option("--no-progress", bool, field="progress", inverted=True, help="no progress bar or lines"),
 ]
-COMMANDS = ("prepare", "dump-teacher", "verify", "train-student", "run", "ls", "copy", "derive", "info", "preview")
+COMMANDS = ("prepare", "dump-teacher", "verify", "train-student", "run", "ls", "copy", "derive", "publish", "info",
+            "preview")
 
 
 def _by_dest(*lists) -> Dict[str, Option]:

@@ -34,29 +34,12 @@ def drop_page_cache() -> bool:
         return False
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dir", default="/tmp/kdcache-slab-bench")
-    p.add_argument("--samples", type=int, default=1_281_167)
-    p.add_argument("--topk", type=int, default=10)
-    p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--unit-size", type=int, default=None, help="default: kdcache's CacheSpec default")
-    p.add_argument("--chunk-rows", type=int, default=None, help="default: kdcache's CacheSpec default")
-    p.add_argument("--values-dtype", default="uint16", choices=["uint16", "float32"])
-    p.add_argument("--recipe", default="rrc", choices=["rrc", "a2"])
-    p.add_argument("--keep", action="store_true")
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
-
-    import zarr
-    from kdcache.cache.schema import CacheSpec, TeacherCache, encode_logp
-    from kdcache.cache.integrity import unit_records
-    from kdcache.cache.slabs import read_slab
-
+def write_simulated(path: Path, args):
+    """Write the simulated cache at `path` (replaced): args.samples samples, args.topk, args.classes, args.seeds seeds,
+    args.recipe, args.values_dtype, args.unit_size / args.chunk_rows (None: kdcache's defaults). -> (spec, seconds)"""
     from kdcache.augment import ViewRecipe, view_params
-    path = Path(args.dir)
+    from kdcache.cache.integrity import unit_records
+    from kdcache.cache.schema import CacheSpec, TeacherCache, encode_logp
     shutil.rmtree(path, ignore_errors=True)
     n, k = args.samples, args.topk
     recipe = ViewRecipe(size=224, **(dict(aa="rand-m7-mstd0.5", mixup=0.1, cutmix=1.0) if args.recipe == "a2" else {}))
@@ -86,7 +69,31 @@ def main():
             arrays["params"][a:e] = view_params(recipe, 0, s, np.arange(a, e), heights[a:e], widths[a:e], n)
             cache.ledger.mark_done(s, b, {"views": m, "correct": 0, "run": "bench", "rank": 0,
                                           "objects": unit_records(cache, s, b)})  # checked on read, as in a dump
-    write_s = time.time() - t
+    return spec, time.time() - t
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", default="/tmp/kdcache-slab-bench")
+    p.add_argument("--samples", type=int, default=1_281_167)
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--unit-size", type=int, default=None, help="default: kdcache's CacheSpec default")
+    p.add_argument("--chunk-rows", type=int, default=None, help="default: kdcache's CacheSpec default")
+    p.add_argument("--values-dtype", default="uint16", choices=["uint16", "float32"])
+    p.add_argument("--recipe", default="rrc", choices=["rrc", "a2"])
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    import zarr
+    from kdcache.cache.schema import TeacherCache
+    from kdcache.cache.slabs import read_slab
+    path = Path(args.dir)
+    n, k = args.samples, args.topk
+    spec, write_s = write_simulated(path, args)
 
     cold = None
     if drop_page_cache():
@@ -95,7 +102,7 @@ def main():
         cold = time.perf_counter() - t
     full, plain = [], []
     for r in range(args.repeats):
-        for s in seeds:
+        for s in range(args.seeds):
             c = TeacherCache.open(path)
             t = time.perf_counter()
             slab = read_slab(c, s)

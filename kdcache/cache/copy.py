@@ -22,7 +22,7 @@ from tqdm import tqdm
 from kdcache.cache.integrity import check_object, object_record, recorded
 from kdcache.cache.ledger import Ledger
 from kdcache.cache.marker import seal
-from kdcache.cache.location import Location
+from kdcache.cache.location import DamagedObject, Location
 from kdcache.cache.schema import TeacherCache, check_compatible, refuse_foreign_directory
 from kdcache.errors import KdcacheError
 
@@ -101,7 +101,12 @@ def _copy_unit(src: TeacherCache, dst: TeacherCache, unit, src_arrays: dict, mar
     """One unit: its objects checked against the source marker, written, read back and checked, then marked."""
     seed, block = unit
     keys = {name: src.chunk_key(seed, arr, name, block) for name, arr in src_arrays.items()}
-    data = src.location.read_many(keys.values())
+    try:
+        data = src.location.read_many(keys.values())
+    except DamagedObject as exc:   # a published root's object that fails its index (kdcache.cache.http)
+        a, b = src.spec.block_bounds(block)
+        damaged.append(f"seed {seed}, unit {block} (samples {a}:{b}): {exc}")
+        return 0
     records: Dict[str, dict] = {}
     for name, key in keys.items():
         why = check_object(data[key], recorded(marker, name))

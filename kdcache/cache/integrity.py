@@ -15,6 +15,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import MemoryStore
 
+from kdcache.cache.place import DamagedObject
 from kdcache.cache.schema import seed_group_name
 from kdcache.errors import KdcacheError
 
@@ -101,9 +102,12 @@ def damaged_units(cache, seed: int, markers: Dict[int, dict]) -> Dict[int, str]:
     out = {}
     for name, arr in cache.arrays(seed).items():
         keys = {b: cache.chunk_key(seed, arr, name, b) for b in markers}
-        got = cache.location.read_many(keys.values())
+        try:
+            got, refused = cache.location.read_many(keys.values()), {}
+        except DamagedObject as exc:   # objects of a published root that fail its index (kdcache.cache.http)
+            got, refused = exc.got, exc.why
         for b, key in keys.items():
-            why = check_object(got[key], recorded(markers[b], name))
+            why = refused.get(key) or check_object(got.get(key), recorded(markers[b], name))
             if why and b not in out:
                 out[b] = str(damaged(cache, seed, b, name, why))
     return out

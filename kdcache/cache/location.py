@@ -1,4 +1,5 @@
-"""Where a cache lives: a local directory (also NFS) or an fsspec URL (s3://bucket/prefix).
+"""Where a cache lives: a local directory (also NFS), an fsspec URL (s3://bucket/prefix), or a root published
+read-only over HTTP(S) (kdcache.cache.http).
 
 Zarr reads and writes the arrays through its own store (LocalStore, FsspecStore); everything else kdcache
 keeps beside them (completion markers, claims, logs) goes through a Location: whole-object reads and
@@ -14,116 +15,44 @@ Credentials and endpoints come the standard way: AWS_* environment variables (AW
 S3-compatible server), ~/.aws, or fsspec's configuration (FSSPEC_S3_* variables, ~/.config/fsspec).
 """
 
-import abc
 import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Union
 
+from kdcache.cache.http import HttpLocation
+from kdcache.cache.place import DamagedObject, LocationBase, check_name, hidden as _hidden
 from kdcache.errors import KdcacheError
 from kdcache.files import atomic_write
+
+__all__ = ["Location", "LocalLocation", "FsspecLocation", "HttpLocation", "DamagedObject", "check_name"]
 
 # fsspec protocols whose PUT can be made conditional (see the module docstring)
 EXCLUSIVE_CREATE_PROTOCOLS = ("s3", "s3a")
 
 
-class Location(abc.ABC):
-    """A directory-like place addressed by '/'-separated keys relative to it.
+class Location(LocationBase):
+    """A directory-like place addressed by '/'-separated keys relative to it (the interface:
+    kdcache.cache.place.LocationBase).
 
-    `Location.of(url)` picks the implementation: LocalLocation for a path (or file://), FsspecLocation for
-    any other URL. A subclass implements the abstract methods below; `sync` and `read_many` have defaults."""
-
-    url: str
-    is_local: bool
+    `Location.of(url)` picks the implementation: LocalLocation for a path (or file://), HttpLocation for an
+    http:// or https:// URL (a root published with `kdcache publish`, read-only), FsspecLocation for any
+    other URL."""
 
     @staticmethod
     def of(where: Union[str, Path, "Location"]) -> "Location":
         if isinstance(where, Location):
             return where
         text = str(where)
+        if text.startswith(("http://", "https://")):
+            return HttpLocation(text)
         if "://" in text and not text.startswith("file://"):
             return FsspecLocation(text)
         return LocalLocation(Path(text[len("file://"):] if text.startswith("file://") else text))
 
-    def __str__(self) -> str:
-        return self.url
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url!r})"
-
-    @property
-    def name(self) -> str:
-        return self.url.rstrip("/").rsplit("/", 1)[-1]
-
-    @property
-    def supports_exclusive_create(self) -> bool:
-        """Whether `create` is atomic here; where it is not, kdcache refuses to write a cache."""
-        return True
-
-    @abc.abstractmethod
-    def child(self, name: str) -> "Location":
-        """The location `name` directly under this one (a plain name: see check_name)."""
-
-    @abc.abstractmethod
-    def zarr_store(self, read_only: bool):
-        """A zarr Store on the same place, for the arrays."""
-
-    @abc.abstractmethod
-    def read(self, key: str) -> bytes:
-        """The whole object; FileNotFoundError if absent."""
-
-    @abc.abstractmethod
-    def write(self, key: str, data: bytes) -> None:
-        """Replace the whole object atomically: a reader sees the old one or the new one."""
-
-    @abc.abstractmethod
-    def create(self, key: str, data: bytes) -> bool:
-        """Create the object only if absent, atomically; True if this call created it."""
-
-    @abc.abstractmethod
-    def delete(self, key: str) -> None:
-        """Remove the object; an absent one is fine."""
-
-    @abc.abstractmethod
-    def exists(self, key: str) -> bool:
-        """Whether the object exists."""
-
-    @abc.abstractmethod
-    def list(self, prefix: str = "") -> List[str]:
-        """Keys under prefix, recursively, sorted; temporaries left out."""
-
-    @abc.abstractmethod
-    def children(self, prefix: str = "") -> List[str]:
-        """Names directly under prefix, sorted; temporaries left out."""
-
-    @abc.abstractmethod
-    def sizes(self, prefix: str = "") -> Dict[str, int]:
-        """Key -> bytes, recursively under prefix."""
-
-    def sync(self, keys: Iterable[str]) -> None:
-        """Make objects written by another writer (Zarr) durable. An object store's PUT already is."""
-
-    def read_many(self, keys: Iterable[str]) -> Dict[str, Optional[bytes]]:
-        """Several objects at once (concurrently where the store is remote); None for an absent one."""
-        out = {}
-        for key in keys:
-            try:
-                out[key] = self.read(key)
-            except FileNotFoundError:
-                out[key] = None
-        return out
-
-
-def check_name(name: str, what: str = "name") -> str:
-    """One path component of a key or a cache id: never empty, '.', '..', or holding a separator, so that
-    a key or an id read from someone's metadata cannot reach outside the location it is used in."""
-    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise KdcacheError(f"{what} {name!r} is not a plain file name (it would lead outside its directory)")
-    return name
-
-
-def _hidden(name: str) -> bool:
-    # our temporary files start with '.', LocalStore's end in '.partial'
-    return name.startswith(".") or name.endswith(".partial")
+# HttpLocation builds on the same interface without importing this module (which chooses it): declared a
+# Location here, so isinstance(), Location.of() and type checks treat it as one
+Location.register(HttpLocation)
 
 
 class LocalLocation(Location):
@@ -197,6 +126,13 @@ class LocalLocation(Location):
 
     def sizes(self, prefix: str = "") -> Dict[str, int]:
         return {k: (self.path / k).stat().st_size for k in self.list(prefix)}
+
+    def stamps(self, prefix: str = "") -> Dict[str, tuple]:
+        out = {}
+        for k in self.list(prefix):
+            st = (self.path / k).stat()
+            out[k] = (st.st_size, st.st_mtime_ns)
+        return out
 
     def sync(self, keys: Iterable[str]) -> None:
         # LocalStore renames its temporary file without fsync: a unit's shards must survive a power loss
@@ -283,11 +219,20 @@ class FsspecLocation(Location):
         return sorted(n for n in (e.rstrip("/").rsplit("/", 1)[-1] for e in entries) if not _hidden(n))
 
     def sizes(self, prefix: str = "") -> Dict[str, int]:
+        return {k: n for k, (n, _) in self.stamps(prefix).items()}
+
+    def stamps(self, prefix: str = "") -> Dict[str, tuple]:
         base = self._p(prefix)
         try:
             found = self.fs.find(base, detail=True)
         except FileNotFoundError:
             return {}
         n = len(self.root) + 1
-        return {p[n:]: int(info.get("size") or 0) for p, info in found.items()
+        return {p[n:]: (int(info.get("size") or 0), _stamp(info)) for p, info in found.items()
                 if not _hidden(p.rsplit("/", 1)[-1]) and info.get("type", "file") != "directory"}
+
+
+def _stamp(info: dict) -> Optional[str]:
+    # S3's ETag changes with the content (LastModified only to the second); other file systems: their mtime
+    value = info.get("ETag") or info.get("LastModified") or info.get("mtime")
+    return None if value is None else str(value)

@@ -200,7 +200,7 @@ def summarize(run: Run, state: TrainState, t_run: float) -> dict:
         "steps": state.step, "world_size": run.ctx.world_size, "seconds": time.time() - t_run,
         "teacher": {k: data.teacher_info.get(k) for k in ("name", "sha256")} if data.teacher_info else None,
         **_teachers_record(cfg, data.source),
-        "cache": str(Path(cfg.cache).resolve()) if cfg.cache else None,
+        "cache": (cfg.cache if "://" in cfg.cache else str(Path(cfg.cache).resolve())) if cfg.cache else None,
         "recipe": data.recipe.to_dict(), "dataset_fingerprint": run.dataset.fingerprint,
         "size_schedule": data.schedule.to_dict(), "val_res": data.val_res, "final_size": run.final_size,
     }
