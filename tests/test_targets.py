@@ -144,3 +144,20 @@ def test_mixed_targets_weighted_mean_and_choice():
         MixedTargets([member_a, member_b])
     with pytest.raises(ValueError):
         MixedTargets([member_a, member_b], weights=[0.5, 0.5], choice=torch.zeros(8, dtype=torch.int64))
+
+
+def test_train_student_warns_when_sampled_targets_are_used_at_another_temperature():
+    import warnings
+    from types import SimpleNamespace
+
+    from kdcache.student.build import _warn_sample_temperature
+    from kdcache.student.losses import LossConfig
+    sampled = {"t": SimpleNamespace(spec=SimpleNamespace(targets="sampled", sample_temperature=4.0))}
+    with pytest.warns(UserWarning, match="unbiased at T = 4 .* --temperature 2"):
+        _warn_sample_temperature(sampled, LossConfig(temperature=2.0))
+    topk = {"t": SimpleNamespace(spec=SimpleNamespace(targets="topk", sample_temperature=1.0))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_sample_temperature(sampled, LossConfig(temperature=4.0))
+        _warn_sample_temperature(topk, LossConfig(temperature=2.0))
+        _warn_sample_temperature(sampled, LossConfig(kd_loss="none", hard_loss="ce", temperature=2.0))

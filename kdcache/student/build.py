@@ -41,18 +41,17 @@ def _cached_source(cfg: TrainConfig, ds, train_split, device: torch.device) -> C
     source = CachedTeacher(cache, device, cfg.seed, cfg.seed_choice, seeds=cfg.view_seeds, epochs=cfg.epochs,
                            mix_recipe=mix_recipe, teachers=cfg.teachers, ensemble=cfg.ensemble,
                            teacher_weights=cfg.teacher_weights, ensemble_draw=cfg.ensemble_draw)
-    _warn_sample_temperature(cache, cfg.teachers, loss_config(cfg))
+    _warn_sample_temperature(source.members, loss_config(cfg))
     return source
 
 
-def _warn_sample_temperature(cache: TeacherCache, labels, loss: LossConfig) -> None:
+def _warn_sample_temperature(members: dict, loss: LossConfig) -> None:
     """Sampled targets are unbiased only at the temperature they were drawn at (docs/training.md)."""
     if loss.kd_loss == "none":
         return
-    teachers = cache.teachers()
-    for label in labels or [cache.label]:
-        spec = teachers[label].spec if label in teachers else None
-        if spec is not None and spec.targets == "sampled" and spec.sample_temperature != loss.temperature:
+    for label, teacher in members.items():
+        spec = teacher.spec
+        if spec.targets == "sampled" and spec.sample_temperature != loss.temperature:
             warnings.warn(f"teacher {label}'s sampled targets are unbiased at T = {spec.sample_temperature:g} (its "
                           f"--sample-temperature), this run distils at --temperature {loss.temperature:g}: consistent "
                           "only, with a bias of order 1/m (BENCHMARKS.md, \"Sparse targets\")")
