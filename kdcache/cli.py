@@ -22,6 +22,7 @@ HELP = {
     "ls": "list the caches under a cache root (directory or s3:// URL)",
     "copy": "copy a cache between stores (finished units only, checksummed, resumable)",
     "derive": "write a smaller cache from a cache: a smaller k (exact), some seeds, some teachers",
+    "plan": "before a dump: its time, the cache's bytes, and after how many students it pays for itself",
     "info": "describe a prepared dataset or a teacher cache",
     "preview": "teacher-side and FFCV-side views of the same (i, s), side by side",
 }
@@ -216,18 +217,25 @@ def _cmd_derive(args) -> int:
     return 1 if s["damaged"] else 0
 
 
+def _cmd_plan(args) -> int:
+    from kdcache import PlanConfig, plan_cache, plan_report_text
+    result = plan_cache(PlanConfig.from_options(args))
+    print(json.dumps(result, indent=1) if args.json else plan_report_text(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The kdcache command's parser, every subcommand's arguments made from kdcache.options' declarations."""
     parser = argparse.ArgumentParser(prog="kdcache", description="kdcache: the teacher once over augmented views; students replay them with cached soft labels.")
     parser.add_argument("--version", action="version", version=f"kdcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in ("prepare", "dump-teacher", "verify", "train-student", "run", "ls", "copy", "derive", "info",
-                    "preview"):
+    for command in ("prepare", "dump-teacher", "verify", "train-student", "run", "ls", "copy", "derive", "plan",
+                    "info", "preview"):
         _add_command(sub, command)
     return parser
 
 
-COMMANDS = {"ls": _cmd_ls, "copy": _cmd_copy, "derive": _cmd_derive, "prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview, "dump-teacher": _cmd_dump,
+COMMANDS = {"ls": _cmd_ls, "copy": _cmd_copy, "derive": _cmd_derive, "plan": _cmd_plan, "prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview, "dump-teacher": _cmd_dump,
             "verify": _cmd_verify, "train-student": _cmd_train, "run": _cmd_run}
 
 
