@@ -32,6 +32,7 @@ _PUBLIC = {
     "CopyConfig": "kdcache.teacher.config", "copy_cache": ("kdcache.cache.copy", "copy_cache_with"),
     "DeriveConfig": "kdcache.teacher.config", "derive_cache": ("kdcache.cache.derive", "derive_cache_with"),
     "PublishConfig": "kdcache.cache.publish", "publish_root": "kdcache.cache.publish",
+    "PlanConfig": "kdcache.plan", "plan_cache": "kdcache.plan", "plan_report_text": ("kdcache.plan", "render_text"),
     # training: loaders, losses, the train-student loop
     "ReplayLoader": "kdcache.student.replay", "Batch": "kdcache.student.replay",
     "ReplayDataset": "kdcache.student.dataset", "ReplayBatch": "kdcache.student.dataset",

@@ -23,6 +23,7 @@ HELP = {
     "copy": "copy a cache between stores (finished units only, checksummed, resumable)",
     "derive": "write a smaller cache from a cache: a smaller k (exact), some seeds, some teachers",
     "publish": "write a cache root's index (sizes, CRC32C) so that it can be served read-only over HTTP(S)",
+    "plan": "before a dump: its time, the cache's bytes, and after how many students it pays for itself",
     "info": "describe a prepared dataset or a teacher cache",
     "preview": "teacher-side and FFCV-side views of the same (i, s), side by side",
 }
@@ -240,18 +241,25 @@ def _report_publish(s: dict, as_json: bool) -> int:
     return 1 if s["damaged"] or s["unreadable"] else 0
 
 
+def _cmd_plan(args) -> int:
+    from kdcache import PlanConfig, plan_cache, plan_report_text
+    result = plan_cache(PlanConfig.from_options(args))
+    print(json.dumps(result, indent=1) if args.json else plan_report_text(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The kdcache command's parser, every subcommand's arguments made from kdcache.options' declarations."""
     parser = argparse.ArgumentParser(prog="kdcache", description="kdcache: the teacher once over augmented views; students replay them with cached soft labels.")
     parser.add_argument("--version", action="version", version=f"kdcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in ("prepare", "dump-teacher", "verify", "train-student", "run", "ls", "copy", "derive", "publish",
-                    "info", "preview"):
+                    "plan", "info", "preview"):
         _add_command(sub, command)
     return parser
 
 
-COMMANDS = {"ls": _cmd_ls, "copy": _cmd_copy, "derive": _cmd_derive, "publish": _cmd_publish, "prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview, "dump-teacher": _cmd_dump,
+COMMANDS = {"ls": _cmd_ls, "copy": _cmd_copy, "derive": _cmd_derive, "publish": _cmd_publish, "plan": _cmd_plan, "prepare": _cmd_prepare, "info": _cmd_info, "preview": _cmd_preview, "dump-teacher": _cmd_dump,
             "verify": _cmd_verify, "train-student": _cmd_train, "run": _cmd_run}
 
 

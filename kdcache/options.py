@@ -281,8 +281,46 @@ _OTHERS["derive"] = [
     Option("--workers", int, 4, valid=Range(1, 256), help="units written at once"),
     Option("--no-progress", bool, field="progress", inverted=True, help="no progress bar or lines"),
 ]
-COMMANDS = ("prepare", "dump-teacher", "verify", "train-student", "run", "ls", "copy", "derive", "publish", "info",
-            "preview")
+
+
+# ---- plan (kdcache.plan.PlanConfig): a dump's and a student's cost, measured here or given ----------------
+def _from_dump(flag: str, **changes) -> Option:
+    """dump-teacher's declaration of `flag`, for plan: the same name, type, default and help (changes: what
+    differs, such as a group)."""
+    opt = next(o for o in _DUMP if o.flag == flag)
+    return dataclasses.replace(opt, **changes) if changes else opt
+
+
+_DATA = dict(group="the dataset: prepared (--data), or not yet (--samples-count, --num-classes, --image-size)")
+_RATE = dict(group="rates of another machine (each replaces its measurement here)", valid=Range(0, lo_open=True))
+_PLAN = [
+    Option("--data", Path, help="prepared dataset: its train split's size, classes and images", **_DATA),
+    Option("--samples-count", int, valid=POSITIVE, help="without --data: the train split's sample count", **_DATA),
+    Option("--num-classes", int, valid=Range(1, 2**31 - 1), help="without --data: the class count", **_DATA),
+    Option("--image-size", int, valid=Range(1, 8191), metavar="PX", default_text="the view size", **_DATA,
+           help="without --data: the images' side (square synthetic JPEGs of this side are rendered)"),
+    _from_dump("--seeds"), _from_dump("--topk"), _from_dump("--targets"),
+    _from_dump("--samples"), _from_dump("--values-dtype"),
+    *_teacher("0"),
+    Option("--student", help="timm model name of a student: its online-KD and cached-KD epochs, and after how many "
+                             "students the cache has paid for itself"),
+    Option("--student-batch-size", int, 64, valid=POSITIVE, help="the student's batch (the demo's)"),
+    Option("--epochs", int, 3, valid=POSITIVE, help="the student's epochs (the demo's)"),
+    Option("--devices", int, 1, valid=Range(1, 2**20), help="devices the dump runs on (torchrun ranks; each with "
+                                                              "the render threads measured or given here)"),
+    _from_dump("--batch-size"), _from_dump("--device"), _from_dump("--amp"), _from_dump("--workers"),
+    _from_dump("--seeds-per-pass"),
+    Option("--forward-rate", float, metavar="VIEWS_PER_S", **_RATE,
+           help="the teacher's forward on one device, views/s at --batch-size (also taken for online KD's forward)"),
+    Option("--render-rate", float, metavar="VIEWS_PER_S", **_RATE,
+           help="the dump's renderer feeding one device, views/s (also taken for the student's loader)"),
+    Option("--student-rate", float, metavar="IMG_PER_S", **_RATE,
+           help="the student's train step on one device (forward, backward, step), img/s at --student-batch-size"),
+    Option("--json", bool, field=NOT_A_FIELD, help="machine-readable output"),
+]
+
+COMMANDS = ("prepare", "dump-teacher", "verify", "train-student", "run", "ls", "copy", "derive", "publish", "plan",
+            "info", "preview")
 
 
 def _by_dest(*lists) -> Dict[str, Option]:
@@ -303,6 +341,8 @@ def options(command: str, source: Optional[str] = None) -> Dict[str, Option]:
         return _by_dest(_VERIFY)
     if command == "preview":
         return {**_by_dest(_PREVIEW), **recipe_options()}
+    if command == "plan":
+        return {**_by_dest(_PLAN), **recipe_options()}
     if command in _OTHERS:
         return _by_dest(_OTHERS[command])
     raise KeyError(command)
