@@ -156,7 +156,23 @@ def draw_tail(logits: torch.Tensor, top: torch.Tensor, draws: int, sample_temper
     return classes, torch.gather(logp, 1, classes), log_s
 
 
-class MixedTargets:
+class LogProbTargets:
+    """Targets defined by their log_probs(T) (mixtures of other targets): the rest of SparseTargets' methods."""
+
+    def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def probs(self, temperature: float = 1.0) -> torch.Tensor:
+        return self.log_probs(temperature).exp()
+
+    def logits_at(self, temperature: float) -> torch.Tensor:
+        return self.log_probs(temperature) * temperature
+
+    def dense_logits(self) -> torch.Tensor:
+        return self.log_probs(1.0)
+
+
+class MixedTargets(LogProbTargets):
     """Several teachers' targets of one batch, combined (train-student --teachers A,B --ensemble ...).
 
     members: each teacher's targets (SparseTargets, or anything with log_probs(T)); either `weights` (one per
@@ -178,15 +194,6 @@ class MixedTargets:
             return logs[self.choice.to(logs.device), rows]
         w = torch.tensor(self.weights, dtype=logs.dtype, device=logs.device).log()[:, None, None]
         return torch.logsumexp(logs + w, dim=0).clamp_min(LOG_ZERO)
-
-    def probs(self, temperature: float = 1.0) -> torch.Tensor:
-        return self.log_probs(temperature).exp()
-
-    def logits_at(self, temperature: float) -> torch.Tensor:
-        return self.log_probs(temperature) * temperature
-
-    def dense_logits(self) -> torch.Tensor:
-        return self.log_probs(1.0)
 
     def __len__(self) -> int:
         return len(self.members[0])

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from kdcache.cache.targets import LOG_ZERO, MixedTargets, SparseTargets
+from kdcache.cache.targets import LOG_ZERO, LogProbTargets, MixedTargets, SparseTargets
 from kdcache.errors import KdcacheError
 
 ENSEMBLES = ("mean", "weighted", "random")
@@ -109,7 +109,7 @@ def combine(members: List[SparseTargets], weights: Optional[List[float]], choice
     return MixedTargets(members, choice=choice)
 
 
-class LambdaMix:
+class LambdaMix(LogProbTargets):
     """--mix-labels for sampled targets or several teachers: row b's target is lam_b · own_b + (1 - lam_b) ·
     partner_b of the two views' targets, each at the loss's temperature (as MixedTargets mixes teachers, with a
     weight per row). A single top-k teacher keeps the mix of its rebuilt distributions at T = 1, softened at T
@@ -124,15 +124,6 @@ class LambdaMix:
         a = self.own.log_probs(temperature) + lam.clamp_min(1e-12).log()
         b = self.partner.log_probs(temperature) + (1.0 - lam).clamp_min(1e-12).log()
         return torch.logaddexp(a, b).clamp_min(LOG_ZERO)
-
-    def probs(self, temperature: float = 1.0) -> torch.Tensor:
-        return self.log_probs(temperature).exp()
-
-    def logits_at(self, temperature: float) -> torch.Tensor:
-        return self.log_probs(temperature) * temperature
-
-    def dense_logits(self) -> torch.Tensor:
-        return self.log_probs(1.0)
 
     def __len__(self) -> int:
         return len(self.lam)
