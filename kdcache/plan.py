@@ -21,6 +21,7 @@ import dataclasses
 import math
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -178,6 +179,25 @@ def planned_spec(cfg: PlanConfig, num_samples: int, *, num_classes: int, recipe:
 
 
 # ---- timing ------------------------------------------------------------------------------------------
+@contextmanager
+def torch_threads(n: int):
+    """Torch's CPU threads set to n for the block. The real commands differ here, and it matters: dump-teacher's
+    process imports FFCV (kdcache.augment.render), whose compiler sets torch to one thread at import
+    (ffcv/pipeline/compiler.py, Compiler.set_num_threads(1)), and builds no FFCV Loader, so its teacher runs on
+    one thread; train-student's FFCV Loader sets them to its --workers (all usable cores). On the shared 2-core
+    machine a test_resnet step took 0.08 s on one thread and 2.2 s on two (BENCHMARKS.md, issue 21)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+DUMP_TORCH_THREADS = 1      # dump-teacher's, on the CPU (torch_threads)
+
+
 def _sync(device) -> None:
     if device is not None and device.type == "cuda":
         import torch
@@ -514,7 +534,8 @@ def measure(cfg: PlanConfig, sample: _Sample, device, stand_in: bool, render_sam
             renderer.render(params[:render_samples], keep)
         views = keep.reshape(-1, size, size, 3)
         batch_views = samples_per_batch(cfg.batch_size, v, sample.recipe) * v
-        forward, rows = measure_forward(runner, views, batch_views, cfg, device)
+        with torch_threads(DUMP_TORCH_THREADS):
+            forward, rows = measure_forward(runner, views, batch_views, cfg, device)
         sources["forward"] = "measured"
     else:
         forward, rows = cfg.forward_rate, rows_within(runner, sample, params, cfg, workers)
@@ -528,10 +549,11 @@ def measure(cfg: PlanConfig, sample: _Sample, device, stand_in: bool, render_sam
     if cfg.student:
         rates.loader = _rate(cfg.render_rate, "loader", sources, lambda: measure_render(
             sample, params[:render_samples, :1], cfg.student_batch_size, usable_cores()))
-        rates.student = _rate(cfg.student_rate, "student", sources, lambda: measure_student(
-            cfg, sample.num_classes, size, device, cfg.amp))
-        rates.online_teacher = _rate(cfg.forward_rate, "online_teacher", sources, lambda: measure_online_teacher(
-            runner, views, cfg.student_batch_size, device))
+        with torch_threads(usable_cores()):   # as train-student's FFCV Loader sets them
+            rates.student = _rate(cfg.student_rate, "student", sources, lambda: measure_student(
+                cfg, sample.num_classes, size, device, cfg.amp))
+            rates.online_teacher = _rate(cfg.forward_rate, "online_teacher", sources, lambda: measure_online_teacher(
+                runner, views, cfg.student_batch_size, device))
     return rates, disk
 
 
