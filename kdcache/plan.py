@@ -21,6 +21,7 @@ import dataclasses
 import math
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -161,7 +162,7 @@ def open_sample(cfg: PlanConfig, count: int) -> _Sample:
     side = cfg.image_size or cfg.recipe.size
     n = min(count, cfg.samples_count)
     return _Sample(cfg.samples_count, cfg.num_classes, cfg.recipe, np.full((n, 2), side, np.int64),
-                   _SyntheticReader(side), f"{n:,} views' worth of {SYNTHETIC_IMAGES} synthetic {side}x{side} JPEGs")
+                   _SyntheticReader(side), f"{n:,} samples, {SYNTHETIC_IMAGES} synthetic {side}x{side} JPEGs in turn")
 
 
 def planned_spec(cfg: PlanConfig, num_samples: int, *, num_classes: int, recipe: ViewRecipe):
@@ -178,6 +179,25 @@ def planned_spec(cfg: PlanConfig, num_samples: int, *, num_classes: int, recipe:
 
 
 # ---- timing ------------------------------------------------------------------------------------------
+@contextmanager
+def torch_threads(n: int):
+    """Torch's CPU threads set to n for the block. The real commands differ here, and it matters: dump-teacher's
+    process imports FFCV (kdcache.augment.render), whose compiler sets torch to one thread at import
+    (ffcv/pipeline/compiler.py, Compiler.set_num_threads(1)), and builds no FFCV Loader, so its teacher runs on
+    one thread; train-student's FFCV Loader sets them to its --workers (all usable cores). On the shared 2-core
+    machine a test_resnet step took 0.08 s on one thread and 2.2 s on two (BENCHMARKS.md, issue 21)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+DUMP_TORCH_THREADS = 1      # dump-teacher's, on the CPU (torch_threads)
+
+
 def _sync(device) -> None:
     if device is not None and device.type == "cuda":
         import torch
@@ -211,14 +231,14 @@ class Renderer:
     chunk's JPEGs read meanwhile, its output ring and reused buffers) on `workers` numba threads, kept across
     passes as the dump keeps them."""
 
-    def __init__(self, sample: _Sample, batch_size: int, workers: int):
+    def __init__(self, sample: _Sample, batch_size: int, workers: int, queued: int = 2):
         from concurrent.futures import ThreadPoolExecutor
         from kdcache.augment.render import SampleBuffers
         from kdcache.teacher.dump import ring_slots
         from kdcache.teacher.runner import OutputRing
         self.sample, self.batch_size, self.workers = sample, batch_size, workers
         self.read_ahead = ThreadPoolExecutor(1, thread_name_prefix="kdcache-plan-read")
-        self.ring, self.buffers = OutputRing(ring_slots(2), pinned=False), SampleBuffers()
+        self.ring, self.buffers = OutputRing(ring_slots(queued), pinned=False), SampleBuffers()
 
     def __enter__(self):
         return self
@@ -226,23 +246,31 @@ class Renderer:
     def __exit__(self, *exc):
         self.read_ahead.shutdown(wait=True)
 
-    def render(self, params: np.ndarray, keep=None, start: int = 0) -> int:
-        """Render the views of samples start.. (params: their rows, (n, V, P)) once; `keep` (m, V, size, size,
-        3): a copy of the first m samples' views goes there. Returns the views rendered."""
+    def per_batch(self, params: np.ndarray) -> int:
+        from kdcache.teacher.dump import samples_per_batch
+        return samples_per_batch(self.batch_size, params.shape[1], self.sample.recipe)
+
+    def chunks(self, params: np.ndarray, start: int = 0):
+        """The views of samples start.. (params: their rows, (n, V, P)), chunk by chunk: (c0, c1, views) with
+        c0, c1 counted from start; a chunk's views stay valid until the ring comes round to its slot again."""
         import numba
-        from kdcache.teacher.dump import render_chunks, samples_per_batch
+        from kdcache.teacher.dump import render_chunks
         before = numba.get_num_threads()
         numba.set_num_threads(self.workers)   # (per calling thread, as the dump's producer sets it)
         try:
-            per_batch = samples_per_batch(self.batch_size, params.shape[1], self.sample.recipe)
             for c0, c1, views in render_chunks(self.sample.reader, self.read_ahead, self.sample, self.sample.recipe,
-                                               params, start, start + len(params), per_batch, self.workers,
-                                               self.ring, self.buffers):
-                c0, c1 = c0 - start, c1 - start
-                if keep is not None and c0 < len(keep):   # the first samples' views, for the teacher
-                    keep[c0:min(c1, len(keep))] = views[:len(keep) - c0]
+                                               params, start, start + len(params), self.per_batch(params),
+                                               self.workers, self.ring, self.buffers):
+                yield c0 - start, c1 - start, views
         finally:
             numba.set_num_threads(before)
+
+    def render(self, params: np.ndarray, keep=None, start: int = 0) -> int:
+        """Render the views once; `keep` (m, V, size, size, 3): a copy of the first m samples' views goes there.
+        Returns the views rendered."""
+        for c0, c1, views in self.chunks(params, start):
+            if keep is not None and c0 < len(keep):   # the first samples' views, for the teacher
+                keep[c0:min(c1, len(keep))] = views[:len(keep) - c0]
         return params.shape[0] * params.shape[1]
 
 
@@ -250,6 +278,42 @@ def measure_render(sample: _Sample, params: np.ndarray, batch_size: int, workers
     """Views/s of the dump's renderer over the sample (the first pass also compiles or loads the kernels)."""
     with Renderer(sample, batch_size, workers) as renderer:
         return params.shape[0] * params.shape[1] / timed(lambda: renderer.render(params))
+
+
+def measure_together(sample: _Sample, params: np.ndarray, runner, cfg: PlanConfig, workers: int) -> float:
+    """Views/s of the render and the teacher's forward running together as in the dump on a CPU, where they share
+    the cores: a render thread (the dump's producer) hands chunks through a bounded queue to this thread's
+    forward in the dump's batches (its consumer). On the shared 2-core machine this was 0.85-0.9 of what the
+    two rates measured apart add up to (docs/planning.md)."""
+    import queue
+    import threading
+    from kdcache.teacher.dump import QUEUED_BATCHES
+    done = object()
+    with Renderer(sample, cfg.batch_size, workers, queued=QUEUED_BATCHES) as renderer:
+        per_batch = renderer.per_batch(params)
+
+        def one_pass() -> None:
+            chunks: queue.Queue = queue.Queue(maxsize=QUEUED_BATCHES)
+            failed = []
+
+            def produce():
+                try:
+                    for _, _, views in renderer.chunks(params):
+                        chunks.put(views)
+                except BaseException as exc:   # raised in this thread below
+                    failed.append(exc)
+                finally:
+                    chunks.put(done)
+            producer = threading.Thread(target=produce, name="kdcache-plan-render")
+            producer.start()
+            while (views := chunks.get()) is not done:
+                for s0 in range(0, len(views), per_batch):
+                    batch = views[s0:s0 + per_batch]
+                    target_rows(runner, batch.reshape(-1, *batch.shape[2:]), cfg)
+            producer.join()
+            if failed:
+                raise failed[0]
+        return params.shape[0] * params.shape[1] / timed(one_pass)
 
 
 # ---- the teacher -----------------------------------------------------------------------------------
@@ -460,6 +524,7 @@ class Rates:
     loader: Optional[float] = None      # views/s of the renderer at one view per decode (the student's loader)
     student: Optional[float] = None     # img/s of the student's train step at its batch
     online_teacher: Optional[float] = None  # img/s of the teacher's forward at the student's batch
+    together: Optional[float] = None    # CPU: views/s of render and forward running together, as in the dump
     sources: Dict[str, str] = field(default_factory=dict)
 
 
@@ -496,17 +561,17 @@ def sample_counts(cfg: PlanConfig, num_samples: int):
     return max(opened, render), render, keep
 
 
-def measure(cfg: PlanConfig, sample: _Sample, device, stand_in: bool, render_samples: int, keep_samples: int):
+def measure(cfg: PlanConfig, sample: _Sample, device, overlap: bool, render_samples: int, keep_samples: int):
     """(Rates, DiskCost): every rate not given, measured here (see the module's docstring), and the teacher's
-    rows of the first views encoded through the cache's codecs. `stand_in`: this machine's CPU stands in for an
-    accelerator that is not here (every rate that needs it is given), only for the rows."""
+    rows of the first views encoded through the cache's codecs. `overlap`: the planned device is an
+    accelerator (on this machine's CPU, when it is not here: every rate that needs it is given)."""
     from kdcache.option import usable_cores
     from kdcache.teacher.dump import default_render_threads, samples_per_batch
     from kdcache.teacher.target import DEFAULT_UNIT_SIZE
     v, size, sources = views_per_decode(cfg), sample.recipe.size, {}
     workers = cfg.workers or default_render_threads(device)
     params = _params(sample, cfg.seeds[:v])
-    runner = _runner(cfg, sample.num_classes, device, stand_in)
+    runner = _runner(cfg, sample.num_classes, device, stand_in=overlap and device.type == "cpu")
     views = None
     if cfg.forward_rate is None:
         keep = np.empty((keep_samples, v, size, size, 3), np.uint8)
@@ -514,7 +579,8 @@ def measure(cfg: PlanConfig, sample: _Sample, device, stand_in: bool, render_sam
             renderer.render(params[:render_samples], keep)
         views = keep.reshape(-1, size, size, 3)
         batch_views = samples_per_batch(cfg.batch_size, v, sample.recipe) * v
-        forward, rows = measure_forward(runner, views, batch_views, cfg, device)
+        with torch_threads(DUMP_TORCH_THREADS):
+            forward, rows = measure_forward(runner, views, batch_views, cfg, device)
         sources["forward"] = "measured"
     else:
         forward, rows = cfg.forward_rate, rows_within(runner, sample, params, cfg, workers)
@@ -525,13 +591,18 @@ def measure(cfg: PlanConfig, sample: _Sample, device, stand_in: bool, render_sam
     disk = disk_cost(make_spec, stored_form(make_spec(1), *rows, params.reshape(-1, params.shape[-1])[:ROW_VIEWS]),
                      v, min(sample.num_samples, DEFAULT_UNIT_SIZE))
     rates = Rates(render, forward, sources=sources)
+    if not overlap and sources["render"] == sources["forward"] == "measured":
+        with torch_threads(DUMP_TORCH_THREADS):
+            rates.together = measure_together(sample, params[:render_samples], runner, cfg, workers)
+        sources["together"] = "measured"
     if cfg.student:
         rates.loader = _rate(cfg.render_rate, "loader", sources, lambda: measure_render(
             sample, params[:render_samples, :1], cfg.student_batch_size, usable_cores()))
-        rates.student = _rate(cfg.student_rate, "student", sources, lambda: measure_student(
-            cfg, sample.num_classes, size, device, cfg.amp))
-        rates.online_teacher = _rate(cfg.forward_rate, "online_teacher", sources, lambda: measure_online_teacher(
-            runner, views, cfg.student_batch_size, device))
+        with torch_threads(usable_cores()):   # as train-student's FFCV Loader sets them
+            rates.student = _rate(cfg.student_rate, "student", sources, lambda: measure_student(
+                cfg, sample.num_classes, size, device, cfg.amp))
+            rates.online_teacher = _rate(cfg.forward_rate, "online_teacher", sources, lambda: measure_online_teacher(
+                runner, views, cfg.student_batch_size, device))
     return rates, disk
 
 
@@ -562,12 +633,14 @@ def dump_estimate(views: int, devices: int, overlap: bool, rates: Rates, disk: D
     costs = {"render": 1 / rates.render, "forward": 1 / rates.forward}
     if overlap:
         per_view = max(costs.values())
+        busy = {k: v / per_view for k, v in costs.items()}   # the fraction of the dump each side works
     else:
         costs["write"] = disk.write_per_row
-        per_view = sum(costs.values())
+        # timed together when both were measured here (their sharing of the cores included), else added up
+        per_view = (1 / rates.together + disk.write_per_row) if rates.together else sum(costs.values())
+        busy = {k: v / sum(costs.values()) for k, v in costs.items()}   # each side's share of the time
     return {"seconds": views * per_view / devices, "device_hours": views * per_view / 3600, "per_view_s": per_view,
-            "limited_by": max(costs, key=costs.get), "overlap": overlap,
-            "busy": {k: v / per_view for k, v in costs.items()}}   # the fraction of the dump each side works
+            "limited_by": max(costs, key=costs.get), "overlap": overlap, "busy": busy}
 
 
 def bytes_estimate(num_samples: int, seeds: int, shards: int, raw: Dict[str, int], disk: DiskCost) -> dict:
@@ -607,7 +680,8 @@ def estimate(num_samples: int, seeds: int, devices: int, overlap: bool, rates: R
     views = num_samples * seeds
     dump = dump_estimate(views, devices, overlap, rates, disk)
     out = {"views": views, "dump": dump, "bytes": bytes_estimate(num_samples, seeds, shards, raw, disk),
-           "rates": {"render": rates.render, "forward": rates.forward, "write": 1 / disk.write_per_row,
+           "rates": {"render": rates.render, "forward": rates.forward, "together": rates.together,
+                     "write": 1 / disk.write_per_row,
                      "slab_read": 1 / disk.read_per_row if disk.read_per_row else None, "loader": rates.loader,
                      "student": rates.student, "online_teacher": rates.online_teacher},
            "sources": dict(rates.sources, write="measured", slab_read="measured"), "student": None}
@@ -631,7 +705,7 @@ def plan_cache(cfg: PlanConfig) -> dict:
     sample = open_sample(cfg, opened)
     try:
         spec = planned_spec(cfg, sample.num_samples, num_classes=sample.num_classes, recipe=sample.recipe)
-        rates, disk = measure(cfg, sample, device, overlap and device.type == "cpu", rendered, kept)
+        rates, disk = measure(cfg, sample, device, overlap, rendered, kept)
     finally:
         sample.reader.close()
     out = estimate(sample.num_samples, len(cfg.seeds), cfg.devices, overlap, rates, raw_bytes(spec), disk,
@@ -695,6 +769,7 @@ def _rate_lines(p: dict) -> List[str]:
     i, r, src = p["inputs"], p["rates"], p["sources"]
     rows = [("render", f"renderer, {i['views_per_decode']} views per decode, {i['render_threads']} threads", "views/s"),
             ("forward", f"teacher forward, batch {i['batch_size']}", "views/s"),
+            ("together", "render and forward together, as in the dump", "views/s"),
             ("write", "unit writer (encode + write)", "views/s"), ("slab_read", "slab read (cached KD)", "rows/s"),
             ("loader", "student's loader, 1 view per decode", "views/s"),
             ("student", f"student train step, batch {i['student_batch_size']}", "img/s"),
@@ -710,7 +785,8 @@ def render_text(p: dict) -> str:
              f"{i['recipe']}), {i['devices']} x {i['device']}",
              f"rates per device (measured here on {i['measured_on']} in {p['measured_in_s']:.1f} s, or given; "
              f"rendered: {i['rendered']}):", *_rate_lines(p)]
-    side = "render and forward overlap" if d["overlap"] else "render, forward and writes take turns on the CPU"
+    side = ("render and forward overlap" if d["overlap"] else "render, forward and writes share the CPU"
+            + (" (the first two timed together)" if p["rates"].get("together") else " (their times added up)"))
     busy = ", ".join(f"{k} {v:.0%}" for k, v in d["busy"].items())
     lines.append(f"dump: {_duration(d['seconds'])} on {i['devices']} device(s), {d['device_hours']:.3g} device-hours; "
                  f"{side}; limited by the {d['limited_by']} (busy: {busy})")

@@ -34,6 +34,10 @@ def test_the_cpu_arithmetic_by_hand():
     assert p["dump"]["device_hours"] == pytest.approx(61.8 / 3600)
     assert p["dump"]["limited_by"] == "forward"
     assert p["dump"]["busy"]["forward"] == pytest.approx(0.002 / 0.00206)
+    # render and forward timed together (as they share the cores in the dump): that rate, plus the writes
+    rates.together = 400
+    assert estimate(10000, 3, 1, False, rates, raw, _disk())["dump"]["seconds"] == pytest.approx(30000 * (1 / 400 + 1e-5))
+    rates.together = None
     b = p["bytes"]
     assert b["raw_per_view"] == 64 and b["raw_total"] == 64 * 30000
     assert b["on_disk_per_seed"] == pytest.approx(10000 * 26 + 1500 + 5200)          # 266,700
@@ -116,7 +120,8 @@ def test_a_measured_plan_within_a_minute_and_its_bytes_against_a_real_dump(fmnis
     assert took < PLAN_SECONDS, f"plan took {took:.1f} s"
     assert all(v > 0 for v in p["rates"].values()), p["rates"]
     assert set(p["sources"].values()) == {"measured"}
-    assert p["dump"]["seconds"] > 0 and p["student"]["online_epoch_s"] > p["student"]["cached_epoch_s"] > 0
+    assert p["dump"]["seconds"] == pytest.approx(800 * (1 / p["rates"]["together"] + 1 / p["rates"]["write"]))
+    assert p["student"]["online_epoch_s"] > p["student"]["cached_epoch_s"] > 0
     assert p["bytes"]["raw_per_view"] == 5 * 2 + 5 * 2 + 4 + 5 * 4
     cache = dump_random_teacher(fmnist_small.root, tmp_path / "cache", random_teacher[2], "0:2", "--topk", 5,
                                 "--unit-size", 32768)

@@ -3,12 +3,13 @@
 
 Demo part (pipelines/demo-fashion-mnist.toml's settings: 10,000 Fashion-MNIST images, resnet10t teacher,
 test_resnet student at batch 64, seeds 0:3, top-10, scale 0.35 1.0): in each of --rounds rounds
-`kdcache plan` runs, then at once the same dump (`kdcache dump-teacher`) and one student trained with online
-KD and one with cached KD (`kdcache train-student`, --epochs E; their order alternates between rounds), each
-a fresh process as a user runs it; a last `kdcache plan` shows how far the machine drifted. Reported: each
-round's plan against its own real steps, and the rounds pooled (sums of times), for the dump time, the cache
-size on disk and the online/cached epoch ratio (goal: within 15 %; epochs after the first, which holds the
-loader's compilation), with `tools/calibrate.py` before and after. The data and the trained teacher
+`kdcache plan`, the same dump (`kdcache dump-teacher`), `kdcache plan`, one student trained with online KD or
+with cached KD (`kdcache train-student`, --epochs E), `kdcache plan`, the other student, `kdcache plan`, each a
+fresh process as a user runs it (the students' order alternates between rounds). Reported, per round and
+pooled (sums of times): the dump time, the cache size on disk and the online/cached epoch ratio (goal: within
+15 %; epochs after the first, which holds the loader's compilation), predicted by the round's first plan and
+by the mean of the two plans around each step (the machine's drift between plan and step taken out), with
+`tools/calibrate.py` before and after. The data and the trained teacher
 come from a finished `kdcache run pipelines/demo-fashion-mnist.toml` (--run-dir), else the data is prepared
 and the teacher has random weights (the rates do not depend on them; the bytes a little).
 
@@ -38,7 +39,7 @@ IMAGENET_SIDE = 433    # the side of a square of an average prepared ImageNet im
 
 # Rates for one H200 (one device of the recipes' 8) and the sources. "measured": BENCHMARKS.md, on the H200 of
 # issues 3, 4, 9 and 11; "timm": pytorch-image-models results/benchmark-infer-amp-nchw-pt291-cu130-5090.csv
-# (RTX 5090, torch 2.9.1, CUDA 13.0, AMP, batch 1024, commit aa4b585), scaled to the H200 by the ratio of the
+# (RTX 5090, torch 2.9.1, CUDA 13.0, AMP, batch 1024; the file as of commit 90cae8c), scaled to the H200 by the ratio of the
 # H200's measured ResNet-50 rate to timm's RTX 5090 one for the same model: an estimate, not a measurement.
 H200_OVER_5090_INFER = 14541 / 6356.02      # ResNet-50 224 px bf16: H200 bare forward (pinned) / timm RTX 5090
 H200_TRAIN_OVER_5090_INFER = 4339 / 6356.02  # ResNet-50: H200 train step (cached KD epoch) / timm RTX 5090 forward
@@ -128,20 +129,24 @@ def _error(predicted: float, measured: float) -> str:
 
 
 def demo(args) -> dict:
-    """Rounds of: plan, then at once the dump and the two students (their order alternating between rounds, so
-    that a drift of the machine's load between them does not always favour one)."""
+    """Rounds of: plan, the dump, plan, one student, plan, the other student, plan (the students' order
+    alternating between rounds). Each real step is then compared with the plan made first (what a user has)
+    and with the mean of the two plans around it (what the model predicts once the machine's drift between a
+    plan and the step is taken out: this machine's speed changed 3x within minutes, tools/calibrate.py)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_plan_"))
     data, teacher = demo_inputs(args.run_dir, tmp)
     out = {"calibration_ms_before": calibrate(), "data": str(data), "teacher": [str(t) for t in teacher],
            "rounds": []}
     for r in range(args.rounds):
-        result = {"plan": run_plan(data, teacher, args.epochs)}
+        result = {"plans": [run_plan(data, teacher, args.epochs)]}
         result["dump"] = run_dump(data, teacher, tmp / f"cache{r}")
-        for mode in (("online", "cached") if r % 2 == 0 else ("cached", "online")):
+        result["plans"].append(run_plan(data, teacher, args.epochs))
+        result["order"] = ("online", "cached") if r % 2 == 0 else ("cached", "online")
+        for mode in result["order"]:
             result[mode] = run_student(data, teacher, tmp / f"{mode}{r}", args.epochs,
                                        cache=tmp / f"cache{r}" if mode == "cached" else None)
+            result["plans"].append(run_plan(data, teacher, args.epochs))
         out["rounds"].append(result)
-    out["plan_last"] = run_plan(data, teacher, args.epochs)   # how far the machine drifted meanwhile
     out["calibration_ms_after"] = calibrate()
     out["table"] = demo_table(out)
     return out
@@ -152,27 +157,41 @@ def _steady(student: dict) -> float:
     return student["after_first_s"] or student["mean_s"]
 
 
+PREDICTED = {"dump": lambda p: p["dump"]["seconds"], "online": lambda p: p["student"]["online_epoch_s"],
+             "cached": lambda p: p["student"]["cached_epoch_s"]}
+
+
+def _predictions(rnd: dict) -> dict:
+    """step -> (the round's first plan's value, the mean of the plans just before and just after the step)."""
+    plans = rnd["plans"]
+    around = {"dump": (plans[0], plans[1]), rnd["order"][0]: (plans[1], plans[2]), rnd["order"][1]: (plans[2], plans[3])}
+    return {step: (PREDICTED[step](plans[0]), statistics.mean(PREDICTED[step](p) for p in pair))
+            for step, pair in around.items()}
+
+
 def demo_table(out: dict) -> list:
-    """Rows: (what, round, predicted, measured, error); the last rows pool the rounds (sums of times)."""
+    """Rows: (what, round, predicted by the first plan, by the plans around the step, measured, both errors);
+    the rows of round "all" pool the rounds (sums of times)."""
     rows = []
     for r, x in enumerate(out["rounds"] + [None]):
         rounds = out["rounds"] if x is None else [x]
-        tag = "all" if x is None else str(r + 1)
-        sums = {k: sum(f(y) for y in rounds) for k, f in {
-            "dump_p": lambda y: y["plan"]["dump"]["seconds"], "dump_m": lambda y: y["dump"]["seconds"],
-            "on_p": lambda y: y["plan"]["student"]["online_epoch_s"], "on_m": lambda y: _steady(y["online"]),
-            "ca_p": lambda y: y["plan"]["student"]["cached_epoch_s"], "ca_m": lambda y: _steady(y["cached"]),
-            "on_all": lambda y: y["online"]["mean_s"], "ca_all": lambda y: y["cached"]["mean_s"],
-            "size_p": lambda y: y["plan"]["bytes"]["on_disk_total"], "size_m": lambda y: y["dump"]["bytes_on_disk"],
-        }.items()}
-        ratio_p = statistics.mean(y["plan"]["student"]["online_over_cached"] for y in rounds)
-        for what, p, m in (("dump time (s)", sums["dump_p"], sums["dump_m"]),
-                           ("cache size on disk (bytes)", sums["size_p"], sums["size_m"]),
-                           ("online / cached epoch", ratio_p, sums["on_m"] / sums["ca_m"]),
-                           ("online / cached epoch, first epoch included", ratio_p, sums["on_all"] / sums["ca_all"]),
-                           ("online epoch (s)", sums["on_p"], sums["on_m"]),
-                           ("cached epoch (s)", sums["ca_p"], sums["ca_m"])):
-            rows.append([what, tag, p, m, _error(p, m)])
+        preds = [_predictions(y) for y in rounds]
+        measured = {"dump": sum(y["dump"]["loop_seconds"] for y in rounds),
+                    "dump_all": sum(y["dump"]["seconds"] for y in rounds),
+                    "online": sum(_steady(y["online"]) for y in rounds),
+                    "cached": sum(_steady(y["cached"]) for y in rounds)}
+        p = {step: [sum(pr[step][i] for pr in preds) for i in (0, 1)] for step in PREDICTED}
+        size = [sum(y["plans"][0]["bytes"]["on_disk_total"] for y in rounds)] * 2
+        for what, pred, m in (
+                ("dump time: its loop (s)", p["dump"], measured["dump"]),
+                ("dump time: the whole command (s)", p["dump"], measured["dump_all"]),
+                ("cache size on disk (bytes)", size, sum(y["dump"]["bytes_on_disk"] for y in rounds)),
+                ("online / cached epoch", [p["online"][i] / p["cached"][i] for i in (0, 1)],
+                 measured["online"] / measured["cached"]),
+                ("online epoch (s)", p["online"], measured["online"]),
+                ("cached epoch (s)", p["cached"], measured["cached"])):
+            rows.append([what, "all" if x is None else str(r + 1), pred[0], pred[1], m,
+                         _error(pred[0], m), _error(pred[1], m)])
     return rows
 
 
@@ -222,7 +241,7 @@ def main():
     p.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "demo-fashion-mnist",
                    help="a finished `kdcache run pipelines/demo-fashion-mnist.toml` (its data and teacher)")
     p.add_argument("--epochs", type=int, default=2, help="epochs of each student (the first includes the JIT)")
-    p.add_argument("--rounds", type=int, default=2, help="rounds of plan, dump and the two students")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of plans, the dump and the two students")
     p.add_argument("--imagenet-only", action="store_true")
     p.add_argument("--skip-imagenet", action="store_true")
     p.add_argument("--json", type=Path, help="write everything measured here")
@@ -232,9 +251,10 @@ def main():
         result["demo"] = demo(args)
         print(f"calibration {result['demo']['calibration_ms_before']:.0f} ms before, "
               f"{result['demo']['calibration_ms_after']:.0f} ms after")
+        print(f"  {'':<34} {'round':<5} {'plan first':>12} {'plans around':>12} {'measured':>12}  errors")
         for row in result["demo"]["table"]:
-            print(f"  {row[0]:<46} round {row[1]:<4} predicted {row[2]:>12,.2f}  measured {row[3]:>12,.2f}  "
-                  f"error {row[4]}")
+            print(f"  {row[0]:<34} {row[1]:<5} {row[2]:>12,.2f} {row[3]:>12,.2f} {row[4]:>12,.2f}  "
+                  f"{row[5]} / {row[6]}")
     if not args.skip_imagenet:
         result["imagenet"] = imagenet()
         for item in result["imagenet"]:
