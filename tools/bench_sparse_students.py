@@ -5,16 +5,17 @@ views, two student seeds each:
 
   full       k = 10 = C: the teacher's whole distribution (targets 4 + 4 k = 44 B per view)
   top-2      k = 2 with the uniform tail (derived exactly from the full cache: kdcache derive --topk 2)
-  sampled    k = 1 exact + m = 1 draw from the tail at Td = T (dump-teacher --targets sampled): the same bytes
-             per view as top-2 (4 + 4 (k + m) = 12 B)
+  sampled    k - 1 exact + m = 1 draw from the tail at Td = T (dump-teacher --targets sampled): the same bytes
+             per view as top-k (4 + 4 (k + m) = 12 B at k = 2); --exact E: E exact + k - E draws
   none       no teacher (the same views): the floor
 
 Students learn from the teacher alone (--hard-loss none): the target is the whole signal, so what a cache loses
 shows. Every run uses the same views, initialisation and sample order per seed.
 
     python tools/bench_sparse_students.py --out runs/sparse-students [--limit 10000] [--epochs 3]
+    python tools/bench_sparse_students.py --out runs/sparse-students --topk 4 --exact 1   # top-4 vs 1 + 3 draws
 
-Prints a markdown table and writes results.json in --out. Finished steps are skipped when run again.
+Prints a markdown table and writes results-top<k>-<exact>p<draws>.json in --out. Finished steps are skipped when run again.
 """
 
 import argparse
@@ -35,6 +36,8 @@ def main():
     p.add_argument("--teacher-epochs", type=int, default=3)
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--topk", type=int, default=2, help="the small k")
+    p.add_argument("--exact", type=int, default=None,
+                   help="exact classes of the sampled cache (default k - 1); the other k - exact columns are draws")
     p.add_argument("--student-seeds", type=int, default=2)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
@@ -52,17 +55,21 @@ def main():
            "--out", teacher, "--no-progress", *dev)
     weights = ["--teacher", "resnet10t", "--teacher-checkpoint", teacher / "model.safetensors"]
     dump = ["dump-teacher", "--data", data, "--seeds", seeds, *weights, *views, "--no-progress", *dev]
-    full, small, sampled = out / "cache-full", out / f"cache-top{args.topk}", out / "cache-sampled"
+    exact = args.topk - 1 if args.exact is None else args.exact
+    draws = args.topk - exact
+    if not 1 <= exact < args.topk:
+        p.error(f"--exact {exact}: must be in 1..{args.topk - 1}")
+    full, small, sampled = out / "cache-full", out / f"cache-top{args.topk}", out / f"cache-sampled-{exact}p{draws}"
     kd(*dump, "--out", full, "--topk", 10)
     kd("derive", full, small, "--topk", args.topk, "--no-progress")
     # equal bytes: k + m columns = the small k's
-    kd(*dump, "--out", sampled, "--targets", "sampled", "--topk", args.topk - 1, "--samples", 1,
+    kd(*dump, "--out", sampled, "--targets", "sampled", "--topk", exact, "--samples", draws,
        "--sample-temperature", args.temperature)
     student = ["--data", data, "--model", "test_resnet", "--epochs", args.epochs, "--batch-size", 64, "--lr", 0.1,
                "--temperature", args.temperature, "--hard-loss", "none", "--eval-every", args.epochs,
                "--no-progress", *dev]
     ways = {"full": ["--cache", full], f"top-{args.topk}": ["--cache", small],
-            f"sampled {args.topk - 1}+1": ["--cache", sampled],
+            f"sampled {exact}+{draws}": ["--cache", sampled],
             "none": ["--kd", "none", "--view-seeds", seeds, *views]}
     results = {}
     for way, extra in ways.items():
@@ -81,7 +88,7 @@ def main():
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cpus",
               "args": {k: str(v) for k, v in vars(args).items()}, "teacher_top1": teacher_top1, "rows": rows,
               "seconds": time.time() - t0}
-    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / f"results-top{args.topk}-{exact}p{draws}.json").write_text(json.dumps(report, indent=1))
     print(f"\nteacher resnet10t: {teacher_top1:.2f} %; students test_resnet, {args.epochs} epochs, {args.limit} samples, "
           f"KD only at T = {args.temperature:g}")
     print("| targets | stored bytes per view (targets + params) | val top-1 per seed (%) | mean | spread |\n|---|---|---|---|---|")

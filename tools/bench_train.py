@@ -81,7 +81,8 @@ def main():
         teachers = [args.teacher, "second"]
 
     def cfg(mode, run):
-        return TrainConfig(data=str(ds.root), out=str(tmp / run), model=args.student, epochs=args.epochs, mode=mode,
+        return TrainConfig(data=str(ds.root), out=str(tmp / run), model=args.student, epochs=args.epochs,
+                           mode="cache" if mode == "cache2" else mode,   # cache2: cached KD, two teachers
                            cache=str(tmp / "cache") if mode.startswith("cache") else None,
                            teachers=teachers if mode == "cache2" else None,
                            teacher={"name": args.teacher, "checkpoint": str(weights)} if mode == "online" else None,
