@@ -1,5 +1,5 @@
 """Every change kdcache makes to FFCV 1.0.2's internals, in one place. Every kdcache module that uses FFCV
-imports this one before ffcv. Two corrections, applied at import:
+imports this one before ffcv. Three corrections, applied at import:
 
 1. At import, ffcv.fields.rgb_image builds IMAGE_MODES as a numba typed Dict, which compiles numba's
    dictionary code in every process (2.2 s on the 2-core machine, at the start of every kdcache command that
@@ -11,7 +11,16 @@ imports this one before ffcv. Two corrections, applied at import:
    it raises KeyError at its next compilation (inside FFCV's loader thread, after which the Loader hangs).
    Here the reader is compiled with a read-only array type of its own, the same types FFCV ends up with,
    and numba's shared types stay as they are. The reader's body is FFCV's.
-(tests/test_views.py checks both.)
+3. FFCV compiles its pipeline afresh for every Loader: each operation's generate_code returns a new closure
+   that Compiler.compile hands to numba.njit, so every Loader (and the memory reader of each) pays numba's
+   compilation again, seconds per Loader, although the code is the same. A training run builds two (train and
+   eval), `kdcache run` and a test suite many. Compiler.compile is memoised here on what numba compiles: the
+   function's code, its closure values and defaults (numba freezes those as constants, arrays by their
+   content, so they are keyed by value: scalars and tuples by type and repr, arrays by dtype, shape and bytes;
+   anything else by identity, kept alive by the memo so its id is never reused), the signature and the
+   parallel flag. A closure over the same values compiles to the same machine code, so the dispatcher
+   compiled for the first Loader serves the next.
+(tests/test_views.py checks all three.)
 
 And three scoped uses of FFCV internals that FFCV has no public API for (functions below, called by
 kdcache.data.beton and kdcache.augment.loader): the writer's field type table, the writer's progress bar,
@@ -54,6 +63,41 @@ def _os_cache_compile_reader(self):
 
 OSCacheManager.state_type = property(_os_cache_state_type)
 OSCacheManager.compile_reader = _os_cache_compile_reader
+
+
+def _frozen(value, keep: list):
+    """A hashable stand-in for a value numba freezes into compiled code (see 3. above)."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, np.generic)):
+        return type(value), repr(value)          # repr: -0.0 and 0.0, 1 and True stay apart
+    if isinstance(value, tuple):
+        return tuple, tuple(_frozen(v, keep) for v in value)
+    if isinstance(value, np.ndarray):
+        return np.ndarray, value.dtype.str, value.shape, value.tobytes()
+    keep.append(value)                           # identity: alive as long as the memo, so the id stays its own
+    return "id", id(value)
+
+
+_compiled: dict = {}
+_ffcv_compile = Compiler.compile.__func__
+
+
+def _memoised_compile(cls, code, signature=None):
+    if not cls.is_enabled or not hasattr(code, "__code__"):
+        return _ffcv_compile(cls, code, signature)
+    keep = [code.__globals__]
+    parallel = bool(getattr(code, "is_parallel", False) and cls.num_threads > 1)
+    try:
+        key = (code.__code__, id(code.__globals__), parallel, str(signature),
+               tuple(_frozen(cell.cell_contents, keep) for cell in (code.__closure__ or ())),
+               _frozen(code.__defaults__, keep), _frozen(tuple(sorted((code.__kwdefaults__ or {}).items())), keep))
+    except ValueError:                           # an empty cell: compile as FFCV does
+        return _ffcv_compile(cls, code, signature)
+    if key not in _compiled:
+        _compiled[key] = (_ffcv_compile(cls, code, signature), keep)
+    return _compiled[key][0]
+
+
+Compiler.compile = classmethod(_memoised_compile)
 
 
 @contextlib.contextmanager

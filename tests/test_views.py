@@ -126,6 +126,36 @@ def test_an_ffcv_loader_leaves_numbas_shared_array_types_alone(fmnist_small):
     assert signature in decode.overloads and decode(data) == 4
 
 
+def test_a_second_loader_of_the_same_pipeline_compiles_nothing(fmnist_small):
+    """FFCV compiles every Loader's pipeline again (a new closure per operation); kdcache memoises its Compiler
+    on what numba freezes (code, closure values, signature). A second eval loader with the same settings compiles
+    nothing and gives the same pixels; one with another crop ratio (a closure value) compiles its own code and
+    gives other pixels. In a fresh interpreter: this process's memo already holds other tests' pipelines."""
+    import subprocess
+    import sys
+    code = ("from numba.core import event\n"
+            "class Count(event.Listener):\n"
+            "    n = 0\n"
+            "    def on_start(self, e): Count.n += 1\n"
+            "    def on_end(self, e): pass\n"
+            "event.register('numba:compile', Count())\n"
+            "import numpy as np\n"
+            "from kdcache.augment.loader import eval_loader\n"
+            f"beton = {str(fmnist_small.split('val').beton_path)!r}\n"
+            "def images(ratio):\n"
+            "    before = Count.n\n"
+            "    out = np.concatenate([b[0].numpy() for b in eval_loader(beton, 32, 100, workers=1, crop_ratio=ratio)])\n"
+            "    return out, Count.n - before\n"
+            "first, n1 = images(0.875)\n"
+            "second, n2 = images(0.875)\n"
+            "other, n3 = images(0.5)\n"
+            "print(n1, n2, n3, int((first == second).all()), int((first == other).all()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    n1, n2, n3, same, other_same = map(int, out)
+    assert n1 > 0 and n2 == 0 and n3 > 0, out
+    assert same == 1 and other_same == 0
+
+
 def test_importing_kdcaches_ffcv_parts_compiles_nothing():
     """Every kdcache command that touches FFCV imports it: FFCV 1.0.2 builds a numba typed Dict at import,
     which compiles numba's dictionary code in every process. kdcache imports FFCV with a plain dict there."""
