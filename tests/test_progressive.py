@@ -223,8 +223,13 @@ def test_a_view_at_half_size_shows_the_same_crop_box(folder_ds):
 
 def test_batches_have_the_scheduled_size_and_nothing_recompiles(fmnist_small):
     """FFCV allocates its buffers per epoch from the decoder's output_size (as ffcv-imagenet relies on), and the
-    compiled pipeline takes any size: numba compiles during the first epoch only."""
+    compiled pipeline takes any size: numba compiles during the first epoch only (or not at all, when an earlier
+    loader in this process compiled the same pipeline: kdcache.ffcv_fixes memoises FFCV's compiler)."""
+    import numba
     import numba.core.event as ev
+    with ev.install_recorder("numba:compile") as rec:   # the recorder sees a compilation (the test can fail)
+        numba.njit(lambda x: x + 1)(1)
+    assert any(e.is_start for _, e in rec.buffer)
     from kdcache.augment import ViewRecipe
     split = fmnist_small.split("train")
     recipe = ViewRecipe(size=32, **BOXES)
@@ -237,7 +242,7 @@ def test_batches_have_the_scheduled_size_and_nothing_recompiles(fmnist_small):
             shapes = {tuple(batch[0].shape[1:]) for batch in loader}
         compiles.append(sum(1 for _, e in rec.buffer if e.is_start))
         assert shapes == {(3, size, size)}
-    assert compiles[0] > 0 and compiles[1:] == [0, 0, 0], compiles
+    assert compiles[1:] == [0, 0, 0], compiles
 
 
 def test_online_teacher_images_are_the_views_at_the_recipe_size(fmnist_small):

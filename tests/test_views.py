@@ -55,6 +55,42 @@ def test_replay_equals_teacher_side_for_every_sample_and_seed(which, renderer, r
         previous = student
 
 
+def test_loaders_alive_together_each_replay_their_own_table(fmnist_small):
+    """Compiled replay decoders find their view table through a process-wide slot (so that loaders built one
+    after another share compiled code): two loaders alive at once hold two slots, and each renders the views of
+    its own table, before and after the other ran; a third, built after the first is gone, takes its slot."""
+    import gc
+    from kdcache.augment.ffcv_ops import TABLE_SLOTS
+    split = fmnist_small.split("train")
+    recipe = ViewRecipe(size=32, scale=(0.08, 1.0))
+    loaders, params = [], []
+    for seed in (0, 1):
+        loader = ReplayLoader(split.beton_path, split.num_samples, 32, batch_size=64, workers=1,
+                              order="sequential", drop_last=False)
+        params.append(_params(split, recipe, seed))
+        loader.set_views(params[-1])
+        loaders.append(loader)
+    assert loaders[0].decoder.table_slot != loaders[1].decoder.table_slot
+    for which in (0, 1, 0):
+        views, _ = _epoch_views(loaders[which])
+        teacher = _teacher_views(split, params[which], 32)
+        assert all(np.array_equal(teacher[i], views[i]) for i in teacher), f"loader {which}"
+    first, second = loaders
+    freed = first.decoder.table_slot
+    del loaders, loader, first
+    gc.collect()
+    assert freed in TABLE_SLOTS._free and not TABLE_SLOTS.array[freed].any()   # given back with its table
+    third = ReplayLoader(split.beton_path, split.num_samples, 32, batch_size=64, workers=1, order="sequential",
+                         drop_last=False)
+    slot = third.decoder.table_slot
+    assert slot != second.decoder.table_slot and slot == min(TABLE_SLOTS._free + [slot])
+    assert TABLE_SLOTS.array[slot, 0] == third.decoder.table.ctypes.data
+    third.set_views(params[0])
+    views, _ = _epoch_views(third)
+    teacher = _teacher_views(split, params[0], 32)
+    assert all(np.array_equal(teacher[i], views[i]) for i in teacher)
+
+
 def test_labels_and_indices_travel_with_the_views(fmnist_small):
     split = fmnist_small.split("train")
     loader = ReplayLoader(split.beton_path, split.num_samples, 32, batch_size=50, workers=2, order="random", seed=1)

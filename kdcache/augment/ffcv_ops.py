@@ -4,7 +4,10 @@ FFCV hands decoders the beton row ids of each batch (`batch_indices`), which are
 indices. The parameters of the current epoch's views live in a float32 (N, P) table owned by the
 decoder; compiled code reaches it by address, because numba freezes global and closure arrays at
 compile time. Refilling the table in place (set_views) between epochs therefore needs no recompilation.
-Fill it before `iter(loader)`: FFCV's epoch thread starts decoding as soon as the iterator exists.
+Fill it before `iter(loader)`: FFCV's epoch thread starts decoding as soon as the iterator exists. The
+address is not compiled in: it sits in a slot of a process-wide array (TableSlots) and the code is compiled
+with the slot's number, so loaders built one after another (slot 0 each time) share one compiled decoder
+(FFCV's compiler is memoised on the closure's values: kdcache.ffcv_fixes, 3.).
 
 The output size may change between epochs (progressive resizing): set `output_size` before `iter(loader)`,
 as ffcv-imagenet does. FFCV asks every operation for its memory again at each epoch's start
@@ -35,6 +38,42 @@ from kdcache.augment.rescale import scale_view_row
 _scale_row = numba.njit(cache=True, **render.STRICT)(scale_view_row)
 
 
+class TableSlots:
+    """(address, rows, columns) of each live decoder's view table, in one process-wide int64 array whose address
+    compiled code reads at run time. A decoder takes the lowest free slot and gives it back when it is
+    collected (its table with it: the slot never outlives what it points to)."""
+    SLOTS = 1024
+
+    def __init__(self):
+        import threading
+        self.array = np.zeros((self.SLOTS, 3), np.int64)
+        self.address, self.nbytes = self.array.ctypes.data, self.array.nbytes
+        self._free = list(range(self.SLOTS))
+        self._lock = threading.Lock()
+
+    def take(self, owner, table: np.ndarray) -> int:
+        import gc
+        import weakref
+        if 0 not in self._free:   # a finished loader's decoders wait in reference cycles: collect them first,
+            gc.collect()          # so that this one gets the slot whose compiled code exists (0 for one at a time)
+        with self._lock:
+            if not self._free:
+                raise RuntimeError(f"more than {self.SLOTS} replay decoders alive in one process")
+            slot = min(self._free)
+            self._free.remove(slot)
+        self.array[slot] = (table.ctypes.data, table.shape[0], table.shape[1])
+        weakref.finalize(owner, self._give_back, slot)
+        return slot
+
+    def _give_back(self, slot: int) -> None:
+        self.array[slot] = 0
+        with self._lock:
+            self._free.append(slot)
+
+
+TABLE_SLOTS = TableSlots()
+
+
 class ReplayViewDecoder(ResizedCropRGBImageDecoder):
     """Decode + crop + resize + flip of view (i, params[i]) for every sample id i of the batch."""
 
@@ -46,6 +85,7 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
         self.layout = layout or ParamLayout()
         self.view_size = int(view_size or output_size)
         self.table = np.full((num_samples, self.layout.width), np.nan, np.float32) if table is None else table
+        self.table_slot = TABLE_SLOTS.take(self, self.table)
 
     def set_views(self, params: np.ndarray) -> None:
         """Copy one epoch's (N, P) view parameters into the table (in place: the address is compiled in)."""
@@ -71,9 +111,7 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        address = self.table.ctypes.data
-        rows, columns = self.table.shape
-        nbytes = self.table.nbytes
+        slots_address, slots_nbytes, slot = TABLE_SLOTS.address, TABLE_SLOTS.nbytes, self.table_slot
         layout = self.layout.as_array()
         mix_offset = int(layout[4])
         # the view is rendered through the renderer's C function, so that this pipeline's compilation does not
@@ -85,7 +123,10 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage, scratch_storage, row_storage = my_storage
             size = destination.shape[1]        # this epoch's output size (FFCV allocated the buffers for it)
-            table = numba.carray(cast_int_to_byte_ptr(address), (nbytes,)).view(np.float32).reshape((rows, columns))
+            where = numba.carray(cast_int_to_byte_ptr(slots_address), (slots_nbytes,)).view(np.int64)
+            rows, columns = where[3 * slot + 1], where[3 * slot + 2]
+            table = numba.carray(cast_int_to_byte_ptr(where[3 * slot]),
+                                 (rows * columns * 4,)).view(np.float32).reshape((rows, columns))
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
