@@ -162,19 +162,27 @@ def test_an_ffcv_loader_leaves_numbas_shared_array_types_alone(fmnist_small):
     assert signature in decode.overloads and decode(data) == 4
 
 
+# in a fresh interpreter, Count.n is the number of functions numba compiled so far
+COUNT_COMPILES = ("from numba.core import event\n"
+                  "class Count(event.Listener):\n"
+                  "    n = 0\n"
+                  "    def on_start(self, e): Count.n += 1\n"
+                  "    def on_end(self, e): pass\n"
+                  "event.register('numba:compile', Count())\n")
+
+
+def _run_python(code: str) -> list:
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+
+
 def test_a_second_loader_of_the_same_pipeline_compiles_nothing(fmnist_small):
     """FFCV compiles every Loader's pipeline again (a new closure per operation); kdcache memoises its Compiler
     on what numba freezes (code, closure values, signature). A second eval loader with the same settings compiles
     nothing and gives the same pixels; one with another crop ratio (a closure value) compiles its own code and
     gives other pixels. In a fresh interpreter: this process's memo already holds other tests' pipelines."""
-    import subprocess
-    import sys
-    code = ("from numba.core import event\n"
-            "class Count(event.Listener):\n"
-            "    n = 0\n"
-            "    def on_start(self, e): Count.n += 1\n"
-            "    def on_end(self, e): pass\n"
-            "event.register('numba:compile', Count())\n"
+    code = COUNT_COMPILES + (
             "import numpy as np\n"
             "from kdcache.augment.loader import eval_loader\n"
             f"beton = {str(fmnist_small.split('val').beton_path)!r}\n"
@@ -186,7 +194,7 @@ def test_a_second_loader_of_the_same_pipeline_compiles_nothing(fmnist_small):
             "second, n2 = images(0.875)\n"
             "other, n3 = images(0.5)\n"
             "print(n1, n2, n3, int((first == second).all()), int((first == other).all()))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = _run_python(code)
     n1, n2, n3, same, other_same = map(int, out)
     assert n1 > 0 and n2 == 0 and n3 > 0, out
     assert same == 1 and other_same == 0
@@ -195,16 +203,9 @@ def test_a_second_loader_of_the_same_pipeline_compiles_nothing(fmnist_small):
 def test_importing_kdcaches_ffcv_parts_compiles_nothing():
     """Every kdcache command that touches FFCV imports it: FFCV 1.0.2 builds a numba typed Dict at import,
     which compiles numba's dictionary code in every process. kdcache imports FFCV with a plain dict there."""
-    import subprocess
-    import sys
-    code = ("from numba.core import event\n"
-            "class Count(event.Listener):\n"
-            "    n = 0\n"
-            "    def on_start(self, e): Count.n += 1\n"
-            "    def on_end(self, e): pass\n"
-            "event.register('numba:compile', Count())\n"
+    code = COUNT_COMPILES + (
             "import kdcache.augment.loader, kdcache.data.beton, kdcache.teacher.verify\n"
             "import ffcv.fields.rgb_image as rgb\n"
             "print(Count.n, rgb.IMAGE_MODES['jpg'], rgb.IMAGE_MODES['raw'])\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = _run_python(code)
     assert out == ["0", "0", "1"]
