@@ -108,6 +108,21 @@ def run_cli(*args, check=True, env=None):
     return proc
 
 
+def slabs(where):
+    """{seed: its slab} of every complete seed of the cache at `where` (a path or URL)."""
+    from kdcache.cache.schema import TeacherCache
+    from kdcache.cache.slabs import read_slab
+    cache = TeacherCache.open(where)
+    return {s: read_slab(cache, s) for s in cache.complete_seeds()}
+
+
+def assert_same_slabs(a, b):
+    assert a.keys() == b.keys() and a
+    for s in a:
+        for x, y in zip(a[s], b[s]):
+            np.testing.assert_array_equal(x, y)
+
+
 @pytest.fixture(scope="session")
 def random_teacher(tmp_path_factory):
     """A random-weight resnet10t for 10 classes, saved to a weights file: (model, info, path)."""

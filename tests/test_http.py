@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import kdcache
+from conftest import assert_same_slabs, kdcache, slabs
 from kdcache.cache.http import INDEX, HttpLocation, RootChanged
 from kdcache.cache.integrity import unit_records
 from kdcache.cache.marker import seal
@@ -90,18 +90,6 @@ def assert_read_only(server, since: int = 0):
 
 def shard_gets(server, since: int):
     return [r for r in requests(server, since) if r.method == "GET" and "/c/" in r.path]
-
-
-def slabs(where):
-    cache = TeacherCache.open(where)
-    return {s: read_slab(cache, s) for s in cache.complete_seeds()}
-
-
-def assert_same_slabs(a, b):
-    assert a.keys() == b.keys() and a
-    for s in a:
-        for x, y in zip(a[s], b[s]):
-            np.testing.assert_array_equal(x, y)
 
 
 def _flip(path: Path) -> None:

@@ -7,30 +7,16 @@ import subprocess
 import sys
 from collections import Counter
 
-import numpy as np
 import pytest
 
-from conftest import kdcache
+from conftest import assert_same_slabs, kdcache, slabs
 from kdcache.cache.schema import TeacherCache
-from kdcache.cache.slabs import read_slab
 
 TEACHER = ("--teacher", "test_resnet", "--random-teacher", "--unit-size", 128, "--topk", 5, "--no-progress")
 
 
 def dump(data, *where, seeds="0:2", extra=()):
     return kdcache("dump-teacher", "--data", data, *where, "--seeds", seeds, *TEACHER, *extra)
-
-
-def slabs(where):
-    cache = TeacherCache.open(where)
-    return {s: read_slab(cache, s) for s in cache.complete_seeds()}
-
-
-def assert_same_slabs(a, b):
-    assert a.keys() == b.keys() and a
-    for s in a:
-        for x, y in zip(a[s], b[s]):
-            np.testing.assert_array_equal(x, y)
 
 
 def ls(root):
