@@ -88,7 +88,8 @@ class ReplayViewDecoder(ResizedCropRGBImageDecoder):
         self.table_slot = TABLE_SLOTS.take(self, self.table)
 
     def set_views(self, params: np.ndarray) -> None:
-        """Copy one epoch's (N, P) view parameters into the table (in place: the address is compiled in)."""
+        """Copy one epoch's (N, P) view parameters into the table (in place: the compiled decoder reads it at the
+        address its slot holds)."""
         params = np.asarray(params, dtype=np.float32)
         if params.shape != self.table.shape:
             raise ValueError(f"view table needs shape {self.table.shape}, got {params.shape}")
