@@ -51,7 +51,8 @@ def render_text(info: dict) -> str:
                  + (f"({info['values_dtype']} logits, {info['indices_dtype']} indices) + log-sum-exp"
                     if info["format_version"] == 1 else
                     f"log-probabilities ({_logp_text(info['logp_encoding'])}, {info['indices_dtype']} indices) + "
-                    + ("tail sum of p^(1/Td)" if info.get("targets") == "sampled" else "tail mass"))
+                    + {"sampled": "tail sum of p^(1/Td)", "sampled-cv": "tail's sum, median and spread of p^(1/Td)"}
+                    .get(info.get("targets"), "tail mass"))
                  + f" + {info['param_columns']} view parameters; global seed {info['global_seed']}",
                  f"recipe    {info['recipe_summary']}"
                  + (f"; renderer {info['renderer']['version']} ({', '.join(f'{k} {v}' for k, v in info['renderer']['libraries'].items())})"

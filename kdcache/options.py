@@ -92,13 +92,15 @@ _DUMP = [
     # more seeds extend the same cache: kdcache run checks the seeds against the cache's complete ones
     Option("--seeds", parse_seeds, required=True, help="augmentation seeds A:B (B excluded)", **HARMLESS),
     Option("--topk", int, 10, valid=POSITIVE, help="teacher outputs kept per view"),
-    Option("--targets", default="topk", choices=("topk", "sampled"), **_NEW_TARGETS,
+    Option("--targets", default="topk", choices=("topk", "sampled", "sampled-cv"), **_NEW_TARGETS,
            help="topk: the k most probable classes and the tail mass; sampled: those plus --samples classes drawn "
-                "from the tail, an unbiased target at --sample-temperature (docs/cache-format.md)"),
+                "from the tail, an unbiased target at --sample-temperature; sampled-cv: the same with a median "
+                "control variate (lower variance, signed targets, 8 B more per view; docs/cache-format.md)"),
     Option("--samples", int, 0, valid=Range(0, 4096), **_NEW_TARGETS, default_text="0; sampled: 8",
-           help="draws from the tail per view (--targets sampled)"),
+           help="draws from the tail per view (--targets sampled or sampled-cv)"),
     Option("--sample-temperature", float, 1.0, valid=Range(0, 1e4, lo_open=True), **_NEW_TARGETS,
-           help="--targets sampled: draw with probability ~ p^(1/T); the target is unbiased at this KD temperature"),
+           help="--targets sampled or sampled-cv: the KD temperature the target is unbiased at (the draws' "
+                "probability ~ p^(1/T), or ~ |p^(1/T) - median| for sampled-cv)"),
     Option("--add-teacher", bool, **_NEW_TARGETS,
            help="score the views of the existing cache --out (or the one for --data under --cache-root) with this "
                 "teacher, stored beside the cache's own (train-student --teachers)"),

@@ -83,7 +83,7 @@ class PlanConfig:
         teacher = values.pop("teacher")
         teacher["seed"] = teacher["seed"] if teacher["seed"] is not None else 0
         values["teacher"] = ModelSpec(**teacher)
-        if values["targets"] == "sampled" and not values["samples"]:
+        if values["targets"] != "topk" and not values["samples"]:
             values["samples"] = DEFAULT_SAMPLES
         given = values.pop("recipe")
         cfg = options.make_config(cls, values)
@@ -328,7 +328,8 @@ def target_rows(runner, views: np.ndarray, cfg: PlanConfig):
     logp = logits - torch.logsumexp(logits, 1, keepdim=True)
     top_logp, top = logp.topk(cfg.topk, 1)
     uniforms = torch.rand(len(views), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    classes, draw_logp, log_s = draw_tail(logits, top, cfg.samples, 1.0, uniforms)
+    classes, draw_logp, log_s = draw_tail(logits, top, cfg.samples, 1.0, uniforms, cfg.targets == "sampled-cv",
+                                          cfg.values_dtype)
     return (torch.cat([top_logp, draw_logp], 1).float().cpu().numpy(), torch.cat([top, classes], 1).cpu().numpy(),
             log_s.float().cpu().numpy())
 

@@ -399,7 +399,7 @@ def test_plain_reader_checks_the_seals(strong_caches, tmp_path):
 
 SAMPLED_READER = r'''
 """Every teacher's target of a view from docs/cache-format.md ("Targets", "More teachers over the same views"):
-top-k or sampled rows, at any temperature; numpy + zarr only."""
+top-k, sampled or sampled-cv rows, at any temperature; numpy + zarr only."""
 import json, pathlib, sys
 import numpy as np, zarr
 
@@ -408,14 +408,27 @@ def target(group, s, i, T):
     spec, enc = a["spec"], a["logp_encoding"]
     C, k = spec["dataset"]["num_classes"], spec["topk"]
     g = group[f"seeds/{s:06d}"]
-    lp, ix, lt = g["logp"][i], g["indices"][i], float(g["log_tail"][i])
+    lp, ix, lt = g["logp"][i], g["indices"][i], g["log_tail"][i].astype(np.float64)
     lp = -lp.astype(np.float64) / enc["scale"] if enc["dtype"] == "uint16" else lp.astype(np.float64)
     if a["tail_rule"] == "uniform-tail-v2":
         z = np.full(C, lt - np.log(C - k)); z[ix] = lp
         q = np.exp((z - z.max()) / T)
         return q / q.sum()
-    assert a["tail_rule"] == "importance-tail-v1" and len(lp) == k + spec["samples"]
     m, Td = spec["samples"], spec["sample_temperature"]
+    assert len(lp) == k + m
+    if a["tail_rule"] == "median-control-variate-v1":
+        log_s, log_beta, log_a = lt
+        b = np.exp(log_beta * Td / T)
+        d = lp[k:]
+        if T == Td:
+            corr = np.sign(d / Td - log_beta) * np.exp(log_a) / m
+            tail = np.exp(log_s)
+        else:
+            corr = (np.exp(d / T) - b) * np.exp(log_a) / (m * np.abs(np.exp(d / Td) - np.exp(log_beta)))
+            tail = max((C - k) * b + corr.sum(), 0.0)
+        q = np.full(C, b); q[ix[:k]] = np.exp(lp[:k] / T); np.add.at(q, ix[k:], corr)
+        return q / (np.exp(lp[:k] / T).sum() + tail)
+    assert a["tail_rule"] == "importance-tail-v1"
     slots = np.concatenate([lp[:k] / T, lt - np.log(m) + (1 / T - 1 / Td) * lp[k:]])
     w = np.exp(slots - slots.max()); w /= w.sum()
     q = np.zeros(C); np.add.at(q, ix, w)
@@ -441,8 +454,9 @@ print(json.dumps({"targets": out, "kdcache_imported": "kdcache" in sys.modules})
 
 
 def test_plain_reader_rebuilds_sampled_targets_of_every_teacher(fmnist_small, tmp_path):
-    """A sampled cache (Td = 1) with a sampled teacher added at Td = 2 and a top-k one: the documented target of
-    each at T = Td and at T = 3, from zarr + numpy, is kdcache's SparseTargets.probs(T)."""
+    """A sampled cache (Td = 1) with a sampled teacher added at Td = 2, a top-k one and a sampled-cv one at
+    Td = 4: the documented target of each at T = Td and at T = 3, from zarr + numpy, is kdcache's
+    SparseTargets.probs(T)."""
     from kdcache.cache.slabs import read_slab
     from kdcache.cache.targets import SparseTargets
     import torch
@@ -455,13 +469,16 @@ def test_plain_reader_rebuilds_sampled_targets_of_every_teacher(fmnist_small, tm
             "--teacher-label", "r10-td2")
     kdcache("dump-teacher", *common, "--teacher", "resnet10t", "--random-teacher", "--teacher-init-seed", 8,
             "--topk", 4, "--add-teacher", "--teacher-label", "r10-top4")
+    kdcache("dump-teacher", *common, "--teacher", "resnet10t", "--random-teacher", "--teacher-init-seed", 7,
+            "--topk", 1, "--targets", "sampled-cv", "--samples", 2, "--sample-temperature", 4.0, "--add-teacher",
+            "--teacher-label", "r10-cv")
     script = tmp_path / "sampled.py"
     script.write_text(SAMPLED_READER)
     rows = [0, 17, 255, 399]
     got = _run(script, cache, 2, json.dumps(rows), json.dumps([3.0]))
     assert not got["kdcache_imported"]
     teachers = TeacherCache.open(cache).teachers()
-    assert sorted(teachers) == ["r10-td2", "r10-top4", "resnet10t"]
+    assert sorted(teachers) == ["r10-cv", "r10-td2", "r10-top4", "resnet10t"]
     checked = 0
     for label, teacher in teachers.items():
         slab = read_slab(teacher, 2)
@@ -473,4 +490,4 @@ def test_plain_reader_rebuilds_sampled_targets_of_every_teacher(fmnist_small, tm
             # kdcache works in float32: slots of magnitude < 40 rounded to 2^-24 relative, then a softmax
             np.testing.assert_allclose(ours, docs, rtol=2e-5, atol=1e-7, err_msg=f"{label} at T = {T}")
             checked += 1
-    assert checked == 6
+    assert checked == 8

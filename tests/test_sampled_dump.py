@@ -1,6 +1,7 @@
 """dump-teacher --targets sampled: the top k plus m systematic draws from the tail (docs/cache-format.md,
 "Targets"), keyed by the view through the counter-based RNG: reproducible, resumable, order-independent."""
 
+import contextlib
 import json
 import shutil
 
@@ -89,11 +90,9 @@ def test_the_cache_holds_the_documented_rows(sampled_cache):
     assert report["ok"], report["problems"]
 
 
-def test_dumps_are_reproducible_and_resume_identically(fmnist_small, sampled_cache, tmp_path, monkeypatch):
-    again = tmp_path / "again"
-    dump(fmnist_small.root, again, "0:2")
-    clean = read_all(sampled_cache)
-    assert all(np.array_equal(clean[key], got, equal_nan=True) for key, got in read_all(again).items())
+@contextlib.contextmanager
+def killed_on_the_third_pass(monkeypatch):
+    """A dump inside dies (RuntimeError) when its third pass is about to be written; the patch is undone after."""
     import kdcache.teacher.dump as dump_module
     real, calls = dump_module.write_pass, []
 
@@ -103,10 +102,19 @@ def test_dumps_are_reproducible_and_resume_identically(fmnist_small, sampled_cac
             raise RuntimeError("killed")
         return real(*args, **kwargs)
     monkeypatch.setattr(dump_module, "write_pass", dies_on_the_third_pass)
-    partial = tmp_path / "partial"
     with pytest.raises(RuntimeError, match="killed"):
-        dump(fmnist_small.root, partial, "0:2")
+        yield
     monkeypatch.undo()
+
+
+def test_dumps_are_reproducible_and_resume_identically(fmnist_small, sampled_cache, tmp_path, monkeypatch):
+    again = tmp_path / "again"
+    dump(fmnist_small.root, again, "0:2")
+    clean = read_all(sampled_cache)
+    assert all(np.array_equal(clean[key], got, equal_nan=True) for key, got in read_all(again).items())
+    partial = tmp_path / "partial"
+    with killed_on_the_third_pass(monkeypatch):
+        dump(fmnist_small.root, partial, "0:2")
     assert len(list((partial / "units").glob("*/*.json"))) == 4
     assert "288 views written" in dump(fmnist_small.root, partial, "0:2").stdout   # units 2, 3 of both seeds
     resumed = read_all(partial)
@@ -211,10 +219,9 @@ def test_verify_names_draws_that_break_the_layout(sampled_cache, tmp_path):
                         "seed 1: draws not in ascending class order in 1 rows (first sample 9)"], problems
 
 
-def test_train_student_on_a_sampled_cache_uses_its_targets(fmnist_small, td2_cache, tmp_path, monkeypatch):
-    """1 epoch on a 1-seed sampled cache at T = 2: every step's KD loss is kd_loss of the cache's own
-    SparseTargets of the batch's samples (read here with read_slab), at --temperature."""
-    cache_path = td2_cache
+def record_steps(monkeypatch) -> list:
+    """Record every training step of train-student in this process: the batch's samples, the student's logits,
+    the targets the loss got and its kd_loss."""
     import kdcache.student.loop as loop
     from kdcache.student.losses import StudentLoss
     seen = []
@@ -230,6 +237,14 @@ def test_train_student_on_a_sampled_cache_uses_its_targets(fmnist_small, td2_cac
         return parts
     monkeypatch.setattr(loop, "train_step", step)
     monkeypatch.setattr(StudentLoss, "forward", loss)
+    return seen
+
+
+def test_train_student_on_a_sampled_cache_uses_its_targets(fmnist_small, td2_cache, tmp_path, monkeypatch):
+    """1 epoch on a 1-seed sampled cache at T = 2: every step's KD loss is kd_loss of the cache's own
+    SparseTargets of the batch's samples (read here with read_slab), at --temperature."""
+    cache_path = td2_cache
+    seen = record_steps(monkeypatch)
     kdcache("train-student", "--data", fmnist_small.root, "--cache", cache_path, "--epochs", 1, "--out",
             tmp_path / "run", "--model", "resnet10t", "--batch-size", 64, "--temperature", 2.0, "--no-progress",
             "--workers", 2)
@@ -243,3 +258,74 @@ def test_train_student_on_a_sampled_cache_uses_its_targets(fmnist_small, td2_cac
                              torch.from_numpy(slab.log_tail[rows]), 10, **cache.spec.target_rule())
         expected = kd_loss(s["student"], ours, 2.0).item()
         assert expected == pytest.approx(s["kd"], rel=1e-6), "the KD loss is not the cache's target's"
+
+
+CV = ["--targets", "sampled-cv", "--topk", 2, "--samples", 3, "--sample-temperature", 2.0]
+
+
+@pytest.fixture(scope="module")
+def cv_cache(fmnist_small, tmp_path_factory):
+    """One seed of sampled-cv targets (2 exact + 3 draws at Td = 2): log_tail holds log S, log beta, log A."""
+    out = tmp_path_factory.mktemp("cv") / "cache"
+    dump(fmnist_small.root, out, "0:1", *CV)
+    return out
+
+
+def test_a_sampled_cv_dump_holds_its_rows_replays_and_resumes(fmnist_small, cv_cache, tmp_path, monkeypatch):
+    cache = TeacherCache.open(cv_cache)
+    assert cache.attrs["tail_rule"] == "median-control-variate-v1" and cache.spec.tail_columns == 3
+    slab = read_slab(cache, 0)
+    assert slab.log_tail.shape == (400, 3) and slab.logp.shape == (400, 5)
+    log_s, log_beta, log_a = slab.log_tail.T.astype(np.float64)
+    assert np.isfinite(log_s).all() and (log_beta <= log_s).all() and (log_a <= log_s + np.log(3)).all()
+    # every draw is a class off the baseline (its r_j = p_j^(1/Td) differs from beta by at least one uint16 step)
+    r = slab.logp[:, 2:].astype(np.float64) / 2.0
+    assert (np.abs(r - log_beta[:, None]) >= 0.5 / LOGP_SCALE / 2.0 - 1e-6).all()
+    # verify's scan and its replay: the fresh teacher redraws the stored classes (same uniforms, same rounding)
+    report = json.loads(kdcache("verify", cv_cache, "--replay", 32, "--json").stdout)
+    assert report["ok"] and report["replay"]["draw_agreement"] == 1.0, report["problems"]
+    # interrupted after two of its four passes, then resumed: the same bytes as the uninterrupted dump
+    partial = tmp_path / "partial"
+    with killed_on_the_third_pass(monkeypatch):
+        dump(fmnist_small.root, partial, "0:1", *CV)
+    dump(fmnist_small.root, partial, "0:1", *CV)
+    clean, resumed = read_all(cv_cache), read_all(partial)
+    assert clean.keys() == resumed.keys()
+    for key in clean:
+        assert np.array_equal(clean[key], resumed[key], equal_nan=True), f"{key} differs after the resume"
+
+
+def test_verify_names_a_broken_control_variate(cv_cache, tmp_path):
+    """A NaN baseline, or a spread larger than a tail of sum S allows: named by the scan."""
+    from conftest import reseal_markers
+    out = tmp_path / "cache"
+    shutil.copytree(cv_cache, out)
+    lt = zarr.open_array(str(out / "seeds/000000/log_tail"), mode="r+")
+    rows = lt[...]
+    rows[7, 1] = np.nan
+    rows[11, 2] = rows[11, 0] + 2.0
+    lt[...] = rows
+    reseal_markers(out)
+    problems = json.loads(kdcache("verify", out, "--json", check=False).stdout)["problems"]
+    assert problems == ["seed 0: log beta is not finite in 1 rows (first sample 7)",
+                        "seed 0: the spread A exceeds 3 S in 1 rows (first sample 11)"], problems
+
+
+def test_train_student_on_a_sampled_cv_cache_uses_its_signed_targets(fmnist_small, cv_cache, tmp_path, monkeypatch):
+    """1 epoch at T = Td = 2: every step's KD loss is kd_loss of the cache's own SparseTargets (signed: taken
+    linearly, tests/test_cv_targets.py), and --kd-loss dkd is refused before training."""
+    seen = record_steps(monkeypatch)
+    common = ["--data", fmnist_small.root, "--cache", cv_cache, "--epochs", 1, "--model", "resnet10t",
+              "--batch-size", 64, "--temperature", 2.0, "--no-progress", "--workers", 2]
+    kdcache("train-student", *common, "--out", tmp_path / "run")
+    cache = TeacherCache.open(cv_cache)
+    slab = read_slab(cache, 0)
+    assert len(seen) >= 6
+    for s in seen:
+        assert s["targets"].signed
+        rows = s["indices"].numpy()
+        ours = SparseTargets(torch.from_numpy(slab.indices[rows]).long(), torch.from_numpy(slab.logp[rows]),
+                             torch.from_numpy(slab.log_tail[rows]), 10, **cache.spec.target_rule())
+        assert kd_loss(s["student"], ours, 2.0).item() == pytest.approx(s["kd"], rel=1e-6)
+    proc = kdcache("train-student", *common, "--kd-loss", "dkd", "--out", tmp_path / "dkd", check=False)
+    assert proc.returncode != 0 and "sampled-cv targets are signed" in proc.stderr

@@ -150,14 +150,24 @@ def test_train_student_warns_when_sampled_targets_are_used_at_another_temperatur
     import warnings
     from types import SimpleNamespace
 
-    from kdcache.student.build import _warn_sample_temperature
+    from kdcache.errors import KdcacheError
+    from kdcache.student.build import _check_sampled_targets
     from kdcache.student.losses import LossConfig
-    sampled = {"t": SimpleNamespace(spec=SimpleNamespace(targets="sampled", sample_temperature=4.0))}
-    with pytest.warns(UserWarning, match="unbiased at T = 4 .* --temperature 2"):
-        _warn_sample_temperature(sampled, LossConfig(temperature=2.0))
-    topk = {"t": SimpleNamespace(spec=SimpleNamespace(targets="topk", sample_temperature=1.0))}
+
+    def teacher(targets, td):
+        return {"t": SimpleNamespace(spec=SimpleNamespace(targets=targets, sampled=targets != "topk",
+                                                          sample_temperature=td))}
+    sampled, cv, topk = teacher("sampled", 4.0), teacher("sampled-cv", 4.0), teacher("topk", 1.0)
+    for kind in (sampled, cv):
+        with pytest.warns(UserWarning, match="unbiased at T = 4 .* --temperature 2"):
+            _check_sampled_targets(kind, LossConfig(temperature=2.0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _warn_sample_temperature(sampled, LossConfig(temperature=4.0))
-        _warn_sample_temperature(topk, LossConfig(temperature=2.0))
-        _warn_sample_temperature(sampled, LossConfig(kd_loss="none", hard_loss="ce", temperature=2.0))
+        _check_sampled_targets(sampled, LossConfig(temperature=4.0))
+        _check_sampled_targets(cv, LossConfig(temperature=4.0))
+        _check_sampled_targets(topk, LossConfig(temperature=2.0))
+        _check_sampled_targets(sampled, LossConfig(kd_loss="none", hard_loss="ce", temperature=2.0))
+        _check_sampled_targets(sampled, LossConfig(kd_loss="dkd", temperature=4.0))
+    # DKD renormalises its targets: the signed sampled-cv ones are refused, naming the teacher and the way out
+    with pytest.raises(KdcacheError, match="--kd-loss dkd: teacher t's sampled-cv targets are signed.*--kd-loss kd"):
+        _check_sampled_targets(cv, LossConfig(kd_loss="dkd", temperature=4.0))

@@ -161,9 +161,10 @@ def render_ls(entries: List[dict], unreadable: Optional[List[dict]] = None) -> s
 
 def targets_text(entry: dict) -> str:
     """A cache's (or teacher's) targets in words: "top-10", or "sampled 10+8 at Td 4" (k exact + m draws at
-    the sampling temperature; docs/cache-format.md)."""
-    if entry.get("targets", "topk") == "sampled":
-        return f"sampled {entry['topk']}+{entry['samples']} at Td {entry['sample_temperature']:g}"
+    the sampling temperature; "sampled-cv ...": with the median control variate; docs/cache-format.md)."""
+    kind = entry.get("targets", "topk")
+    if kind != "topk":
+        return f"{kind} {entry['topk']}+{entry['samples']} at Td {entry['sample_temperature']:g}"
     return f"top-{entry['topk']}"
 
 

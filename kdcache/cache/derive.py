@@ -83,8 +83,8 @@ def _derived_k(label: str, cache: TeacherCache, topk: Optional[int]) -> int:
     spec = cache.spec
     if topk is None or topk == spec.topk:
         return spec.topk
-    if spec.targets == "sampled":
-        raise KdcacheError(f"--topk {topk}: teacher {label} of {cache.path} has sampled targets ({spec.topk} exact "
+    if spec.sampled:
+        raise KdcacheError(f"--topk {topk}: teacher {label} of {cache.path} has {spec.targets} targets ({spec.topk} exact "
                            f"classes and {spec.samples} draws from the classes beyond them): the draws are no sample "
                            "of a larger tail, so a smaller k cannot be derived from them; derive its seeds or "
                            "teachers without --topk, or dump again with the k you want")

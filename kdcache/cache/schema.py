@@ -7,6 +7,7 @@ the N samples (n = k stored columns for top-k targets, k + m for sampled ones: d
                       uint16: fixed point q = round(-logp * LOGP_SCALE), clamped to 65535
     indices   (N, n)  int16 (int32 if C > 32767)  their class indices        fill -1
     log_tail  (N,)    float32  log of the mass of the C - k other classes    fill NaN  (-inf when k = C)
+              (N, 3)  for sampled-cv targets: log S, log beta, log A of the tail (docs/cache-format.md)
     params    (N, P)  float32  view parameters [top, left, height, width, flip, ...]  fill NaN
 
 More teachers over the same views (dump-teacher --add-teacher) are caches of their own under
@@ -46,15 +47,19 @@ FORMAT = "kdcache-teacher-cache"
 # so 2 is read as it is; it is not extended, because a kdcache that reads version 2 would trust the seed
 # list in its root attributes and miss the seeds added since.
 # 4: sampled targets (spec.targets, samples, sample_temperature), more teachers under teachers/, derived
-# caches (derived_from). Version 3 caches are extended as version 3 (their targets are top-k).
+# caches (derived_from); sampled-cv targets (a median control variate: log_tail has 3 columns), a kind an
+# earlier version-4 reader refuses by name. Version 3 caches are extended as version 3 (their targets are top-k).
 FORMAT_VERSION = 4                  # what this kdcache writes
 READ_VERSIONS = (1, 2, 3, 4)        # what it reads
 EXTEND_VERSIONS = (3, 4)            # what it extends
 ARRAYS = ("logp", "indices", "log_tail", "params")
 TARGET_ARRAYS = ("logp", "indices", "log_tail")   # an added teacher's (its views are the main cache's)
 V1_ARRAYS = ("values", "indices", "lse", "params")
-TARGET_KINDS = ("topk", "sampled")
-TOPK_RULE, SAMPLED_RULE = "uniform-tail-v2", "importance-tail-v1"   # docs/cache-format.md (kdcache.cache.targets)
+TARGET_KINDS = ("topk", "sampled", "sampled-cv")
+SAMPLED_KINDS = ("sampled", "sampled-cv")   # top k plus m draws from the tail
+# docs/cache-format.md (kdcache.cache.targets)
+TOPK_RULE, SAMPLED_RULE, CV_RULE = "uniform-tail-v2", "importance-tail-v1", "median-control-variate-v1"
+TAIL_RULES = {"topk": TOPK_RULE, "sampled": SAMPLED_RULE, "sampled-cv": CV_RULE}
 TEACHERS = "teachers"               # the folder of added teachers
 # uint16 log-probabilities: a step of 1/2048 in log space is a relative error <= 2.5e-4 on every stored
 # probability (half a step, rounded); 65535 steps reach down to p = exp(-32) = 1.3e-14 (smaller ones clamp there)
@@ -82,9 +87,19 @@ class CacheSpec:
     values_dtype: str = "uint16"        # stored log-probabilities: uint16 fixed point or float32 (v1: float16/32 logits)
     unit_size: int = 32768
     chunk_rows: int = 32768             # one inner chunk per shard: students read whole slabs (BENCHMARKS.md)
-    targets: str = "topk"               # topk | sampled (format 4: docs/cache-format.md, "Targets")
+    targets: str = "topk"               # topk | sampled | sampled-cv (format 4: docs/cache-format.md, "Targets")
     samples: int = 0                    # sampled: m draws from the tail per view
-    sample_temperature: float = 1.0     # sampled: Td, the draws' q ~ p^(1/Td); the target is unbiased at T = Td
+    sample_temperature: float = 1.0     # sampled: Td (the draws' q ~ p^(1/Td) or ~ |p^(1/Td) - beta|); unbiased at T = Td
+
+    @property
+    def sampled(self) -> bool:
+        """Targets with draws from the tail (sampled or sampled-cv)."""
+        return self.targets in SAMPLED_KINDS
+
+    @property
+    def tail_columns(self) -> int:
+        """Columns of `log_tail`: 1 (stored as an (N,) array), 3 for sampled-cv (log S, log beta, log A)."""
+        return 3 if self.targets == "sampled-cv" else 1
 
     @property
     def stored_columns(self) -> int:
@@ -94,15 +109,18 @@ class CacheSpec:
     @property
     def exact_columns(self) -> Optional[int]:
         """For kdcache.cache.targets.SparseTargets: k for sampled targets, None for top-k ones."""
-        return self.topk if self.targets == "sampled" else None
+        return self.topk if self.sampled else None
 
     def target_rule(self) -> dict:
         """The keyword arguments that make kdcache.cache.targets.SparseTargets read this cache's rows right."""
-        return {"exact": self.exact_columns, "sample_temperature": float(self.sample_temperature)}
+        rule = {"exact": self.exact_columns, "sample_temperature": float(self.sample_temperature)}
+        if self.targets == "sampled-cv":
+            rule["control_variate"] = True
+        return rule
 
     @property
     def tail_rule(self) -> str:
-        return SAMPLED_RULE if self.targets == "sampled" else TOPK_RULE
+        return TAIL_RULES[self.targets]
 
     @property
     def num_samples(self) -> int:
@@ -132,16 +150,16 @@ class CacheSpec:
             raise KdcacheError(f"--topk {self.topk} must be between 1 and the class count {self.num_classes}")
         if self.targets not in TARGET_KINDS:
             raise KdcacheError(f"--targets must be one of {', '.join(TARGET_KINDS)}, got {self.targets!r}")
-        if self.targets == "sampled":
+        if self.sampled:
             if self.topk >= self.num_classes:
-                raise KdcacheError(f"--targets sampled draws from the classes beyond the top {self.topk}, but the "
-                                   f"teacher has only {self.num_classes}: lower --topk (or use --targets topk)")
+                raise KdcacheError(f"--targets {self.targets} draws from the classes beyond the top {self.topk}, but "
+                                   f"the teacher has only {self.num_classes}: lower --topk (or use --targets topk)")
             if not 1 <= self.samples <= 4096:
-                raise KdcacheError(f"--samples {self.samples}: --targets sampled needs 1 to 4096 draws per view")
+                raise KdcacheError(f"--samples {self.samples}: --targets {self.targets} needs 1 to 4096 draws per view")
             if not 0 < self.sample_temperature < 1e4:
                 raise KdcacheError(f"--sample-temperature {self.sample_temperature} must be positive")
         elif self.samples or self.sample_temperature != 1.0:
-            raise KdcacheError("--samples and --sample-temperature are settings of --targets sampled")
+            raise KdcacheError("--samples and --sample-temperature are settings of --targets sampled or sampled-cv")
         if self.values_dtype not in ("uint16", "float32"):
             raise KdcacheError(f"--values-dtype must be uint16 (fixed-point log-probabilities) or float32, "
                                f"got {self.values_dtype!r}")
@@ -187,7 +205,10 @@ def _array_layout(spec: CacheSpec, with_params: bool = True) -> Dict[str, dict]:
         "logp": dict(shape=(n, k), dtype=spec.values_dtype, chunks=(rows, k), shards=(unit, k),
                      fill_value=LOGP_MAX if spec.values_dtype == "uint16" else np.nan),
         "indices": dict(shape=(n, k), dtype=spec.indices_dtype, chunks=(rows, k), shards=(unit, k), fill_value=-1),
-        "log_tail": dict(shape=(n,), dtype="float32", chunks=(rows,), shards=(unit,), fill_value=np.nan),
+        "log_tail": (dict(shape=(n,), dtype="float32", chunks=(rows,), shards=(unit,), fill_value=np.nan)
+                     if spec.tail_columns == 1 else
+                     dict(shape=(n, spec.tail_columns), dtype="float32", chunks=(rows, spec.tail_columns),
+                          shards=(unit, spec.tail_columns), fill_value=np.nan)),
         # stored column by column (zarr's transpose codec): constant and small-integer columns then compress
         # to almost nothing (measured 36 -> 29 B per 16-column row)
         "params": dict(shape=(n, p), dtype="float32", chunks=(rows, p), shards=(unit, p), fill_value=np.nan,

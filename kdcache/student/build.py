@@ -41,17 +41,22 @@ def _cached_source(cfg: TrainConfig, ds, train_split, device: torch.device) -> C
     source = CachedTeacher(cache, device, cfg.seed, cfg.seed_choice, seeds=cfg.view_seeds, epochs=cfg.epochs,
                            mix_recipe=mix_recipe, teachers=cfg.teachers, ensemble=cfg.ensemble,
                            teacher_weights=cfg.teacher_weights, ensemble_draw=cfg.ensemble_draw)
-    _warn_sample_temperature(source.members, loss_config(cfg))
+    _check_sampled_targets(source.members, loss_config(cfg))
     return source
 
 
-def _warn_sample_temperature(members: dict, loss: LossConfig) -> None:
-    """Sampled targets are unbiased only at the temperature they were drawn at (docs/training.md)."""
+def _check_sampled_targets(members: dict, loss: LossConfig) -> None:
+    """Sampled targets are unbiased only at the temperature they were drawn at (docs/training.md); sampled-cv
+    targets are signed, which DKD cannot take."""
     if loss.kd_loss == "none":
         return
     for label, teacher in members.items():
         spec = teacher.spec
-        if spec.targets == "sampled" and spec.sample_temperature != loss.temperature:
+        if spec.targets == "sampled-cv" and loss.kd_loss == "dkd":
+            raise KdcacheError(f"--kd-loss dkd: teacher {label}'s sampled-cv targets are signed (a drawn class below "
+                               "the baseline weighs less than 0), and DKD renormalises its targets: use --kd-loss kd, "
+                               "or a cache with --targets topk or sampled")
+        if spec.sampled and spec.sample_temperature != loss.temperature:
             warnings.warn(f"teacher {label}'s sampled targets are unbiased at T = {spec.sample_temperature:g} (its "
                           f"--sample-temperature), this run distils at --temperature {loss.temperature:g}: consistent "
                           "only, with a bias of order 1/m (BENCHMARKS.md, \"Sparse targets\")")

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from kdcache.cache.targets import LOG_ZERO, LogProbTargets, MixedTargets, SparseTargets
+from kdcache.cache.targets import LOG_ZERO, SIGNED_HAS_NO_LOG, LogProbTargets, MixedTargets, SparseTargets
 from kdcache.errors import KdcacheError
 
 ENSEMBLES = ("mean", "weighted", "random")
@@ -118,8 +118,15 @@ class LambdaMix(LogProbTargets):
     def __init__(self, own, partner, lam: torch.Tensor):
         self.own, self.partner, self.lam = own, partner, lam
         self.num_classes = own.num_classes
+        self.signed = own.signed or partner.signed
+
+    def signed_probs(self, temperature: float) -> torch.Tensor:
+        lam = self.lam.float()[:, None]
+        return lam * self.own.probs(temperature) + (1.0 - lam) * self.partner.probs(temperature)
 
     def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
+        if self.signed:
+            raise KdcacheError(SIGNED_HAS_NO_LOG)
         lam = self.lam.float()[:, None]
         a = self.own.log_probs(temperature) + lam.clamp_min(1e-12).log()
         b = self.partner.log_probs(temperature) + (1.0 - lam).clamp_min(1e-12).log()
@@ -136,7 +143,7 @@ def cat_targets(parts: list):
     if isinstance(first, SparseTargets):
         return SparseTargets(torch.cat([p.indices for p in parts]), torch.cat([p.logp for p in parts]),
                              torch.cat([p.log_tail for p in parts]), first.num_classes, first.exact,
-                             first.sample_temperature)
+                             first.sample_temperature, first.control_variate)
     if isinstance(first, MixedTargets):
         members = [cat_targets([p.members[m] for p in parts]) for m in range(len(first.members))]
         if first.choice is not None:

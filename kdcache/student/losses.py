@@ -1,7 +1,8 @@
 """Distillation and label losses (public: kdcache.kd_loss, kdcache.dkd_loss, kdcache.hard_label_target).
 
 A batch's teacher targets are either a cache's stored answers (kdcache.cache.targets.SparseTargets, rebuilt
-to dense (B, C) log-probabilities with the documented top-k rule) or dense (B, C) logits (an online teacher).
+to dense (B, C) log-probabilities with the cache's rule; sampled-cv ones to signed probabilities) or dense
+(B, C) logits (an online teacher).
 
     vanilla KD   KL(teacher || student) at temperature T, times T^2, batch mean (Hinton et al. 2015;
                  VanillaKD, Hao et al. 2023; the same expression as timm's LogitDistillationTask)
@@ -37,6 +38,17 @@ def vanilla_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature ** 2
 
 
+def signed_kd(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Vanilla KD for a target that may be negative on some classes (sampled-cv): T^2 (sum_{t > 0} t log t -
+    sum t log s_T), batch mean. Linear in the target, so an unbiased target gives an unbiased loss and
+    gradient T (sum(t) s_T - t); for a target that is a distribution it is the KL of vanilla_kd."""
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = target_probs.float()
+    pos = t.clamp_min(0.0)
+    constant = (pos * pos.clamp_min(1e-30).log()).sum(-1)        # does not depend on the student
+    return (constant - (t * log_s).sum(-1)).mean() * temperature ** 2
+
+
 def kd_loss(student_logits: torch.Tensor, targets: Targets, temperature: float = 1.0) -> torch.Tensor:
     """Vanilla KD: KL(teacher || student) of the distributions softened at `temperature`, times T^2, batch mean.
 
@@ -52,8 +64,11 @@ def kd_loss(student_logits: torch.Tensor, targets: Targets, temperature: float =
     Returns
     -------
     torch.Tensor
-        A scalar: the loss `kdcache train-student --kd-loss kd` optimises.
+        A scalar: the loss `kdcache train-student --kd-loss kd` optimises. Signed targets (a sampled-cv
+        cache's) go through signed_kd: the same loss, taken linearly in the target.
     """
+    if getattr(targets, "signed", False):
+        return signed_kd(student_logits, targets.probs(temperature), temperature)
     return vanilla_kd(student_logits, as_teacher_logits(targets, temperature), temperature)
 
 
@@ -91,6 +106,10 @@ def dkd_loss(student_logits: torch.Tensor, targets: Targets, labels: torch.Tenso
     temperature : float
         T > 0.
     """
+    if getattr(targets, "signed", False):
+        raise KdcacheError("--kd-loss dkd needs targets that are distributions; this cache's sampled-cv targets are "
+                           "signed (DKD renormalises them, which would bias it): use --kd-loss kd, or a cache "
+                           "with --targets topk or sampled")
     return dkd(student_logits, as_teacher_logits(targets, temperature), labels, alpha, beta, temperature)
 
 

@@ -58,7 +58,7 @@ class DumpConfig:
         if teacher["seed"] is None:
             teacher["seed"] = values["global_seed"]
         values["teacher"] = ModelSpec(**teacher)
-        if values["targets"] == "sampled" and not values["samples"]:
+        if values["targets"] != "topk" and not values["samples"]:
             values["samples"] = DEFAULT_SAMPLES
         given = values.pop("recipe")
         values["recipe"] = recipe_from_given(given, given.get("size") or view_size(ns.data))

@@ -83,7 +83,8 @@ class Consumer:
                 case Waiting(units=units):
                     self.progress.waiting(units)
                 case PassStarted():
-                    self.passes[message.pass_id] = PassResults(message, self.block_bounds(message.block), self.columns)
+                    self.passes[message.pass_id] = PassResults(message, self.block_bounds(message.block), self.columns,
+                                                                 3 if self.runner.control_variate else 1)
                 case Chunk():
                     self._forward(message)
                 case PassEnded():

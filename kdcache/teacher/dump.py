@@ -267,7 +267,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     blocks = [b for b in range(spec.num_blocks) if b % ctx.world_size == ctx.rank]
     views_todo = _views_todo(cache, spec, blocks, cfg.seeds)
     runner = TeacherRunner(model, tinfo, device, cfg.amp, cfg.compile, cfg.topk, samples=spec.samples,
-                           sample_temperature=spec.sample_temperature, global_seed=spec.global_seed)
+                           sample_temperature=spec.sample_temperature, global_seed=spec.global_seed,
+                           control_variate=spec.targets == "sampled-cv", values_dtype=spec.values_dtype)
     workers = cfg.workers or default_render_threads(device)
     producer = Producer(cache, split, recipe, cfg, blocks, run, _message_queue(cfg, recipe, workers), workers,
                         pinned=device.type == "cuda", views=views)

@@ -2,7 +2,8 @@
 buffers the views are rendered into (OutputRing).
 
 Sampled targets (--targets sampled, docs/cache-format.md "Targets"): the top k as for top-k targets, then m
-systematic draws from the other classes with q ~ p^(1/Td) (kdcache.cache.targets.draw_tail), their offset u
+systematic draws from the other classes with q ~ p^(1/Td) (kdcache.cache.targets.draw_tail; sampled-cv: q ~
+|p^(1/Td) - median|), their offset u
 one uniform per view from the counter-based RNG, u(key(g, s, i), 700): a view's draws depend on the view
 and the teacher's logits only, never on the batch or the order, so a resumed dump writes the same rows."""
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from kdcache.augment.rng import STREAM_TAIL_DRAWS, uniform, view_keys
-from kdcache.cache.targets import draw_tail
+from kdcache.cache.targets import draw_tail, round_like_stored
 from kdcache.dist import resolve_amp
 from kdcache.models import Normalize, forward_u8
 
@@ -28,9 +29,11 @@ class TeacherRunner:
     the log tail mass; with `samples` = m > 0 the top k then m draws from the tail, and log S (module doc)."""
 
     def __init__(self, model, info: dict, device: torch.device, amp: str, compile_model: bool, topk: int,
-                 samples: int = 0, sample_temperature: float = 1.0, global_seed: int = 0):
+                 samples: int = 0, sample_temperature: float = 1.0, global_seed: int = 0,
+                 control_variate: bool = False, values_dtype: str = "uint16"):
         self.device, self.topk = device, topk
         self.samples, self.sample_temperature, self.global_seed = samples, sample_temperature, global_seed
+        self.control_variate, self.values_dtype = control_variate, values_dtype
         self.amp_dtype, self.amp = resolve_amp(amp, device)
         self.normalize = Normalize(info["mean"], info["std"]).to(device)
         model = model.to(device, memory_format=torch.channels_last).eval()
@@ -70,11 +73,16 @@ class TeacherRunner:
         return TopkResult(host, done)
 
     def _with_draws(self, logits: torch.Tensor, logp: torch.Tensor, indices: torch.Tensor, seeds, samples):
-        """(k + m log-probabilities, k + m classes, log S): the top k, then the m draws (ascending class)."""
+        """(k + m log-probabilities, k + m classes, log S): the top k, then the m draws (ascending class);
+        sampled-cv: the top k's log-probabilities rounded as stored (the draws were made from those) and
+        (B, 3) log S, log beta, log A."""
         if seeds is None or samples is None or len(seeds) != len(logits):
             raise ValueError("sampled targets need each row's (seed, sample): the draws are keyed by the view")
         u = torch.from_numpy(draw_uniforms(self.global_seed, seeds, samples))
-        classes, draw_logp, log_s = draw_tail(logits, indices, self.samples, self.sample_temperature, u)
+        classes, draw_logp, log_s = draw_tail(logits, indices, self.samples, self.sample_temperature, u,
+                                              self.control_variate, self.values_dtype)
+        if self.control_variate:
+            logp = round_like_stored(logp, self.values_dtype)
         return (torch.cat([logp, draw_logp], 1).float(), torch.cat([indices, classes], 1), log_s.float())
 
     def topk_outputs(self, views_nhwc: np.ndarray, seeds=None, samples=None):

@@ -16,14 +16,15 @@ from kdcache.teacher.messages import PassStarted
 class PassResults:
     """The teacher outputs of one pass (its seeds of one block), stored batch by batch as they arrive."""
 
-    def __init__(self, started: PassStarted, bounds, columns: int):
+    def __init__(self, started: PassStarted, bounds, columns: int, tail_columns: int = 1):
         self.block, self.seeds, self.params = started.block, started.seeds, started.params
         self.first = bounds[0]
         self.t0 = time.time()
         views, n = len(self.seeds), bounds[1] - bounds[0]
         self.logp = np.empty((views, n, columns), np.float32)     # columns: k, or k + m for sampled targets
         self.indices = np.empty((views, n, columns), np.int64)
-        self.log_tail = np.empty((views, n), np.float32)
+        # (views, n), or (views, n, 3) for sampled-cv targets (log S, log beta, log A)
+        self.log_tail = np.empty((views, n) + ((tail_columns,) if tail_columns > 1 else ()), np.float32)
         self.correct = np.zeros(views, np.int64)   # per seed: views whose top-1 class is the label
 
     def store(self, c0: int, c1: int, logp, indices, log_tail, labels: np.ndarray) -> None:
@@ -32,7 +33,7 @@ class PassResults:
         rows = slice(c0 - self.first, c1 - self.first)
         self.logp[:, rows] = logp.reshape(c1 - c0, views, -1).transpose(1, 0, 2)
         self.indices[:, rows] = indices.reshape(c1 - c0, views, -1).transpose(1, 0, 2)
-        self.log_tail[:, rows] = log_tail.reshape(c1 - c0, views).T
+        self.log_tail[:, rows] = log_tail.reshape(c1 - c0, views, *self.log_tail.shape[2:]).swapaxes(0, 1)
         self.correct += (self.indices[:, rows, 0] == labels[c0:c1][None, :]).sum(1)
 
 

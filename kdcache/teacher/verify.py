@@ -111,6 +111,20 @@ def _check_draws(s: int, rows, lp, ix, k: int) -> list:
     return problems
 
 
+def _check_cv_stats(s: int, rows, stats) -> list:
+    """sampled-cv rows' tail statistics: log beta finite, log A not NaN or +inf (-inf: a flat tail), and the
+    median and the spread within what a tail of sum S allows (beta <= S, A <= 3 S)."""
+    log_s, log_beta, log_a = (stats[:, j].astype(np.float64) for j in range(3))
+    problems = []
+    for what, bad in (("log beta is not finite", ~np.isfinite(log_beta)),
+                      ("log A is NaN or +inf", np.isnan(log_a) | np.isposinf(log_a)),
+                      ("the median beta exceeds the tail's sum S", log_beta > log_s + 1e-5),
+                      ("the spread A exceeds 3 S", log_a > log_s + np.log(3.0) + 1e-5)):
+        if bad.any():
+            problems.append(f"seed {s}: {what} in {int(bad.sum())} rows (first sample {_first(rows, bad)})")
+    return problems
+
+
 def _check_params(s: int, p) -> list:
     top, left, h, w, flip = (p[:, j] for j in range(5))  # the first five columns: crop box and flip
     eps = 1e-5
@@ -125,7 +139,11 @@ def _check_rows(slab, rows: np.ndarray, num_classes: int, exact_tail: bool, spec
     lp, ix, lt = (a[rows] for a in (slab.logp, slab.indices, slab.log_tail))
     p = slab.params[rows] if slab.params is not None else None
     k = spec.exact_columns if spec is not None else None
-    problems = _check_values(slab.seed, rows, lp, ix, lt, p, num_classes, finite_tail=k is not None)
+    problems = []
+    if lt.ndim == 2:   # sampled-cv: (log S, log beta, log A); the generic checks take log S
+        problems += _check_cv_stats(slab.seed, rows, lt)
+        lt = lt[:, 0]
+    problems += _check_values(slab.seed, rows, lp, ix, lt, p, num_classes, finite_tail=k is not None)
     tail_is_mass = k is None or float(spec.sample_temperature) == 1.0   # log S is the tail mass at Td = 1
     problems += _check_top(slab.seed, rows, lp[:, :k], ix[:, :k], lt, exact_tail, tail_is_mass)
     if k is not None:
@@ -181,10 +199,11 @@ def _replay(cache: TeacherCache, seeds: list, n: int, checkpoint: Optional[str],
             fresh_logits.append(forward_u8(model, normalize, x).cpu())
         cached.append(tuple(torch.from_numpy(np.asarray(a[rows])) for a in (slab.logp, slab.indices, slab.log_tail)))
     uniforms = None
-    if spec.targets == "sampled":
+    if spec.sampled:
         uniforms = torch.from_numpy(draw_uniforms(spec.global_seed, [s for s, _ in picks], [i for _, i in picks]))
     report = compare(torch.cat(fresh_logits), *(torch.cat([c[j] for c in cached]) for j in range(3)),
-                     exact=spec.exact_columns, sample_temperature=spec.sample_temperature, uniforms=uniforms)
+                     exact=spec.exact_columns, sample_temperature=spec.sample_temperature, uniforms=uniforms,
+                     values_dtype=spec.values_dtype)
     # reduced precision on either side widens the replay error (THRESHOLDS)
     markers = [m for s in sorted({s for s, _ in picks}) for m in cache.markers(s).values()]
     fp32 = dev.type == "cpu" and all(m.get("device") == "cpu" and m.get("amp") == "off" for m in markers)
@@ -192,21 +211,26 @@ def _replay(cache: TeacherCache, seeds: list, n: int, checkpoint: Optional[str],
                 dump_precision=sorted({f"{m.get('device', '?')}/{m.get('amp', '?')}" for m in markers}))
 
 
-def _draw_agreement(fresh: torch.Tensor, indices: torch.Tensor, k: int, td: float, uniforms: torch.Tensor) -> dict:
+def _draw_agreement(fresh: torch.Tensor, indices: torch.Tensor, k: int, td: float, uniforms: torch.Tensor,
+                    control_variate: bool, values_dtype: str) -> dict:
     """The fresh teacher's draws, made as the dump made them (its own top k, the same uniforms), against the
     stored draw columns: the fraction of views whose m classes all agree, and of single draws."""
     m = indices.shape[1] - k
-    classes = draw_tail(fresh, fresh.topk(k, 1).indices, m, td, uniforms)[0]
+    classes = draw_tail(fresh, fresh.topk(k, 1).indices, m, td, uniforms, control_variate, values_dtype)[0]
     same = classes == indices[:, k:]
     return {"draw_agreement": float(same.all(1).double().mean()), "draw_class_agreement": float(same.double().mean())}
 
 
 def compare(fresh: torch.Tensor, logp: torch.Tensor, indices: torch.Tensor, log_tail: torch.Tensor,
             exact: Optional[int] = None, sample_temperature: float = 1.0,
-            uniforms: Optional[torch.Tensor] = None) -> dict:
+            uniforms: Optional[torch.Tensor] = None, values_dtype: str = "uint16") -> dict:
     """Fresh teacher logits (B, C) against cached rows: the replay error and the top-k loss, in float64.
     exact, sample_temperature: a sampled cache's k and Td (spec.target_rule()); uniforms: its views' draw offsets
-    (kdcache.teacher.runner.draw_uniforms), to redraw with the fresh logits."""
+    (kdcache.teacher.runner.draw_uniforms), to redraw with the fresh logits. A sampled-cv cache's (B, 3) log_tail
+    is compared by its log S; its draws are redrawn as the dump drew them (values_dtype: the rounding)."""
+    control_variate = log_tail.ndim == 2
+    if control_variate:
+        log_tail = log_tail[:, 0]
     fresh, logp, log_tail, indices = fresh.double(), logp.double(), log_tail.double(), indices.long()
     num_classes = fresh.shape[1]
     k = logp.shape[1] if exact is None else exact
@@ -236,7 +260,7 @@ def compare(fresh: torch.Tensor, logp: torch.Tensor, indices: torch.Tensor, log_
            "max_abs_logp_error": float((fresh_logp.gather(1, indices) - logp).abs().max()),
            "topk_kl_mean": float(topk_kl.mean()), "topk_kl_max": float(topk_kl.max())}
     if exact is not None and uniforms is not None:
-        out.update(_draw_agreement(fresh, indices, k, td, uniforms))
+        out.update(_draw_agreement(fresh, indices, k, td, uniforms, control_variate, values_dtype))
     return out
 
 
