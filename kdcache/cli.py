@@ -217,7 +217,7 @@ def _cmd_derive(args) -> int:
     from kdcache import DeriveConfig, derive_cache
     s = derive_cache(DeriveConfig.from_options(args))
     print(f"derive: {s['units_written']} units written, {s['units_already_there']} already there, in "
-          f"{s['seconds']:.1f} s; teachers {', '.join(s['teachers'])}, top-{s['topk']}, seeds complete "
+          f"{s['seconds']:.1f} s; teachers {', '.join(s['teachers'])}, {s['targets']}, seeds complete "
           f"{_ranges(s['seeds_complete'])} -> {s['destination']}")
     for line in s["damaged"]:
         print(f"kdcache: error: {s['source']}: {line}: not derived", file=sys.stderr)

@@ -293,6 +293,12 @@ def test_a_sampled_cv_dump_holds_its_rows_replays_and_resumes(fmnist_small, cv_c
     assert clean.keys() == resumed.keys()
     for key in clean:
         assert np.array_equal(clean[key], resumed[key], equal_nan=True), f"{key} differs after the resume"
+    # derived (a copy with its own identity: --topk is refused for draws), it holds the same rows and verifies
+    out = kdcache("derive", cv_cache, tmp_path / "derived", "--no-progress").stdout
+    assert "sampled-cv 2+3 at Td 2" in out
+    derived = read_all(tmp_path / "derived")
+    assert all(np.array_equal(clean[key], derived[key], equal_nan=True) for key in clean)
+    assert json.loads(kdcache("verify", tmp_path / "derived", "--json").stdout)["ok"]
 
 
 def test_verify_names_a_broken_control_variate(cv_cache, tmp_path):

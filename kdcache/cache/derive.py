@@ -32,6 +32,7 @@ from tqdm import tqdm
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import MemoryStore
 
+from kdcache.cache.catalog import targets_text
 from kdcache.cache.integrity import DamagedUnit, check_object, object_record, recorded
 from kdcache.cache.ledger import Ledger
 from kdcache.cache.location import Location
@@ -379,7 +380,8 @@ def derive_cache(src_where, dst_where, topk: Optional[int] = None, seeds: Option
     for part in parts:
         complete &= set(part.dst.complete_seeds(seeds))
     return {"source": src.path, "destination": dst.path, "teachers": [p.label for p in parts],
-            "topk": parts[0].k, "units_written": written, "units_already_there": there,
+            "topk": parts[0].k, "targets": targets_text(dict(dataclasses.asdict(parts[0].dst.spec), topk=parts[0].k)),
+            "units_written": written, "units_already_there": there,
             "damaged": job.damaged, "seeds_complete": sorted(complete), "seconds": round(time.time() - t0, 2)}
 
 
