@@ -7,6 +7,8 @@ views, two student seeds each:
   top-2      k = 2 with the uniform tail (derived exactly from the full cache: kdcache derive --topk 2)
   sampled    k - 1 exact + m = 1 draw from the tail at Td = T (dump-teacher --targets sampled): the same bytes
              per view as top-k (4 + 4 (k + m) = 12 B at k = 2); --exact E: E exact + k - E draws
+  sampled-cv the same exact classes and draws with the median control variate (--targets sampled-cv): 8 B
+             more per view (log beta, log A), so 1 + 1 costs what top-4 and sampled 1 + 3 cost
   none       no teacher (the same views): the floor
 
 Students learn from the teacher alone (--hard-loss none): the target is the whole signal, so what a cache loses
@@ -60,21 +62,24 @@ def main():
     if not 1 <= exact < args.topk:
         p.error(f"--exact {exact}: must be in 1..{args.topk - 1}")
     full, small, sampled = out / "cache-full", out / f"cache-top{args.topk}", out / f"cache-sampled-{exact}p{draws}"
+    controlled = out / f"cache-sampled-cv-{exact}p{draws}"
     kd(*dump, "--out", full, "--topk", 10)
     kd("derive", full, small, "--topk", args.topk, "--no-progress")
     # equal bytes: k + m columns = the small k's
     kd(*dump, "--out", sampled, "--targets", "sampled", "--topk", exact, "--samples", draws,
        "--sample-temperature", args.temperature)
+    kd(*dump, "--out", controlled, "--targets", "sampled-cv", "--topk", exact, "--samples", draws,
+       "--sample-temperature", args.temperature)
     student = ["--data", data, "--model", "test_resnet", "--epochs", args.epochs, "--batch-size", 64, "--lr", 0.1,
                "--temperature", args.temperature, "--hard-loss", "none", "--eval-every", args.epochs,
                "--no-progress", *dev]
     ways = {"full": ["--cache", full], f"top-{args.topk}": ["--cache", small],
-            f"sampled {exact}+{draws}": ["--cache", sampled],
+            f"sampled {exact}+{draws}": ["--cache", sampled], f"sampled-cv {exact}+{draws}": ["--cache", controlled],
             "none": ["--kd", "none", "--view-seeds", seeds, *views]}
     results = {}
     for way, extra in ways.items():
         for seed in range(args.student_seeds):
-            run = out / "students" / way.replace(" ", "_").replace("+", "p") / f"seed{seed}"
+            run = out / "students" / way.replace(" ", "_").replace("+", "p") / f"seed{seed}"   # sampled-cv_1p1
             if not (run / "summary.json").exists():
                 kd("train-student", *student, *extra, "--seed", seed, "--out", run)
             results.setdefault(way, []).append(json.loads((run / "summary.json").read_text()))

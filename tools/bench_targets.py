@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Sparse targets against the full teacher distribution (issue 20): KD-loss bias and gradient cosine of
-top-k targets ("uniform-tail-v2") and sampled targets ("importance-tail-v1") at equal bytes per view, at
-T = 1, 2, 4, on a real 10-class teacher trained here and on synthetic 1,000- and 21,841-class teachers.
+top-k targets ("uniform-tail-v2"), sampled targets ("importance-tail-v1") and sampled targets with the median
+control variate ("median-control-variate-v1", 8 B more per view) at T = 1, 2, 4, on a real 10-class teacher
+trained here and on synthetic 1,000- and 21,841-class teachers.
 
     python tools/bench_targets.py          # defaults: ~3 min of CPU (2 cores); the real family needs the demo's cache
     python tools/bench_targets.py --families 1k --views-1k 64 --splits-1k 4:8,2:10,8:4
     python tools/bench_targets.py --real-cache runs/demo-fashion-mnist/cache   # a k = C cache of a trained teacher
+    python tools/bench_targets.py --families fmnist --topks-fmnist 2,4 --splits-fmnist 1:1,1:3 --cv-splits-fmnist 1:1,1:3
 
 Targets are made only with the library's own code: kdcache.cache.targets.draw_tail (the dump's sampler) and
 SparseTargets (top-k: exact=None; sampled: exact=k, sample_temperature=Td); stored logp rounded through
@@ -61,7 +63,7 @@ import numpy as np
 import torch
 
 from kdcache.cache.schema import LOGP_SCALE, decode_logp, encode_logp
-from kdcache.cache.targets import SparseTargets, draw_tail
+from kdcache.cache.targets import SparseTargets, draw_tail, round_like_stored, tail_proposal
 from kdcache.student.losses import kd_loss
 
 ENCODING = {"dtype": "uint16", "scale": LOGP_SCALE}
@@ -130,11 +132,18 @@ def topk_targets(logp: torch.Tensor, k: int, rounded: bool) -> SparseTargets:
     return SparseTargets(ix, stored_logp(lp, rounded), log_tail.float(), logp.shape[1])
 
 
-def sampled_targets(logp: torch.Tensor, top, draws: int, td: float,
-                    uniforms: torch.Tensor) -> Dict[bool, SparseTargets]:
+def sampled_targets(logp: torch.Tensor, top, draws: int, td: float, uniforms: torch.Tensor,
+                    cv: bool = False) -> Dict[bool, SparseTargets]:
     """One draw per view with the dump's sampler: {rounded: targets} for uint16-rounded and float32 logp
-    (the same classes)."""
+    (the same classes). sampled-cv (`cv`): the sampler works on the rounded row itself (its draws are made
+    from the stored values), so both entries are the rounded one."""
     top_lp, top_ix = top
+    if cv:
+        classes, draw_lp, stats = draw_tail(logp, top_ix, draws, td, uniforms, control_variate=True)
+        t = SparseTargets(torch.cat([top_ix, classes], 1),
+                          torch.cat([round_like_stored(top_lp, "uint16"), draw_lp], 1).float(), stats.float(),
+                          logp.shape[1], exact=top_ix.shape[1], sample_temperature=td, control_variate=True)
+        return {True: t, False: t}
     classes, draw_lp, log_s = draw_tail(logp, top_ix, draws, td, uniforms)
     ix, lp = torch.cat([top_ix, classes], 1), torch.cat([top_lp, draw_lp], 1)
     return {r: SparseTargets(ix, stored_logp(lp, r), log_s.float(), logp.shape[1], exact=top_ix.shape[1],
@@ -153,13 +162,12 @@ class Block:
     full_draw: bool          # one row per view, a draw of every view (usable for the batch cosine)
 
 
-def pieces(logp: torch.Tensor, top_ix: torch.Tensor, draws: int, td: float):
+def pieces(logp: torch.Tensor, top_ix: torch.Tensor, draws: int, td: float, cv: bool = False):
     """The systematic sampler's outcome is a step function of its uniform u: it changes only where a
     position (d + u) / m crosses a class boundary of the cumulative q, at u = frac(m cdf_j). Returns
     (n, C + 1) uniforms (each piece's midpoint) and the pieces' lengths (their probabilities; 0 for the empty
     pieces of q = 0 classes): E_u[f] = sum(length * f(midpoint)) exactly, draw_tail itself making each draw."""
-    tempered = (logp / td).scatter(1, top_ix, -math.inf)
-    cdf = torch.cumsum(torch.softmax(tempered, dim=1), dim=1)
+    cdf = torch.cumsum(tail_proposal(logp, top_ix, td, cv)[1], dim=1)   # the dump's own proposal
     cdf = cdf / cdf[:, -1:]
     n = len(logp)
     edges = torch.cat([torch.zeros(n, 1, dtype=cdf.dtype), torch.frac(draws * cdf[:, :-1]),
@@ -167,10 +175,10 @@ def pieces(logp: torch.Tensor, top_ix: torch.Tensor, draws: int, td: float):
     return (edges[:, :-1] + edges[:, 1:]) / 2, edges.diff(dim=1)
 
 
-def check_pieces(logp, top_ix, draws, td, targets: SparseTargets, weight: torch.Tensor) -> float:
+def check_pieces(logp, top_ix, draws, td, targets: SparseTargets, weight: torch.Tensor, cv: bool = False) -> float:
     """The enumeration is right if every tail class is drawn m q_j times on average (draw_tail's
     property): returns the largest |E[count_j] - m q_j| over the views (float64 sums: ~1e-12)."""
-    q = torch.softmax((logp / td).scatter(1, top_ix, -math.inf), dim=1)
+    q = tail_proposal(logp, top_ix, td, cv)[1]
     classes = targets.indices[:, top_ix.shape[1]:]
     counts = torch.zeros(len(classes), logp.shape[1], dtype=torch.float64)
     counts.scatter_add_(1, classes, torch.ones_like(classes, dtype=torch.float64))
@@ -182,12 +190,12 @@ def exact_draws(logp, top, method, chunk: int):
     """Every piece of u of every view, in chunks of `chunk` views."""
     for a in range(0, len(logp), chunk):
         lp, top_lp, top_ix = logp[a:a + chunk], top.values[a:a + chunk], top.indices[a:a + chunk]
-        mid, weight = pieces(lp, top_ix, method.draws, method.td)
+        mid, weight = pieces(lp, top_ix, method.draws, method.td, method.cv)
         per = mid.shape[1]
         rep = (lp.repeat_interleave(per, 0), (top_lp.repeat_interleave(per, 0), top_ix.repeat_interleave(per, 0)))
-        targets = sampled_targets(rep[0], rep[1], method.draws, method.td, mid.reshape(-1))
+        targets = sampled_targets(rep[0], rep[1], method.draws, method.td, mid.reshape(-1), method.cv)
         if a == 0:
-            err = check_pieces(lp, top_ix, method.draws, method.td, targets[False], weight)
+            err = check_pieces(lp, top_ix, method.draws, method.td, targets[False], weight, method.cv)
             if err > 1e-6:
                 sys.exit(f"{method.label}: the pieces of u do not reproduce E[count] = m q (error {err:.1e})")
         yield Block(targets, a, weight, False)
@@ -198,7 +206,7 @@ def mc_draws(logp, top, method, draws: int, seed: int):
     u0 = torch.rand(len(logp), generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64)
     weight = torch.full((len(logp), 1), 1.0 / draws, dtype=torch.float64)
     for r in range(draws):
-        yield Block(sampled_targets(logp, top, method.draws, method.td, (r + u0) / draws), 0, weight, True)
+        yield Block(sampled_targets(logp, top, method.draws, method.td, (r + u0) / draws, method.cv), 0, weight, True)
 
 
 # ------------------------------------------------------------------------------------------------ measure
@@ -263,7 +271,8 @@ class Tally:
         wd = block.weight
         self.sums["w"][rows] += wd.sum(1)
         self.sums["sq"][rows] += (wd * (ce - ref.ce[rows, None]) ** 2).sum(1)
-        self.sums["ent"][rows] += (wd * t * t * torch.special.entr(probs).sum(2).double()).sum(1)
+        # signed (sampled-cv) rows: the entropy part of signed_kd, over the positive entries
+        self.sums["ent"][rows] += (wd * t * t * torch.special.entr(probs.clamp_min(0)).sum(2).double()).sum(1)
         self.sums["cos"][rows] += (wd * cos).sum(1)
         if block.full_draw:
             self.add_batch_draw(diff[:, 0] * t)
@@ -303,18 +312,22 @@ class Method:
     draws: int = 0
     td: float = 1.0
     temps: tuple = TEMPERATURES
+    cv: bool = False              # sampled-cv: the median control variate (log beta, log A: 8 B more)
 
     @property
     def bytes(self) -> int:
-        return 4 + 4 * self.columns
+        return 4 + 4 * self.columns + 8 * self.cv
 
 
-def methods(topks, splits) -> List[Method]:
-    """Top-k rows at every T; each k + m split with Td = 1 at every T and with Td = T at T = 2, 4."""
+def methods(topks, splits, cv_splits=()) -> List[Method]:
+    """Top-k rows at every T; each k + m split with Td = 1 at every T and with Td = T at T = 2, 4; each
+    sampled-cv split with Td = T at T = 1, 2, 4."""
     out = [Method(f"top-{k} + uniform tail", k, None) for k in topks]
     for k, m in splits:
         out.append(Method(f"sampled {k}+{m}, Td = 1", k + m, k, m, 1.0))
         out += [Method(f"sampled {k}+{m}, Td = {td:g}", k + m, k, m, td, (td,)) for td in TEMPERATURES[1:]]
+    for k, m in cv_splits:
+        out += [Method(f"sampled-cv {k}+{m}, Td = {td:g}", k + m, k, m, td, (td,), cv=True) for td in TEMPERATURES]
     return out
 
 
@@ -346,7 +359,7 @@ def run_method(method: Method, logp, refs, st: Settings) -> Dict[float, dict]:
         g = torch.Generator().manual_seed(st.seed + 11)
         for _ in range(st.batch_draws):
             u = torch.rand(n, generator=g, dtype=torch.float64)
-            targets = sampled_targets(logp, top, method.draws, method.td, u)
+            targets = sampled_targets(logp, top, method.draws, method.td, u, method.cv)
             for tally in tallies:
                 t = tally.ref.temperature
                 tally.add_batch_draw(t * (tally.ref.s - targets[True].probs(t).double()))
@@ -374,11 +387,11 @@ def check_loss_and_gradient(student, targets: SparseTargets, t: float) -> str:
 
 
 FAMILIES = {   # name: teacher, default views, top-k widths, k:m splits; the goal's bytes and reference top-k
-    "fmnist": {"real": True, "views": 4096, "topks": (2, 3), "splits": "1:1,1:2", "budget": 16},
+    "fmnist": {"real": True, "views": 4096, "topks": (2, 3), "splits": "1:1,1:2", "cv_splits": "1:1", "budget": 16},
     "1k": {"classes": 1000, "alpha": 2.0, "boost": 1.0, "views": 16, "topks": (12,), "splits": "4:8,2:10",
-           "budget": 52},
+           "cv_splits": "4:6", "budget": 52},
     "21k": {"classes": 21841, "alpha": 1.75, "boost": 0.0, "views": 32, "topks": (15, 100),
-            "splits": "5:10,3:12", "budget": 64, "reference": 100},
+            "splits": "5:10,3:12", "cv_splits": "8:5", "budget": 64, "reference": 100},
 }
 
 
@@ -404,6 +417,9 @@ def run_family(name: str, conf: dict, args) -> Optional[List[tuple]]:
         return None
     student = student_logits(logp, args.student_scale, args.student_noise, args.seed)
     splits = parse_splits(getattr(args, f"splits_{name}") or conf["splits"])
+    cv_splits = parse_splits(getattr(args, f"cv_splits_{name}") or conf.get("cv_splits", ""))
+    topks = tuple(int(k) for k in getattr(args, f"topks_{name}").split(",")) if getattr(args, f"topks_{name}") \
+        else conf["topks"]
     st = Settings(exact=logp.shape[1] <= args.exact_max_classes, draws=args.draws, batch_draws=args.batch_draws,
                   batch=min(args.batch, len(logp)),
                   chunk=max(1, args.chunk_rows // ((logp.shape[1] + 1) * logp.shape[1])), seed=args.seed)
@@ -416,7 +432,7 @@ def run_family(name: str, conf: dict, args) -> Optional[List[tuple]]:
     probe = sampled_targets(logp, logp.topk(k, dim=1), m, 1.0, torch.full((len(logp),), 0.5, dtype=torch.float64))
     print(check_loss_and_gradient(student, probe[True], 4.0))
     rows = []
-    for method in methods(conf["topks"], splits):
+    for method in methods(topks, splits, cv_splits):
         started = time.perf_counter()
         for t, summary in run_method(method, logp, refs, st).items():
             rows.append((t, method, summary))
@@ -438,7 +454,7 @@ def print_table(rows) -> None:
     for t, method, s in rows:
         print(f"| {t:g} | {method.label} | {method.bytes} | {fmt_pm(s['bias'])} | {s['rms']:.1e} | "
               f"{s['kl_bias']:+.2e} | {s['cos_e']:.4f} | {s['cos_e_batch']:.4f} | {s['cos1']:.4f} | "
-              f"{s['cos1_batch']:.4f} | {fmt_pm(s['rounding'])} |")
+              f"{s['cos1_batch']:.4f} | {'n/a' if method.cv else fmt_pm(s['rounding'])} |")
 
 
 def bias_verdict(bias) -> str:
@@ -487,6 +503,9 @@ def main():
                    help="a cache storing all C classes of a trained teacher (the Fashion-MNIST demo's)")
     for name in FAMILIES:
         p.add_argument(f"--splits-{name}", default=None, help=f"k:m,... (default {FAMILIES[name]['splits']})")
+        p.add_argument(f"--cv-splits-{name}", default=None,
+                       help=f"k:m,... of sampled-cv (default {FAMILIES[name].get('cv_splits', 'none')})")
+        p.add_argument(f"--topks-{name}", default=None, help=f"k,... (default {FAMILIES[name]['topks']})")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(args.seed)
