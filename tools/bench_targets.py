@@ -440,7 +440,39 @@ def run_family(name: str, conf: dict, args) -> Optional[List[tuple]]:
     rows.sort(key=lambda r: (r[0], r[1].bytes, r[1].exact is not None, r[1].label))
     print_table(rows)
     print_goal(conf, rows, st.exact)
+    if not st.exact and args.cv_exact_views:
+        for method in (m for m in methods(topks, splits, cv_splits) if m.cv):
+            print(cv_exact_bias(logp[:args.cv_exact_views], student[:args.cv_exact_views], method))
     return rows
+
+
+def cv_exact_bias(logp, student, method: Method) -> str:
+    """The exact CE bias of sampled-cv targets at T = Td for a few views, where E_u is Monte Carlo in the table:
+    at T = Td the normaliser does not depend on the draws, so the target is linear in the draw counts and
+    E[t] = sum_j q_j t(a row whose m draws are all class j) (E[count_j] = m q_j), every row made by the library.
+    The truth is the stored (rounded) distribution, which the estimator is unbiased for."""
+    t_ = method.td
+    out = []
+    for v in range(len(logp)):
+        row = logp[v:v + 1]
+        top_lp, top_ix = row.topk(method.exact, dim=1)
+        logp_r, q, stats = tail_proposal(row, top_ix, t_, control_variate=True)
+        classes = torch.nonzero(q[0] > 0).flatten()
+        mean = torch.zeros(row.shape[1], dtype=torch.float64)
+        for a in range(0, len(classes), 512):
+            cj = classes[a:a + 512]
+            n = len(cj)
+            t = SparseTargets(torch.cat([top_ix.expand(n, -1), cj[:, None].expand(n, method.draws)], 1),
+                              torch.cat([round_like_stored(top_lp, "uint16").expand(n, -1),
+                                         logp_r[0, cj][:, None].expand(n, method.draws)], 1).float(),
+                              stats.float().expand(n, -1), row.shape[1], exact=method.exact, sample_temperature=t_,
+                              control_variate=True)
+            mean += (q[0, cj][:, None] * t.probs(t_).double()).sum(0)
+        log_s = torch.log_softmax(student[v].double() / t_, dim=0)
+        stored = torch.softmax(round_like_stored(row[0], "uint16") / t_, dim=0)
+        out.append(float(-t_ * t_ * ((mean - stored) * log_s).sum()))
+    return (f"{method.label}: exact CE bias against the stored distribution, first {len(out)} views: "
+            + ", ".join(f"{b:+.1e}" for b in out))
 
 
 def fmt_pm(pair) -> str:
@@ -506,6 +538,8 @@ def main():
         p.add_argument(f"--cv-splits-{name}", default=None,
                        help=f"k:m,... of sampled-cv (default {FAMILIES[name].get('cv_splits', 'none')})")
         p.add_argument(f"--topks-{name}", default=None, help=f"k,... (default {FAMILIES[name]['topks']})")
+    p.add_argument("--cv-exact-views", type=int, default=3,
+                   help="Monte-Carlo families: the exact CE bias of sampled-cv rows at T = Td for this many views")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(args.seed)
