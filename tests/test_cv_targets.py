@@ -199,3 +199,11 @@ def test_signed_targets_mix_linearly_and_have_no_log():
         with pytest.raises(KdcacheError, match="dkd"):
             dkd_loss(torch.zeros(2, 12), target, torch.zeros(2, dtype=torch.int64))
     assert torch.isfinite(kd_loss(torch.zeros(2, 12), mixed, 2.0))
+    # --mix-labels: each row lambda-mixes its two views' targets, signed ones by their probabilities
+    from kdcache.student.ensemble import LambdaMix
+    lam = torch.tensor([0.3, 0.9])
+    mix = LambdaMix(cv, topk, lam)
+    assert mix.signed
+    torch.testing.assert_close(mix.probs(2.0), lam[:, None] * cv.probs(2.0) + (1 - lam[:, None]) * topk.probs(2.0))
+    with pytest.raises(KdcacheError, match="signed"):
+        mix.log_probs(2.0)
