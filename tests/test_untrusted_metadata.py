@@ -116,6 +116,19 @@ def test_damaged_array_metadata_is_named_not_a_missing_seed(fmnist_small, cache,
     assert all("is not in this cache" not in r.stderr for r in results.values())
 
 
+def test_a_target_kind_from_a_newer_kdcache_is_named_as_such(fmnist_small, cache, tmp_path):
+    """A cache whose targets are a kind added after this kdcache (sealed as its writer would seal it): every command
+    refuses it as a newer writer's, naming the kind and the writer's version, not as a damaged document."""
+    from kdcache.cache.marker import IDENTITY_HASH, identity_hash
+    root = json.loads((cache / "zarr.json").read_text())
+    root["attributes"]["spec"]["targets"] = "sampled-future"
+    root["attributes"]["kdcache_version"] = "9.9.0"
+    root["attributes"][IDENTITY_HASH] = identity_hash(root["attributes"])
+    (cache / "zarr.json").write_text(json.dumps(root, indent=2))
+    for r in _all_commands_refuse(fmnist_small, cache, tmp_path, "'sampled-future'", "made by kdcache 9.9.0").values():
+        assert "restore it from a copy" not in r.stderr
+
+
 def test_ls_names_a_cache_whose_root_document_is_unreadable(pristine, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(pristine, root / "good")

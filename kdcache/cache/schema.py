@@ -565,6 +565,12 @@ def _teacher_entry(cache: "TeacherCache") -> dict:
 def _spec_from(loc: Location, attrs: dict) -> CacheSpec:
     """The identity of a cache's root document, its fields checked for type (a hand-edited or damaged
     document is named, not trusted)."""
+    kind = attrs.get("spec", {}).get("targets", "topk") if isinstance(attrs.get("spec"), dict) else None
+    if isinstance(kind, str) and kind not in TARGET_KINDS:
+        # a kind added after this kdcache (as sampled-cv was within version 4): not damage, a newer writer
+        raise KdcacheError(f"{loc}: its targets are {kind!r}, a kind this kdcache ({__version__}) does not know (it "
+                           f"reads {', '.join(TARGET_KINDS)}); the cache was made by kdcache "
+                           f"{attrs.get('kdcache_version', '?')}: read it with that version or a newer one")
     try:
         spec = CacheSpec(**attrs["spec"])
         for name in ("teacher", "dataset", "recipe"):
