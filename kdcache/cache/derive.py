@@ -380,7 +380,7 @@ def derive_cache(src_where, dst_where, topk: Optional[int] = None, seeds: Option
     for part in parts:
         complete &= set(part.dst.complete_seeds(seeds))
     return {"source": src.path, "destination": dst.path, "teachers": [p.label for p in parts],
-            "topk": parts[0].k, "targets": targets_text(dict(dataclasses.asdict(parts[0].dst.spec), topk=parts[0].k)),
+            "topk": parts[0].k, "targets": targets_text(dataclasses.asdict(parts[0].dst.spec)),
             "units_written": written, "units_already_there": there,
             "damaged": job.damaged, "seeds_complete": sorted(complete), "seconds": round(time.time() - t0, 2)}
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kdcache.augment.rng import STREAM_TAIL_DRAWS, uniform, view_keys
-from kdcache.cache.targets import draw_tail, round_like_stored
+from kdcache.cache.targets import draw_tail
 from kdcache.dist import resolve_amp
 from kdcache.models import Normalize, forward_u8
 
@@ -74,15 +74,12 @@ class TeacherRunner:
 
     def _with_draws(self, logits: torch.Tensor, logp: torch.Tensor, indices: torch.Tensor, seeds, samples):
         """(k + m log-probabilities, k + m classes, log S): the top k, then the m draws (ascending class);
-        sampled-cv: the top k's log-probabilities rounded as stored (the draws were made from those) and
-        (B, 3) log S, log beta, log A."""
+        sampled-cv: (B, 3) log S, log beta, log A in place of log S."""
         if seeds is None or samples is None or len(seeds) != len(logits):
             raise ValueError("sampled targets need each row's (seed, sample): the draws are keyed by the view")
         u = torch.from_numpy(draw_uniforms(self.global_seed, seeds, samples))
         classes, draw_logp, log_s = draw_tail(logits, indices, self.samples, self.sample_temperature, u,
                                               self.control_variate, self.values_dtype)
-        if self.control_variate:
-            logp = round_like_stored(logp, self.values_dtype)
         return (torch.cat([logp, draw_logp], 1).float(), torch.cat([indices, classes], 1), log_s.float())
 
     def topk_outputs(self, views_nhwc: np.ndarray, seeds=None, samples=None):
