@@ -258,12 +258,18 @@ def tail_proposal(logits: torch.Tensor, top: torch.Tensor, sample_temperature: f
 
 
 class LogProbTargets:
-    """Targets defined by their log_probs(T) (mixtures of other targets): the rest of SparseTargets' methods.
-    A mixture with a signed member (sampled-cv) is signed: it mixes probabilities (`signed_probs`) instead."""
+    """Targets defined by their log_probs(T) (mixtures of other targets; subclasses give unsigned_log_probs): the
+    rest of SparseTargets' methods. A mixture with a signed member (sampled-cv) is signed: it mixes probabilities
+    (`signed_probs`) instead, and log_probs refuses it."""
 
     signed = False
 
     def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
+        if self.signed:
+            raise KdcacheError(SIGNED_HAS_NO_LOG)
+        return self.unsigned_log_probs(temperature)
+
+    def unsigned_log_probs(self, temperature: float) -> torch.Tensor:
         raise NotImplementedError
 
     def signed_probs(self, temperature: float) -> torch.Tensor:
@@ -303,9 +309,7 @@ class MixedTargets(LogProbTargets):
             return probs[self.choice.to(probs.device), torch.arange(probs.shape[1], device=probs.device)]
         return sum(w * p for w, p in zip(self.weights, probs))
 
-    def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
-        if self.signed:
-            raise KdcacheError(SIGNED_HAS_NO_LOG)
+    def unsigned_log_probs(self, temperature: float) -> torch.Tensor:
         logs = torch.stack([m.log_probs(temperature) for m in self.members])     # (n, B, C)
         if self.choice is not None:
             rows = torch.arange(logs.shape[1], device=logs.device)

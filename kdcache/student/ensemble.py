@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from kdcache.cache.targets import LOG_ZERO, SIGNED_HAS_NO_LOG, LogProbTargets, MixedTargets, SparseTargets
+from kdcache.cache.targets import LOG_ZERO, LogProbTargets, MixedTargets, SparseTargets
 from kdcache.errors import KdcacheError
 
 ENSEMBLES = ("mean", "weighted", "random")
@@ -124,9 +124,7 @@ class LambdaMix(LogProbTargets):
         lam = self.lam.float()[:, None]
         return lam * self.own.probs(temperature) + (1.0 - lam) * self.partner.probs(temperature)
 
-    def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
-        if self.signed:
-            raise KdcacheError(SIGNED_HAS_NO_LOG)
+    def unsigned_log_probs(self, temperature: float) -> torch.Tensor:
         lam = self.lam.float()[:, None]
         a = self.own.log_probs(temperature) + lam.clamp_min(1e-12).log()
         b = self.partner.log_probs(temperature) + (1.0 - lam).clamp_min(1e-12).log()

@@ -6,7 +6,7 @@ import sys
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -56,7 +56,7 @@ class Consumer:
     """Runs the teacher on the rendered chunks, one batch queued on the device ahead of the one whose results
     it stores, and counts what it did (views, samples, seconds waiting for the device's forwards)."""
 
-    def __init__(self, runner: TeacherRunner, block_bounds: Callable, columns: int, labels: np.ndarray,
+    def __init__(self, runner: TeacherRunner, block_bounds: Callable, columns: Tuple[int, int], labels: np.ndarray,
                  writer: UnitWriter, write_pass: Callable[[PassResults], None], progress: DumpProgress):
         self.runner, self.block_bounds, self.columns, self.labels = runner, block_bounds, columns, labels
         self.writer, self.write_pass, self.progress = writer, write_pass, progress
@@ -83,8 +83,7 @@ class Consumer:
                 case Waiting(units=units):
                     self.progress.waiting(units)
                 case PassStarted():
-                    self.passes[message.pass_id] = PassResults(message, self.block_bounds(message.block), self.columns,
-                                                                 3 if self.runner.control_variate else 1)
+                    self.passes[message.pass_id] = PassResults(message, self.block_bounds(message.block), *self.columns)
                 case Chunk():
                     self._forward(message)
                 case PassEnded():

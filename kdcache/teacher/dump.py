@@ -277,7 +277,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "teacher"},
            "teacher": tinfo, "units": [], "lost": []}
     provenance = {"run": run, "rank": ctx.rank, "device": device.type, "amp": runner.amp}
-    consumer = Consumer(runner, spec.block_bounds, spec.stored_columns, split.labels, UnitWriter(),
+    consumer = Consumer(runner, spec.block_bounds, (spec.stored_columns, spec.tail_columns), split.labels, UnitWriter(),
                         partial(write_pass, cache, log=log, provenance=provenance), progress)
     _produce_and_consume(cache, producer, consumer)
 
